@@ -8,12 +8,14 @@ the last completed round. See DESIGN.md section 3.
 """
 
 import dataclasses
+import os
 import sys
 
-from absl import app
-from absl import flags
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-_DEFAULTS = None  # Filled lazily to keep `--help` fast.
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
 
 
 def _define_flags():
@@ -57,6 +59,10 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.get_logger().setLevel('ERROR')
   from tff_fedprune import data  # pylint: disable=g-import-not-at-top
   from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
 

@@ -109,6 +109,7 @@ class FederatedData:
         'train_examples': len(self.source.train),
         'test_examples': len(self.source.test),
         'client_train_sizes': sizes,
+        'unassigned_train_examples': len(self.source.train) - sum(sizes),
         'client_test_sizes': [len(p) for p in self.client_test],
         'client_label_histograms': hist.tolist(),
         'client_size_min_mean_max': [

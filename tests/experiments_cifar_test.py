@@ -1,0 +1,67 @@
+"""End-to-end tests of `python -m experiments.cifar` in a subprocess."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+from tests import runtime_test
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.cfg')
+
+
+def run_cli(*args, timeout=600):
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.cifar', *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+      stdin=subprocess.DEVNULL)
+
+
+class CliTest(absltest.TestCase):
+
+  def test_quickstart_through_a_pipe_leaves_no_worker(self):
+    before = runtime_test.worker_pids()
+    out_dir = self.create_tempdir().full_path
+    command = (f'{sys.executable} -m experiments.cifar --flagfile={QUICKSTART}'
+               f' --total_rounds=2 --root_output_dir={out_dir} 2>&1 | tail -n 3')
+    # Without an owned worker, `| tail` would wait for the orphan forever.
+    result = subprocess.run(['bash', '-c', command], cwd=ROOT, timeout=600,
+                            capture_output=True, text=True)
+    self.assertIn('outputs:', result.stdout)
+    run_dir = os.path.join(out_dir, 'quickstart')
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+      self.assertLen(list(csv.DictReader(f)), 2)
+    with open(os.path.join(run_dir, 'summary.json')) as f:
+      self.assertEqual(json.load(f)['rounds_completed'], 2)
+    leaked = runtime_test.worker_pids() - before
+    self.assertFalse([p for p in leaked if runtime_test.is_alive(p)])
+
+  def test_bad_flags_fail_in_one_line_and_write_nothing(self):
+    out_dir = self.create_tempdir().full_path
+    cases = [
+        (['--clients_per_round=20', '--num_clients=10'], 'exceeds'),
+        (['--dataset=cifar10', '--data_dir=/no/such/dir'],
+         'no cifar10 data found at /no/such/dir'),
+    ]
+    for args, message in cases:
+      result = run_cli(f'--flagfile={QUICKSTART}',
+                       f'--root_output_dir={out_dir}', *args)
+      self.assertEqual(result.returncode, 2, args)
+      errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+      self.assertLen(errors, 1, result.stderr)
+      self.assertIn(message, errors[0])
+      self.assertEqual(os.listdir(out_dir), [], args)
+
+  def test_unknown_flag_in_flagfile(self):
+    flagfile = self.create_tempfile(content='--no_such_flag=3\n').full_path
+    result = run_cli(f'--flagfile={flagfile}')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('no_such_flag', result.stderr)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,86 @@
+"""Tests that the owned TFF worker serves computations and never outlives us."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from absl.testing import absltest
+import numpy as np
+import tensorflow_federated as tff
+
+from tff_fedprune import runtime
+
+
+def is_alive(pid):
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      return 'State:\tZ' not in f.read()
+  except FileNotFoundError:
+    return False
+
+
+def wait_dead(pid, timeout_s=15):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if not is_alive(pid):
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def worker_pids():
+  out = subprocess.run(['pgrep', '-f', 'data/worker_binary'],
+                       capture_output=True, text=True).stdout
+  return {int(p) for p in out.split()}
+
+
+class OwnedWorkerTest(absltest.TestCase):
+
+  def test_serves_federated_computation_then_stops(self):
+    with runtime.local_runtime() as worker:
+      pid = worker.pid
+      self.assertTrue(is_alive(pid))
+
+      @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+      def total(x):
+        return tff.federated_sum(x)
+
+      self.assertEqual(total([1.0, 2.0, 3.5]), 6.5)
+    self.assertTrue(wait_dead(pid))
+
+  def test_dies_with_a_sigkilled_parent(self):
+    script = textwrap.dedent("""
+        import sys, time
+        from tff_fedprune import runtime
+        worker = runtime.OwnedWorker().start()
+        print(worker.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, '-c', script],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+      worker_pid = int(parent.stdout.readline())
+      self.assertTrue(is_alive(worker_pid))
+      os.kill(parent.pid, signal.SIGKILL)
+      parent.wait()
+      self.assertTrue(wait_dead(worker_pid), 'worker outlived its parent')
+    finally:
+      parent.kill()
+      parent.stdout.close()
+
+  def test_unreachable_address_is_a_clear_error(self):
+    with self.assertRaisesRegex(runtime.WorkerError, 'localhost:1 did not'):
+      runtime.wait_until_ready('localhost:1', timeout_s=1)
+
+  def test_stop_is_idempotent(self):
+    worker = runtime.OwnedWorker().start()
+    worker.stop()
+    worker.stop()
+    self.assertIsNone(worker.pid)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,99 @@
+"""Tests of the experiment driver: outputs, resume, validation."""
+
+import csv
+import dataclasses
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tff_fedprune import training_loop
+
+
+def read_rows(run_dir):
+  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+    return list(csv.DictReader(f))
+
+
+def small_config(root, **overrides):
+  return dataclasses.replace(
+      training_loop.ExperimentConfig(
+          experiment_name='run', root_output_dir=root, dataset='synthetic',
+          num_clients=4, clients_per_round=2, partition='iid', batch_size=16,
+          total_rounds=3, client_learning_rate=0.05, seed=7),
+      **overrides)
+
+
+class RunExperimentTest(absltest.TestCase):
+
+  def test_outputs_and_resume_reproduce_an_uninterrupted_run(self):
+    root = self.create_tempdir().full_path
+    straight = small_config(os.path.join(root, 'a'))
+    training_loop.run_experiment(straight, progress=False)
+    interrupted = small_config(os.path.join(root, 'b'), total_rounds=2)
+    training_loop.run_experiment(interrupted, progress=False)
+    self.assertLen(read_rows(interrupted.run_dir), 2)
+    summary = training_loop.run_experiment(
+        dataclasses.replace(interrupted, total_rounds=3), progress=False)
+
+    a, b = read_rows(straight.run_dir), read_rows(interrupted.run_dir)
+    self.assertEqual([r['round'] for r in b], ['1', '2', '3'])
+    self.assertContainsSubset(
+        ['round'] + list(training_loop.METRIC_COLUMNS), list(b[0]))
+    for row_a, row_b in zip(a, b):
+      row_a.pop('round_seconds')
+      row_b.pop('round_seconds')
+      self.assertEqual(row_a, row_b)
+    self.assertEqual(summary['rounds_completed'], 3)
+    self.assertEqual(summary['final']['round'], 3)
+    with open(os.path.join(interrupted.run_dir, 'summary.json')) as f:
+      self.assertEqual(json.load(f)['config']['total_rounds'], 3)
+    for name in ('tensorboard', 'checkpoints', 'model/model.keras',
+                 'model/preprocessing.json'):
+      self.assertTrue(os.path.exists(os.path.join(interrupted.run_dir, name)),
+                      name)
+    # A finished run reruns as a no-op with the same rows.
+    training_loop.run_experiment(
+        dataclasses.replace(interrupted, total_rounds=3), progress=False)
+    self.assertLen(read_rows(interrupted.run_dir), 3)
+
+  def test_refuses_to_resume_a_different_configuration(self):
+    root = self.create_tempdir().full_path
+    config = small_config(root, total_rounds=1)
+    training_loop.run_experiment(config, progress=False)
+    with self.assertRaisesRegex(training_loop.ConfigError,
+                                'different client_learning_rate'):
+      training_loop.run_experiment(
+          dataclasses.replace(config, client_learning_rate=0.1),
+          progress=False)
+
+
+class ValidateTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ({'dataset': 'imagenet'}, 'unknown dataset'),
+      ({'model': 'alexnet'}, 'unknown model'),
+      ({'partition': 'random'}, 'unknown partition'),
+      ({'server_optimizer': 'lamb'}, 'unknown server optimizer'),
+      ({'clients_per_round': 11}, 'exceeds --num_clients=10'),
+      ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
+      ({'dirichlet_alpha': -1.0}, 'dirichlet_alpha must be > 0'),
+      ({'total_rounds': 0}, 'total_rounds must be >= 1'),
+      ({'client_momentum': 1.0}, 'client_momentum'),
+      ({'client_learning_rate': 0.0}, 'client_learning_rate must be > 0'),
+      ({'experiment_name': 'a/b'}, 'must not contain'),
+  )
+  def test_rejects(self, overrides, message):
+    config = small_config('/tmp/unused', num_clients=10, clients_per_round=5)
+    with self.assertRaisesRegex(training_loop.ConfigError, message):
+      training_loop.validate(dataclasses.replace(config, **overrides))
+
+  def test_output_dir_that_is_a_file(self):
+    path = self.create_tempfile().full_path
+    with self.assertRaisesRegex(training_loop.ConfigError, 'not a directory'):
+      training_loop.validate(small_config(path))
+
+
+if __name__ == '__main__':
+  absltest.main()

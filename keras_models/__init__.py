@@ -1,12 +1,25 @@
-"""Model zoo: architectures only, each with a dense variant."""
+"""Model zoo: architectures only, each with a dense and a gated variant."""
+
+import functools
 
 from keras_models.cnn import build_cnn
+from keras_models.resnet import build_resnet
+from keras_models.vgg import build_vgg11
 
-MODELS = ('cnn',)
+_BUILDERS = {
+    'cnn': build_cnn,
+    'resnet20': functools.partial(build_resnet, 20),
+    'resnet32': functools.partial(build_resnet, 32),
+    'resnet56': functools.partial(build_resnet, 56),
+    'vgg11': build_vgg11,
+}
+MODELS = tuple(_BUILDERS)
 
 
 def build_model(name: str, input_shape, num_classes: int, **kwargs):
-  """Builds the architecture `name` (one of `MODELS`)."""
-  if name == 'cnn':
-    return build_cnn(input_shape, num_classes, **kwargs)
-  raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
+  """Builds the architecture `name` (one of `MODELS`); kwargs: gated, keep_ratio."""
+  if name not in _BUILDERS:
+    raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
+  return _BUILDERS[name](
+      input_shape=input_shape, num_classes=num_classes, **kwargs
+  )

@@ -13,26 +13,18 @@ from collections.abc import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fedprune import layers
+
 ModelFn = Callable[[], tf.keras.Model]
 
 
 def weights_type_from_keras(model: tf.keras.Model) -> tff.types.StructType:
-  """The `tff.learning.models.ModelWeights` type of a Keras model."""
-
-  def specs(variables):
-    return tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables)
-
+  """The `tff.learning.models.ModelWeights` type of a model's global weights."""
   return tff.types.tensorflow_to_type(
-      tff.learning.models.ModelWeights(
-          specs(model.trainable_weights), specs(model.non_trainable_weights)
+      tf.nest.map_structure(
+          lambda v: tf.TensorSpec(v.shape, v.dtype),
+          layers.global_weights(model),
       )
-  )
-
-
-def weights_of(model: tf.keras.Model) -> tff.learning.models.ModelWeights:
-  """The model's weights as a `ModelWeights` of variables (tuples)."""
-  return tff.learning.models.ModelWeights(
-      tuple(model.trainable_weights), tuple(model.non_trainable_weights)
   )
 
 
@@ -70,7 +62,7 @@ def build_client_work(
   @tff.tensorflow.computation(weights_type, data_type)
   def client_update(initial_weights, dataset):
     model = model_fn()
-    weights = weights_of(model)
+    weights = layers.global_weights(model)
     trainable = weights.trainable
 
     @tf.function

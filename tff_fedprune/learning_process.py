@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import client_work as client_work_lib
+from tff_fedprune import layers
 
 SERVER_OPTIMIZERS = ('sgd', 'sgdm', 'adam', 'yogi', 'adagrad')
 
@@ -116,10 +117,8 @@ def build_learning_process(
     A `tff.learning.templates.LearningProcess`.
   """
   if initial_weights is None:
-    model = model_fn()
-    initial_weights = tff.learning.models.ModelWeights(
-        tuple(v.numpy() for v in model.trainable_weights),
-        tuple(v.numpy() for v in model.non_trainable_weights),
+    initial_weights = tf.nest.map_structure(
+        lambda v: v.numpy(), layers.global_weights(model_fn())
     )
   weights_type = tff.types.tensorflow_to_type(
       tf.nest.map_structure(

@@ -25,6 +25,7 @@ import tqdm
 
 import keras_models
 from tff_fedprune import data as data_lib
+from tff_fedprune import layers
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
 
@@ -205,7 +206,7 @@ class _Evaluator:
     self._batch_stats = batch_stats
 
   def __call__(self, weights, dataset) -> tuple[float, float]:
-    weights.assign_weights_to(self._model)
+    layers.assign_weights(self._model, weights)
     loss = correct = count = 0.0
     for images, labels in dataset:
       batch_loss, batch_correct = self._batch_stats(images, labels)
@@ -334,7 +335,7 @@ def _train(config, fed_data, progress) -> dict:
     bar.close()
 
   model_dir = os.path.join(run_dir, 'model')
-  weights.assign_weights_to(eval_model)
+  layers.assign_weights(eval_model, weights)
   os.makedirs(model_dir, exist_ok=True)
   eval_model.save(os.path.join(model_dir, 'model.keras'))
   _write_json(

@@ -1,0 +1,53 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels.
+
+Shortcuts are option A (identity; stride-2 subsampling with zero-padded
+channels), so ResNet-32 has about 0.46M parameters as in the paper. Every
+convolution is a `GatedConv2D`; the second of each basic block has no ReLU of
+its own: the ReLU follows the residual addition.
+"""
+
+import tensorflow as tf
+
+from tff_fedprune.layers import GatedConv2D
+
+STAGE_FILTERS = (16, 32, 64)
+
+
+def _shortcut(x, filters, stride, name):
+  if stride == 1 and x.shape[-1] == filters:
+    return x
+  pad = filters - x.shape[-1]
+
+  def subsample_and_pad(t):
+    t = t[:, ::stride, ::stride, :]
+    return tf.pad(t, [[0, 0], [0, 0], [0, 0], [pad // 2, pad - pad // 2]])
+
+  return tf.keras.layers.Lambda(subsample_and_pad, name=f'{name}_shortcut')(x)
+
+
+def build_resnet(
+    depth: int = 32,
+    input_shape=(32, 32, 3),
+    num_classes: int = 10,
+    gated: bool = False,
+    keep_ratio: float = 1.0,
+) -> tf.keras.Model:
+  """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits."""
+  if (depth - 2) % 6:
+    raise ValueError(f'CIFAR ResNet depth must be 6n + 2, got {depth}')
+  blocks = (depth - 2) // 6
+  gate = dict(gated=gated, keep_ratio=keep_ratio)
+  inputs = tf.keras.Input(input_shape, name='images')
+  x = GatedConv2D(STAGE_FILTERS[0], name='stem', **gate)(inputs)
+  for stage, filters in enumerate(STAGE_FILTERS):
+    for block in range(blocks):
+      stride = 2 if stage and not block else 1
+      name = f'stage{stage + 1}_block{block + 1}'
+      shortcut = _shortcut(x, filters, stride, name)
+      y = GatedConv2D(filters, strides=stride, name=f'{name}_conv1', **gate)(x)
+      y = GatedConv2D(filters, relu=False, name=f'{name}_conv2', **gate)(y)
+      x = tf.keras.layers.Add(name=f'{name}_add')([y, shortcut])
+      x = tf.keras.layers.ReLU(name=f'{name}_relu')(x)
+  x = tf.keras.layers.GlobalAveragePooling2D(name='gap')(x)
+  outputs = tf.keras.layers.Dense(num_classes, name='logits')(x)
+  return tf.keras.Model(inputs, outputs, name=f'resnet{depth}')

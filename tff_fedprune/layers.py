@@ -1,0 +1,308 @@
+"""The gated convolution block of FedDP (DESIGN.md section 1.1).
+
+`GatedConv2D` is conv -> BatchNorm -> (gate) -> ReLU in one Keras layer. With
+`gated=True` a saliency predictor on the input's global average pool scores
+the output channels per sample, keeps the top k = max(1, round(rho * C_out)),
+and scales the kept channels by their score:
+
+    z = sigmoid(GAP(x)); s = ReLU(z @ W_g + b_g); pi = s on top-k, 0 elsewhere
+    y = ReLU(BN(conv(x)) * pi)
+
+A channel that is pruned for a sample is never computed for it, so it takes
+no part in that channel's batch statistics either: in training the BN moments
+of channel j are taken over the samples that keep j. A custom gradient makes
+the backward pass exact for this: the kernel slice, BN scale and shift of a
+channel receive exactly zero gradient from samples that pruned it, and no
+gradient flows through the top-k selection (the gate learns through the kept
+values of pi).
+
+The keep ratio rho is a variable read at run time (one traced model serves any
+ratio) and, with the per-channel kept counts, is client-local state: it is not
+part of the model weights the federation exchanges (`global_weights`).
+With `gated=False` the layer is the dense conv-BN-ReLU baseline with the same
+parameter names.
+"""
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+
+def num_kept(keep_ratio, channels):
+  """k = max(1, round(rho * C)) as an int32 tensor (half to even, as round)."""
+  k = tf.cast(tf.round(keep_ratio * tf.cast(channels, tf.float32)), tf.int32)
+  return tf.clip_by_value(k, 1, channels)
+
+
+def top_k_mask(scores, k):
+  """1.0 on the k largest entries of each row (ties: lowest index), else 0."""
+  indices = tf.math.top_k(scores, k=k, sorted=False).indices
+  depth = tf.shape(scores)[-1]
+  return tf.reduce_sum(tf.one_hot(indices, depth, dtype=scores.dtype), axis=-2)
+
+
+def _masked_moments(c, m4, count):
+  mean = tf.reduce_sum(c * m4, axis=[0, 1, 2]) / tf.maximum(count, 1.0)
+  centered = c - mean
+  var = tf.reduce_sum(tf.square(centered) * m4, axis=[0, 1, 2]) / tf.maximum(
+      count, 1.0
+  )
+  return mean, centered, var
+
+
+def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
+  """Training-mode BN over the kept (sample, channel) pairs, gated by pi.
+
+  Args:
+    c: conv output (B, H, W, C).
+    pi: gate values (B, C), 0 where pruned.
+    gamma: BN scale (C,).
+    beta: BN shift (C,).
+    epsilon: BN epsilon.
+    relu: whether a ReLU follows the gating.
+
+  Returns:
+    (y, batch_mean, batch_var, kept_count): the block output, the masked
+    moments (for the moving statistics) and the number of kept samples per
+    channel. Only `y` carries a gradient.
+  """
+
+  @tf.custom_gradient
+  def forward(c, pi, gamma, beta):
+    m = tf.cast(pi > 0, c.dtype)
+    m4 = m[:, tf.newaxis, tf.newaxis, :]
+    pi4 = pi[:, tf.newaxis, tf.newaxis, :]
+    hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], c.dtype)
+    kept = tf.reduce_sum(m, axis=0)
+    count = kept * hw
+    mean, centered, var = _masked_moments(c, m4, count)
+    rstd = tf.math.rsqrt(var + epsilon)
+    xhat = centered * rstd * m4
+    bn = gamma * xhat + beta
+    z = bn * pi4
+    y = tf.nn.relu(z) if relu else z
+
+    def grad(dy, *unused_grads):
+      dz = dy * tf.cast(z > 0, dy.dtype) if relu else dy
+      dpi = tf.reduce_sum(dz * bn, axis=[1, 2]) * m
+      dbn = dz * pi4
+      dbeta = tf.reduce_sum(dbn, axis=[0, 1, 2])
+      dgamma = tf.reduce_sum(dbn * xhat, axis=[0, 1, 2])
+      n = tf.maximum(count, 1.0)
+      dc = (gamma * rstd) * (
+          dbn - (dbeta + xhat * dgamma) / n
+      ) * m4
+      return dc, dpi, dgamma, dbeta
+
+    return (y, mean, var, kept), grad
+
+  y, mean, var, kept = forward(c, pi, gamma, beta)
+  return (
+      y,
+      tf.stop_gradient(mean),
+      tf.stop_gradient(var),
+      tf.stop_gradient(kept),
+  )
+
+
+@tf.keras.utils.register_keras_serializable(package='tff_fedprune')
+class GatedConv2D(tf.keras.layers.Layer):
+  """Conv -> BN -> per-sample top-k channel gate -> (ReLU).
+
+  Attributes:
+    local_variables: keep ratio, per-channel kept counts and samples seen;
+      client-local state, excluded from `global_weights`.
+  """
+
+  def __init__(
+      self,
+      filters: int,
+      kernel_size: int = 3,
+      strides: int = 1,
+      gated: bool = True,
+      keep_ratio: float = 1.0,
+      relu: bool = True,
+      momentum: float = 0.9,
+      epsilon: float = 1e-5,
+      **kwargs,
+  ):
+    super().__init__(**kwargs)
+    if not 0 < keep_ratio <= 1:
+      raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
+    self.filters = int(filters)
+    self.kernel_size = int(kernel_size)
+    self.strides = int(strides)
+    self.gated = bool(gated)
+    self.initial_keep_ratio = float(keep_ratio)
+    self.relu = bool(relu)
+    self.momentum = float(momentum)
+    self.epsilon = float(epsilon)
+
+  def build(self, input_shape):
+    cin = int(input_shape[-1])
+    cout = self.filters
+    self.kernel = self.add_weight(
+        'kernel', (self.kernel_size, self.kernel_size, cin, cout),
+        initializer='he_normal',
+    )
+    self.gamma = self.add_weight('gamma', (cout,), initializer='ones')
+    self.beta = self.add_weight('beta', (cout,), initializer='zeros')
+    self.moving_mean = self.add_weight(
+        'moving_mean', (cout,), initializer='zeros', trainable=False
+    )
+    self.moving_variance = self.add_weight(
+        'moving_variance', (cout,), initializer='ones', trainable=False
+    )
+    self.local_variables = []
+    if self.gated:
+      self.gate_kernel = self.add_weight(
+          'gate_kernel', (cin, cout), initializer='he_normal'
+      )
+      self.gate_bias = self.add_weight(
+          'gate_bias', (cout,), initializer='ones'
+      )
+      self.keep_ratio = self.add_weight(
+          'keep_ratio', (), trainable=False,
+          initializer=tf.keras.initializers.Constant(self.initial_keep_ratio),
+      )
+      self.kept_count = self.add_weight(
+          'kept_count', (cout,), initializer='zeros', trainable=False
+      )
+      self.samples_seen = self.add_weight(
+          'samples_seen', (), initializer='zeros', trainable=False
+      )
+      self.local_variables = [
+          self.keep_ratio, self.kept_count, self.samples_seen
+      ]
+    super().build(input_shape)
+
+  def conv(self, x):
+    return tf.nn.conv2d(x, self.kernel, self.strides, padding='SAME')
+
+  def channel_gates(self, x):
+    """pi (B, C_out): saliency on the top-k channels of each sample, else 0."""
+    z = tf.sigmoid(tf.reduce_mean(x, axis=[1, 2]))
+    s = tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
+    kept = top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
+                                                    self.filters))
+    return s * kept
+
+  def _update_moving(self, mean, var, valid):
+    decay = 1.0 - self.momentum
+    self.moving_mean.assign_sub(
+        tf.where(valid, (self.moving_mean - mean) * decay, 0.0)
+    )
+    self.moving_variance.assign_sub(
+        tf.where(valid, (self.moving_variance - var) * decay, 0.0)
+    )
+
+  def call(self, x, training=None):
+    training = bool(training)
+    c = self.conv(x)
+    if not self.gated:
+      return self._dense_bn_relu(c, training)
+    pi = self.channel_gates(x)
+    if training:
+      y, mean, var, kept = gated_batch_norm(
+          c, pi, self.gamma, self.beta, self.epsilon, self.relu
+      )
+      hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], tf.float32)
+      n = kept * hw
+      unbiased = var * n / tf.maximum(n - 1.0, 1.0)
+      self._update_moving(mean, unbiased, kept > 0)
+      self.kept_count.assign_add(kept)
+      self.samples_seen.assign_add(tf.cast(tf.shape(x)[0], tf.float32))
+      return y
+    bn = tf.nn.batch_normalization(
+        c, self.moving_mean, self.moving_variance, self.beta, self.gamma,
+        self.epsilon,
+    )
+    z = bn * pi[:, tf.newaxis, tf.newaxis, :]
+    return tf.nn.relu(z) if self.relu else z
+
+  def _dense_bn_relu(self, c, training):
+    if training:
+      y, mean, var = tf.compat.v1.nn.fused_batch_norm(
+          c, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+      )
+      self._update_moving(mean, var, tf.ones_like(mean, tf.bool))
+    else:
+      y = tf.nn.batch_normalization(
+          c, self.moving_mean, self.moving_variance, self.beta, self.gamma,
+          self.epsilon,
+      )
+    return tf.nn.relu(y) if self.relu else y
+
+  def compute_output_shape(self, input_shape):
+    h, w = input_shape[1:3]
+    out = lambda d: None if d is None else -(-d // self.strides)
+    return tf.TensorShape([input_shape[0], out(h), out(w), self.filters])
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        filters=self.filters,
+        kernel_size=self.kernel_size,
+        strides=self.strides,
+        gated=self.gated,
+        keep_ratio=self.initial_keep_ratio,
+        relu=self.relu,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+    )
+    return config
+
+
+def gated_layers(model: tf.keras.Model) -> list[GatedConv2D]:
+  """The model's gated `GatedConv2D` layers, in topological order."""
+  found = []
+
+  def visit(layer):
+    if isinstance(layer, GatedConv2D):
+      if layer.gated:
+        found.append(layer)
+    for sub in getattr(layer, 'layers', []):
+      visit(sub)
+
+  visit(model)
+  return found
+
+
+def local_variables(model: tf.keras.Model) -> list[tf.Variable]:
+  return [v for layer in gated_layers(model) for v in layer.local_variables]
+
+
+def global_weights(model: tf.keras.Model) -> tff.learning.models.ModelWeights:
+  """The weights a federation exchanges: all but client-local state."""
+  local = {v.ref() for v in local_variables(model)}
+  return tff.learning.models.ModelWeights(
+      tuple(model.trainable_weights),
+      tuple(v for v in model.non_trainable_weights if v.ref() not in local),
+  )
+
+
+def set_keep_ratio(model: tf.keras.Model, keep_ratio) -> None:
+  """Sets rho of every gated layer (a float or a scalar tensor)."""
+  for layer in gated_layers(model):
+    layer.keep_ratio.assign(keep_ratio)
+
+
+def reset_channel_counts(model: tf.keras.Model) -> None:
+  for layer in gated_layers(model):
+    layer.kept_count.assign(tf.zeros_like(layer.kept_count))
+    layer.samples_seen.assign(0.0)
+
+
+def channel_counts(
+    model: tf.keras.Model,
+) -> list[tuple[tf.Variable, tf.Variable]]:
+  """(kept_count, samples_seen) of every gated layer."""
+  return [(l.kept_count, l.samples_seen) for l in gated_layers(model)]
+
+
+def assign_weights(
+    model: tf.keras.Model, weights: tff.learning.models.ModelWeights
+) -> None:
+  """Assigns `global_weights`-shaped values to the model."""
+  tf.nest.map_structure(
+      lambda v, t: v.assign(t), global_weights(model), weights
+  )

@@ -71,6 +71,16 @@ class OwnedWorkerTest(absltest.TestCase):
       parent.kill()
       parent.stdout.close()
 
+  def test_no_leaky_default_context_outside_the_runtime(self):
+    @tff.tensorflow.computation(np.float32)
+    def add_one(x):
+      return x + 1.0
+
+    before = worker_pids()
+    with self.assertRaisesRegex(RuntimeError, 'context'):
+      add_one(1.0)
+    self.assertEqual(worker_pids() - before, set())
+
   def test_unreachable_address_is_a_clear_error(self):
     with self.assertRaisesRegex(runtime.WorkerError, 'localhost:1 did not'):
       runtime.wait_until_ready('localhost:1', timeout_s=1)

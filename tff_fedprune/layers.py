@@ -178,13 +178,24 @@ class GatedConv2D(tf.keras.layers.Layer):
   def conv(self, x):
     return tf.nn.conv2d(x, self.kernel, self.strides, padding='SAME')
 
-  def channel_gates(self, x):
-    """pi (B, C_out): saliency on the top-k channels of each sample, else 0."""
+  def saliency(self, x):
+    """s (B, C_out) = ReLU(sigmoid(GAP(x)) @ W_g + b_g)."""
     z = tf.sigmoid(tf.reduce_mean(x, axis=[1, 2]))
-    s = tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
-    kept = top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
+    return tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
+
+  def top_k(self, s):
+    """The 0/1 mask of the k = max(1, round(rho * C_out)) largest scores."""
+    return top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
                                                     self.filters))
-    return s * kept
+
+  def channel_gates(self, x):
+    """pi (B, C_out): saliency on the top-k channels of each sample, else 0.
+
+    A channel whose gate value is 0 (pruned, or kept with zero saliency) is
+    not computed for that sample and is not counted as kept.
+    """
+    s = self.saliency(x)
+    return s * self.top_k(s)
 
   def _update_moving(self, mean, var, valid):
     decay = 1.0 - self.momentum

@@ -31,6 +31,18 @@ _GRPC_OPTIONS = [
 ]
 
 
+def disable_default_context() -> None:
+  """Replaces TFF's default context (which would start a leaky worker).
+
+  Invoking a computation outside `local_runtime` (or another installed
+  context) then raises a clear error instead of spawning an orphan process.
+  """
+  tff.test.set_no_default_context()
+
+
+disable_default_context()
+
+
 class WorkerError(RuntimeError):
   """A TFF worker could not be started or reached."""
 
@@ -195,8 +207,8 @@ def local_runtime(
 ) -> Iterator[OwnedWorker]:
   """Starts an owned worker and installs it as TFF's default context.
 
-  On exit the worker is stopped and TFF's context is left pointing at the
-  stopped worker, so nothing can silently start TFF's leaky default one.
+  On exit the worker is stopped and no default context remains, so nothing
+  can silently start TFF's leaky default one.
   """
   worker = OwnedWorker(log_path=log_path).start()
   try:
@@ -205,4 +217,5 @@ def local_runtime(
     )
     yield worker
   finally:
+    disable_default_context()
     worker.stop()

@@ -1,0 +1,70 @@
+"""Tests of the FLOPs accounting."""
+
+from absl.testing import absltest
+import numpy as np
+import tensorflow as tf
+
+import keras_models
+from tff_fedprune import flops
+from tff_fedprune import layers
+
+
+def two_block_model(gated, keep_ratio=0.5):
+  inputs = tf.keras.Input((8, 8, 2))
+  x = layers.GatedConv2D(4, gated=gated, keep_ratio=keep_ratio, name='a')(
+      inputs)
+  x = tf.keras.layers.MaxPool2D(name='pool')(x)
+  x = layers.GatedConv2D(6, gated=gated, keep_ratio=keep_ratio, name='b')(x)
+  x = tf.keras.layers.GlobalAveragePooling2D()(x)
+  outputs = tf.keras.layers.Dense(3)(x)
+  model = tf.keras.Model(inputs, outputs)
+  for layer in layers.gated_layers(model):
+    layer.gate_kernel.assign(tf.abs(layer.gate_kernel))  # All gates > 0.
+  return model
+
+
+class FlopsTest(absltest.TestCase):
+
+  def test_dense_flops_by_hand(self):
+    model = two_block_model(gated=False)
+    expected = (2 * 8 * 8 * 9 * 2 * 4) + (2 * 4 * 4 * 9 * 4 * 6) + 2 * 6 * 3
+    self.assertEqual(flops.dense_flops(model), expected)
+    data = tf.data.Dataset.from_tensor_slices(tf.zeros([5, 8, 8, 2])).batch(2)
+    np.testing.assert_array_equal(flops.dynamic_flops(model, data),
+                                  np.full(5, expected))
+
+  def test_dynamic_flops_use_kept_input_and_output_channels(self):
+    model = two_block_model(gated=True, keep_ratio=0.5)
+    data = tf.data.Dataset.from_tensor_slices(
+        tf.random.normal([5, 8, 8, 2])).batch(3)
+    per_sample = flops.dynamic_flops(model, data)
+    # Layer a keeps 2 of 4 channels, layer b reads those 2 and keeps 3 of 6.
+    conv = (2 * 8 * 8 * 9 * 2 * 2) + (2 * 4 * 4 * 9 * 2 * 3)
+    gates = (8 * 8 * 2 + 2 * 2 * 4) + (4 * 4 * 4 + 2 * 4 * 6)
+    np.testing.assert_array_equal(per_sample, np.full(5, conv + gates + 36))
+    self.assertAlmostEqual(
+        flops.dynamic_flops_ratio(model, data),
+        (conv + gates + 36) / flops.dense_flops(model))
+
+  def test_residual_inputs_are_full_width(self):
+    model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
+    feeders = {l.name: flops._feeding_gate(l)
+               for l in layers.gated_layers(model)}
+    self.assertIsNone(feeders['stem'])
+    self.assertIsNone(feeders['stage2_block1_conv1'])
+    self.assertEqual(feeders['stage2_block1_conv2'].name,
+                     'stage2_block1_conv1')
+
+  def test_lower_keep_ratio_fewer_flops(self):
+    data = tf.data.Dataset.from_tensor_slices(
+        tf.random.normal([8, 32, 32, 3])).batch(8)
+    ratios = [flops.dynamic_flops_ratio(
+        keras_models.build_resnet(20, gated=True, keep_ratio=r), data)
+              for r in (0.5, 0.7, 1.0)]
+    self.assertLess(ratios[0], ratios[1])
+    self.assertLess(ratios[1], ratios[2])
+    self.assertLessEqual(ratios[2], 1.0 + 0.02)
+
+
+if __name__ == '__main__':
+  absltest.main()

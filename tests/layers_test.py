@@ -1,0 +1,270 @@
+"""Tests of the gated convolution block."""
+
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from tff_fedprune import layers
+
+
+def built_layer(cin=4, cout=8, keep_ratio=0.5, seed=0, **kwargs):
+  tf.keras.utils.set_random_seed(seed)
+  layer = layers.GatedConv2D(cout, keep_ratio=keep_ratio, **kwargs)
+  layer.build((None, 6, 6, cin))
+  # Spread the BN parameters so that every channel matters differently.
+  layer.gamma.assign(tf.random.uniform([cout], 0.5, 1.5))
+  layer.beta.assign(tf.random.uniform([cout], -0.5, 0.5))
+  return layer
+
+
+def reference_forward(layer, x):
+  """The training forward pass in plain ops, differentiated by autodiff."""
+  c = layer.conv(x)
+  pi = layer.channel_gates(x)
+  m4 = tf.cast(pi > 0, tf.float32)[:, None, None, :]
+  count = tf.reduce_sum(m4, [0, 1, 2]) * 36.0
+  mean = tf.reduce_sum(c * m4, [0, 1, 2]) / tf.maximum(count, 1.0)
+  var = tf.reduce_sum(tf.square(c - mean) * m4, [0, 1, 2]) / tf.maximum(
+      count, 1.0)
+  xhat = (c - mean) * tf.math.rsqrt(var + layer.epsilon) * m4
+  z = (layer.gamma * xhat + layer.beta) * pi[:, None, None, :]
+  return tf.nn.relu(z) if layer.relu else z
+
+
+def loss_of(y):
+  weights = tf.reshape(tf.range(tf.size(y), dtype=tf.float32), y.shape)
+  return tf.reduce_sum(tf.sin(weights) * y)
+
+
+class GatedConv2DTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.x = tf.random.stateless_normal([5, 6, 6, 4], seed=[1, 2])
+
+  @parameterized.parameters(True, False)
+  def test_custom_gradient_matches_autodiff_reference(self, relu):
+    layer = built_layer(relu=relu)
+    variables = [layer.kernel, layer.gamma, layer.beta, layer.gate_kernel,
+                 layer.gate_bias]
+    x = tf.Variable(self.x)
+    with tf.GradientTape(persistent=True) as tape:
+      custom = loss_of(layer(x, training=True))
+      reference = loss_of(reference_forward(layer, x))
+    np.testing.assert_allclose(custom, reference, rtol=1e-5)
+    for v in variables + [x]:
+      np.testing.assert_allclose(
+          tape.gradient(custom, v), tape.gradient(reference, v),
+          rtol=1e-4, atol=1e-5, err_msg=v.name)
+
+  def test_pruned_channels_get_exactly_zero_gradient_from_each_sample(self):
+    layer = built_layer(keep_ratio=0.5)
+    pi = layer.channel_gates(self.x)
+    pruned = (pi.numpy() == 0)
+    self.assertTrue(pruned.any())
+    c = tf.Variable(layer.conv(self.x))
+    with tf.GradientTape() as tape:
+      y, *_ = layers.gated_batch_norm(c, pi, layer.gamma, layer.beta,
+                                      layer.epsilon, relu=True)
+      loss = loss_of(y)
+    dc = tape.gradient(loss, c).numpy()
+    # dL/dc[n, :, :, j] is what sample n sends to channel j's kernel slice.
+    for n, j in zip(*np.nonzero(pruned)):
+      self.assertTrue(np.all(dc[n, :, :, j] == 0.0), (n, j))
+    active = ~pruned
+    self.assertTrue(np.all(np.abs(dc).sum((1, 2))[active] > 0))
+
+  def test_channels_pruned_for_the_whole_batch_do_not_learn(self):
+    layer = built_layer(keep_ratio=0.25)
+    x = tf.Variable(self.x[:2])
+    with tf.GradientTape() as tape:
+      loss = loss_of(layer(x, training=True))
+    dk, dg, db = tape.gradient(loss, [layer.kernel, layer.gamma, layer.beta])
+    never = ~(layer.channel_gates(x).numpy() > 0).any(axis=0)
+    self.assertTrue(never.any())
+    self.assertTrue(np.all(dk.numpy()[..., never] == 0.0))
+    self.assertTrue(np.all(dg.numpy()[never] == 0.0))
+    self.assertTrue(np.all(db.numpy()[never] == 0.0))
+    self.assertTrue(np.all(np.abs(dg.numpy()[~never]) > 0))
+
+  def test_next_layer_rows_of_zero_input_channels_get_no_gradient(self):
+    first = built_layer(keep_ratio=0.25)
+    second = layers.GatedConv2D(3, gated=False)
+    x = self.x[:1]
+    with tf.GradientTape() as tape:
+      loss = loss_of(second(first(x, training=True), training=True))
+    dk = tape.gradient(loss, second.kernel).numpy()
+    zero = first.channel_gates(x).numpy()[0] == 0
+    self.assertTrue(np.all(dk[:, :, zero, :] == 0.0))
+
+  def test_finite_differences_on_active_channels(self):
+    # Without the ReLU the block is smooth in its parameters, so central
+    # differences are accurate; the ReLU path is checked against autodiff.
+    layer = built_layer(keep_ratio=0.5, relu=False)
+    x = self.x
+    active = np.flatnonzero((layer.channel_gates(x).numpy() > 0).any(axis=0))
+    with tf.GradientTape() as tape:
+      loss = loss_of(layer(x, training=True))
+    grads = tape.gradient(loss, [layer.gamma, layer.kernel])
+    eps = 1e-2
+    for j in active[:3]:
+      for var, grad, index in ((layer.gamma, grads[0], (j,)),
+                               (layer.kernel, grads[1], (1, 1, 0, j))):
+        original = var.numpy()
+        plus, minus = original.copy(), original.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        var.assign(plus)
+        f_plus = loss_of(layer(x, training=True)).numpy()
+        var.assign(minus)
+        f_minus = loss_of(layer(x, training=True)).numpy()
+        var.assign(original)
+        numeric = (f_plus - f_minus) / (2 * eps)
+        np.testing.assert_allclose(grad.numpy()[index], numeric, rtol=2e-2,
+                                   atol=2e-3, err_msg=f'{var.name}{index}')
+
+  @parameterized.parameters((0.5, 4), (0.7, 6), (0.1, 1), (1.0, 8), (0.3, 2))
+  def test_top_k_keeps_exactly_k_per_sample(self, ratio, k):
+    layer = built_layer(keep_ratio=ratio)
+    s = layer.saliency(self.x)
+    kept = layer.top_k(s).numpy()
+    np.testing.assert_array_equal(kept.sum(axis=1), np.full(5, k))
+    gates = layer.channel_gates(self.x).numpy()
+    np.testing.assert_array_equal(gates != 0, (kept > 0) & (s.numpy() > 0))
+    # The kept channels are the k largest scores of each sample.
+    for row, mask in zip(s.numpy(), kept):
+      self.assertGreaterEqual(row[mask > 0].min(), row[mask == 0].max(
+          initial=-np.inf))
+
+  def test_ties_keep_exactly_k_lowest_indices(self):
+    scores = tf.constant([[1.0, 1.0, 1.0, 1.0, 0.5, 1.0]])
+    mask = layers.top_k_mask(scores, 3).numpy()
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0, 0]])
+
+  def test_keep_ratio_one_is_conv_bn_relu_scaled_by_saliency(self):
+    layer = built_layer(keep_ratio=1.0)
+    layer.gate_kernel.assign(tf.abs(layer.gate_kernel))  # Every s > 0.
+    s = tf.nn.relu(tf.sigmoid(tf.reduce_mean(self.x, [1, 2])) @
+                   layer.gate_kernel + layer.gate_bias)
+    self.assertTrue(np.all(s.numpy() > 0))
+    c = layer.conv(self.x)
+    mean, var = tf.nn.moments(c, [0, 1, 2])
+    bn = layer.gamma * (c - mean) * tf.math.rsqrt(var + layer.epsilon) + \
+        layer.beta
+    expected = tf.nn.relu(bn * s[:, None, None, :])
+    np.testing.assert_allclose(layer(self.x, training=True), expected,
+                               rtol=1e-4, atol=1e-5)
+
+  def test_ratio_changes_at_run_time_without_retracing(self):
+    layer = built_layer(keep_ratio=0.5)
+    traces = []
+
+    @tf.function
+    def kept(x):
+      traces.append(1)
+      return tf.reduce_sum(tf.cast(layer.top_k(layer.saliency(x)), tf.int32),
+                           1)
+
+    counts = {}
+    for ratio in (0.5, 0.7, 1.0):
+      layer.keep_ratio.assign(ratio)
+      counts[ratio] = int(kept(self.x)[0])
+    self.assertEqual(counts, {0.5: 4, 0.7: 6, 1.0: 8})
+    self.assertLen(traces, 1)
+
+  def test_counters_count_kept_channels(self):
+    layer = built_layer(keep_ratio=0.5)
+    layer(self.x, training=True)
+    layer(self.x[:2], training=True)
+    kept = (layer.channel_gates(self.x).numpy() > 0)
+    expected = kept.sum(0) + kept[:2].sum(0)
+    np.testing.assert_array_equal(layer.kept_count.numpy(), expected)
+    self.assertEqual(layer.samples_seen.numpy(), 7)
+    layer(self.x, training=False)
+    self.assertEqual(layer.samples_seen.numpy(), 7)
+
+  def test_moving_statistics_only_move_for_kept_channels(self):
+    layer = built_layer(keep_ratio=0.25)
+    x = self.x[:1]
+    layer(x, training=True)
+    kept = layer.channel_gates(x).numpy()[0] > 0
+    moved = layer.moving_mean.numpy() != 0
+    np.testing.assert_array_equal(moved, kept)
+
+  def test_rejects_bad_keep_ratio(self):
+    for ratio in (0.0, -0.1, 1.5):
+      with self.assertRaisesRegex(ValueError, 'keep_ratio'):
+        layers.GatedConv2D(4, keep_ratio=ratio)
+
+
+class ModelStateTest(absltest.TestCase):
+
+  def model(self, gated=True):
+    inputs = tf.keras.Input((8, 8, 2))
+    x = layers.GatedConv2D(4, gated=gated, keep_ratio=0.5, name='a')(inputs)
+    x = layers.GatedConv2D(6, gated=gated, keep_ratio=0.5, name='b')(x)
+    return tf.keras.Model(inputs, x)
+
+  def test_global_weights_exclude_local_state(self):
+    model = self.model()
+    weights = layers.global_weights(model)
+    names = [v.name for v in weights.trainable + weights.non_trainable]
+    self.assertNotIn('a/keep_ratio:0', names)
+    self.assertNotIn('b/kept_count:0', names)
+    self.assertIn('a/moving_mean:0', names)
+    self.assertIn('b/gate_kernel:0', names)
+    self.assertLen(layers.local_variables(model), 6)
+
+  def test_dense_variant_shares_parameter_names(self):
+    dense = {w.name for w in self.model(gated=False).weights}
+    gated = {w.name for w in self.model(gated=True).weights}
+    self.assertTrue(dense < gated)
+    self.assertEqual(
+        gated - dense,
+        {f'{l}/{v}:0' for l in 'ab' for v in (
+            'gate_kernel', 'gate_bias', 'keep_ratio', 'kept_count',
+            'samples_seen')})
+
+  def test_set_keep_ratio_and_reset_counts(self):
+    model = self.model()
+    layers.set_keep_ratio(model, 1.0)
+    x = tf.random.normal([3, 8, 8, 2])
+    model(x, training=True)
+    for count, seen in layers.channel_counts(model):
+      self.assertEqual(seen.numpy(), 3)
+    layers.reset_channel_counts(model)
+    for count, seen in layers.channel_counts(model):
+      self.assertEqual(seen.numpy(), 0)
+      self.assertEqual(count.numpy().sum(), 0)
+
+
+class SerializationTest(parameterized.TestCase):
+
+  @parameterized.parameters('keras', 'savedmodel')
+  def test_round_trip_is_bit_exact(self, fmt):
+    tf.keras.utils.set_random_seed(3)
+    inputs = tf.keras.Input((8, 8, 3))
+    x = layers.GatedConv2D(8, keep_ratio=0.7, name='g')(inputs)
+    x = layers.GatedConv2D(8, relu=False, strides=2, keep_ratio=0.7,
+                           name='h')(x)
+    model = tf.keras.Model(inputs, x)
+    data = tf.random.normal([4, 8, 8, 3])
+    model(data, training=True)  # Move the statistics off their defaults.
+    directory = self.create_tempdir().full_path
+    path = os.path.join(directory, 'm.keras' if fmt == 'keras' else 'sm')
+    model.save(path)
+    loaded = tf.keras.models.load_model(path)
+    for a, b in zip(model.weights, loaded.weights):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(model(data), loaded(data))
+    if fmt == 'keras':
+      self.assertEqual(loaded.get_layer('h').get_config()['keep_ratio'], 0.7)
+      layers.set_keep_ratio(loaded, 0.3)
+      self.assertFalse(np.array_equal(model(data), loaded(data)))
+
+
+if __name__ == '__main__':
+  absltest.main()

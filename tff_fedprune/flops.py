@@ -1,0 +1,104 @@
+"""Inference FLOPs of dense and dynamically pruned models (DESIGN.md 1.5).
+
+A convolution costs 2 * H_out * W_out * k_h * k_w * C_in * C_out FLOPs and a
+dense layer 2 * in * out. For a gated model each sample's cost uses its active
+channels: a gated layer computes only the output channels whose gate is
+non-zero, and reads only the input channels that the gated layer feeding it
+(through pooling or a ReLU) kept; an input behind a residual addition is
+full-width. The gate itself costs its average pool and its matrix product.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tff_fedprune import layers
+
+_CHANNEL_PRESERVING = (
+    tf.keras.layers.MaxPool2D,
+    tf.keras.layers.AveragePooling2D,
+    tf.keras.layers.ReLU,
+    tf.keras.layers.Dropout,
+    tf.keras.layers.Activation,
+)
+
+
+def _conv_flops(layer: layers.GatedConv2D, cin, cout):
+  _, h, w, _ = layer.output_shape
+  return 2.0 * h * w * layer.kernel_size**2 * cin * cout
+
+
+def _gate_flops(layer: layers.GatedConv2D):
+  _, h, w, cin = layer.input_shape
+  return float(h * w * cin + 2 * cin * layer.filters)
+
+
+def dense_flops(model: tf.keras.Model) -> float:
+  """FLOPs of one sample through every channel, without gate costs."""
+  total = 0.0
+  for layer in model.layers:
+    if isinstance(layer, layers.GatedConv2D):
+      total += _conv_flops(layer, layer.input_shape[-1], layer.filters)
+    elif isinstance(layer, tf.keras.layers.Dense):
+      total += 2.0 * layer.input_shape[-1] * layer.units
+  return total
+
+
+def _feeding_gate(layer):
+  """The gated layer whose output reaches `layer` channel-for-channel."""
+  source = layer
+  while True:
+    inbound = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+    if isinstance(inbound, list):
+      return None
+    source = inbound
+    if isinstance(source, layers.GatedConv2D):
+      return source if source.gated else None
+    if not isinstance(source, _CHANNEL_PRESERVING):
+      return None
+
+
+def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
+  """Per-sample FLOPs of a (gated) Keras functional model over `dataset`.
+
+  `dataset` yields image batches or `(images, labels)` batches, already
+  preprocessed as the model expects.
+  """
+  gated = layers.gated_layers(model)
+  static = dense_flops(model) - sum(
+      _conv_flops(l, l.input_shape[-1], l.filters) for l in gated
+  )
+  if not gated:
+    total = sum(int(tf.shape(_images(b))[0]) for b in dataset)
+    return np.full(total, static)
+  probe = tf.keras.Model(model.inputs, [l.input for l in gated])
+  feeders = [_feeding_gate(l) for l in gated]
+  index = {id(l): i for i, l in enumerate(gated)}
+
+  @tf.function
+  def active_counts(images):
+    inputs = probe(images, training=False)
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    return [
+        tf.reduce_sum(tf.cast(l.channel_gates(x) != 0, tf.float32), axis=1)
+        for l, x in zip(gated, inputs)
+    ]
+
+  per_sample = []
+  for batch in dataset:
+    outs = [c.numpy() for c in active_counts(_images(batch))]
+    flops = np.full(len(outs[0]), static)
+    for layer, feeder, cout in zip(gated, feeders, outs):
+      cin = (outs[index[id(feeder)]] if feeder is not None
+             else layer.input_shape[-1])
+      flops += _conv_flops(layer, cin, cout) + _gate_flops(layer)
+    per_sample.append(flops)
+  return np.concatenate(per_sample)
+
+
+def dynamic_flops_ratio(model: tf.keras.Model, dataset) -> float:
+  """Mean dynamic FLOPs over the dense FLOPs of the same model."""
+  return float(np.mean(dynamic_flops(model, dataset)) / dense_flops(model))
+
+
+def _images(batch):
+  return batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -27,7 +27,9 @@ def _define_flags():
       'root_output_dir': 'Where run directories are written.',
       'dataset': 'digits, fashion_mnist, cifar10, cifar100 or synthetic.',
       'data_dir': 'Directory (or archive) holding the dataset files.',
-      'model': 'Model architecture.',
+      'model': 'cnn, resnet20, resnet32, resnet56 or vgg11.',
+      'dynamic_pruning': 'Gate every conv layer (FedDP) instead of dense.',
+      'keep_ratio': 'Share of output channels each gated layer keeps.',
       'num_clients': 'Number of clients the training set is split into.',
       'clients_per_round': 'Clients sampled each round.',
       'partition': 'iid, dirichlet or shards.',
@@ -47,7 +49,9 @@ def _define_flags():
   for field in dataclasses.fields(defaults):
     default = getattr(defaults, field.name)
     text = help_text[field.name]
-    if field.type in (int, 'int'):
+    if field.type in (bool, 'bool'):
+      flags.DEFINE_bool(field.name, default, text)
+    elif field.type in (int, 'int'):
       flags.DEFINE_integer(field.name, default, text)
     elif field.type in (float, 'float'):
       flags.DEFINE_float(field.name, default, text)

@@ -21,7 +21,8 @@ def small_config(root, **overrides):
       training_loop.ExperimentConfig(
           experiment_name='run', root_output_dir=root, dataset='synthetic',
           num_clients=4, clients_per_round=2, partition='iid', batch_size=16,
-          total_rounds=3, client_learning_rate=0.05, seed=7),
+          total_rounds=3, client_learning_rate=0.05, seed=7,
+          dynamic_pruning=True, keep_ratio=0.5),
       **overrides)
 
 
@@ -77,6 +78,8 @@ class ValidateTest(parameterized.TestCase):
       ({'partition': 'random'}, 'unknown partition'),
       ({'server_optimizer': 'lamb'}, 'unknown server optimizer'),
       ({'clients_per_round': 11}, 'exceeds --num_clients=10'),
+      ({'keep_ratio': 0.0}, r'keep_ratio must be in \(0, 1\]'),
+      ({'keep_ratio': 1.2}, r'keep_ratio must be in \(0, 1\]'),
       ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
       ({'dirichlet_alpha': -1.0}, 'dirichlet_alpha must be > 0'),
       ({'total_rounds': 0}, 'total_rounds must be >= 1'),

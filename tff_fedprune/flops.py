@@ -79,7 +79,9 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
     inputs = probe(images, training=False)
     inputs = inputs if isinstance(inputs, list) else [inputs]
     return [
-        tf.reduce_sum(tf.cast(l.channel_gates(x) != 0, tf.float32), axis=1)
+        tf.reduce_sum(
+            tf.cast(tf.not_equal(l.channel_gates(x), 0.0), tf.float32), axis=1
+        )
         for l, x in zip(gated, inputs)
     ]
 

@@ -40,17 +40,14 @@ def top_k_mask(scores, k):
   return tf.reduce_sum(tf.one_hot(indices, depth, dtype=scores.dtype), axis=-2)
 
 
-def _masked_moments(c, m4, count):
-  mean = tf.reduce_sum(c * m4, axis=[0, 1, 2]) / tf.maximum(count, 1.0)
-  centered = c - mean
-  var = tf.reduce_sum(tf.square(centered) * m4, axis=[0, 1, 2]) / tf.maximum(
-      count, 1.0
-  )
-  return mean, centered, var
-
-
 def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
   """Training-mode BN over the kept (sample, channel) pairs, gated by pi.
+
+  The moments of channel j are taken over the samples whose gate pi_j is
+  non-zero. The forward pass is one fused `c * A + B` per element, with
+  per-(sample, channel) A = gamma * rstd * pi and B = (beta - gamma * mean *
+  rstd) * pi; the backward pass two per-(sample, channel) reductions and one
+  fused `dz * A + c * C + D`, where C and D vanish for pruned pairs.
 
   Args:
     c: conv output (B, H, W, C).
@@ -68,29 +65,35 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
 
   @tf.custom_gradient
   def forward(c, pi, gamma, beta):
-    m = tf.cast(pi > 0, c.dtype)
-    m4 = m[:, tf.newaxis, tf.newaxis, :]
-    pi4 = pi[:, tf.newaxis, tf.newaxis, :]
+    m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
     hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], c.dtype)
     kept = tf.reduce_sum(m, axis=0)
-    count = kept * hw
-    mean, centered, var = _masked_moments(c, m4, count)
+    n = tf.maximum(kept * hw, 1.0)
+    s1 = tf.reduce_sum(c, axis=[1, 2])
+    s2 = tf.reduce_sum(tf.square(c), axis=[1, 2])
+    mean = tf.reduce_sum(m * s1, axis=0) / n
+    var = tf.maximum(tf.reduce_sum(m * s2, axis=0) / n - tf.square(mean), 0.0)
     rstd = tf.math.rsqrt(var + epsilon)
-    xhat = centered * rstd * m4
-    bn = gamma * xhat + beta
-    z = bn * pi4
+    scale = gamma * rstd
+    a = scale * pi
+    b = (beta - scale * mean) * pi
+    z = c * a[:, None, None, :] + b[:, None, None, :]
     y = tf.nn.relu(z) if relu else z
 
     def grad(dy, *unused_grads):
-      dz = dy * tf.cast(z > 0, dy.dtype) if relu else dy
-      dpi = tf.reduce_sum(dz * bn, axis=[1, 2]) * m
-      dbn = dz * pi4
-      dbeta = tf.reduce_sum(dbn, axis=[0, 1, 2])
-      dgamma = tf.reduce_sum(dbn * xhat, axis=[0, 1, 2])
-      n = tf.maximum(count, 1.0)
-      dc = (gamma * rstd) * (
-          dbn - (dbeta + xhat * dgamma) / n
-      ) * m4
+      dz = tf.where(y > 0, dy, tf.zeros_like(dy)) if relu else dy
+      p1 = tf.reduce_sum(dz, axis=[1, 2])
+      p2 = tf.reduce_sum(dz * c, axis=[1, 2])
+      # sum_hw dz * xhat for each (sample, channel).
+      q = rstd * (p2 - mean * p1)
+      dbeta = tf.reduce_sum(pi * p1, axis=0)
+      dgamma = tf.reduce_sum(pi * q, axis=0)
+      dpi = (gamma * q + beta * p1) * m
+      cc = -m * (scale * rstd * dgamma / n)
+      dd = -m * (scale / n) * (dbeta - mean * rstd * dgamma)
+      dc = dz * a[:, None, None, :] + c * cc[:, None, None, :] + dd[
+          :, None, None, :
+      ]
       return dc, dpi, dgamma, dbeta
 
     return (y, mean, var, kept), grad

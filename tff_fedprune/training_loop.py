@@ -25,6 +25,7 @@ import tqdm
 
 import keras_models
 from tff_fedprune import data as data_lib
+from tff_fedprune import flops
 from tff_fedprune import layers
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
@@ -57,6 +58,8 @@ class ExperimentConfig:
   dataset: str = 'digits'
   data_dir: Optional[str] = None
   model: str = 'cnn'
+  dynamic_pruning: bool = False
+  keep_ratio: float = 0.7
   num_clients: int = 10
   clients_per_round: int = 10
   partition: str = 'dirichlet'
@@ -107,6 +110,10 @@ def validate(config: ExperimentConfig) -> None:
                'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):
     value = getattr(config, name)
     require(value >= 1, f'--{name} must be >= 1, got {value}')
+  require(
+      0 < config.keep_ratio <= 1,
+      f'--keep_ratio must be in (0, 1], got {config.keep_ratio}',
+  )
   require(
       config.clients_per_round <= config.num_clients,
       f'--clients_per_round={config.clients_per_round} exceeds'
@@ -256,7 +263,11 @@ def _train(config, fed_data, progress) -> dict:
 
   def model_fn():
     return keras_models.build_model(
-        config.model, source.image_shape, source.num_classes
+        config.model,
+        source.image_shape,
+        source.num_classes,
+        gated=config.dynamic_pruning,
+        keep_ratio=config.keep_ratio,
     )
 
   tf.keras.utils.set_random_seed(config.seed)
@@ -308,8 +319,11 @@ def _train(config, fed_data, progress) -> dict:
     client_metrics = output.metrics['client_work']
     if round_num % config.eval_every == 0 or round_num == config.total_rounds:
       test_accuracy, test_loss = evaluate(weights, fed_data.test_dataset())
+      flops_ratio = flops.dynamic_flops_ratio(
+          eval_model, fed_data.test_dataset()
+      )
     else:
-      test_accuracy = test_loss = float('nan')
+      test_accuracy = test_loss = flops_ratio = float('nan')
     sent = len(clients) * weight_bytes
     metrics = collections.OrderedDict(
         test_accuracy=test_accuracy,
@@ -319,7 +333,7 @@ def _train(config, fed_data, progress) -> dict:
         dense_upload_bytes=sent,
         download_bytes=sent,
         update_density=1.0,
-        flops_ratio=1.0,
+        flops_ratio=flops_ratio,
         round_seconds=time.time() - start,
     )
     asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))

@@ -48,7 +48,7 @@ class FlopsTest(absltest.TestCase):
 
   def test_residual_inputs_are_full_width(self):
     model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
-    feeders = {l.name: flops._feeding_gate(l)
+    feeders = {l.name: layers.feeding_gate(l)
                for l in layers.gated_layers(model)}
     self.assertIsNone(feeders['stem'])
     self.assertIsNone(feeders['stage2_block1_conv1'])

@@ -13,15 +13,6 @@ import tensorflow as tf
 
 from tff_fedprune import layers
 
-_CHANNEL_PRESERVING = (
-    tf.keras.layers.MaxPool2D,
-    tf.keras.layers.AveragePooling2D,
-    tf.keras.layers.ReLU,
-    tf.keras.layers.Dropout,
-    tf.keras.layers.Activation,
-)
-
-
 def _conv_flops(layer: layers.GatedConv2D, cin, cout):
   _, h, w, _ = layer.output_shape
   return 2.0 * h * w * layer.kernel_size**2 * cin * cout
@@ -43,20 +34,6 @@ def dense_flops(model: tf.keras.Model) -> float:
   return total
 
 
-def _feeding_gate(layer):
-  """The gated layer whose output reaches `layer` channel-for-channel."""
-  source = layer
-  while True:
-    inbound = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
-    if isinstance(inbound, list):
-      return None
-    source = inbound
-    if isinstance(source, layers.GatedConv2D):
-      return source if source.gated else None
-    if not isinstance(source, _CHANNEL_PRESERVING):
-      return None
-
-
 def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
   """Per-sample FLOPs of a (gated) Keras functional model over `dataset`.
 
@@ -71,7 +48,7 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
     total = sum(int(tf.shape(_images(b))[0]) for b in dataset)
     return np.full(total, static)
   probe = tf.keras.Model(model.inputs, [l.input for l in gated])
-  feeders = [_feeding_gate(l) for l in gated]
+  feeders = [layers.feeding_gate(l) for l in gated]
   index = {id(l): i for i, l in enumerate(gated)}
 
   @tf.function

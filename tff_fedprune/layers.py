@@ -281,6 +281,34 @@ def gated_layers(model: tf.keras.Model) -> list[GatedConv2D]:
   return found
 
 
+_CHANNEL_PRESERVING = (
+    tf.keras.layers.MaxPool2D,
+    tf.keras.layers.AveragePooling2D,
+    tf.keras.layers.ReLU,
+    tf.keras.layers.Dropout,
+    tf.keras.layers.Activation,
+)
+
+
+def feeding_gate(layer: tf.keras.layers.Layer):
+  """The gated layer whose output reaches `layer`'s input channel-for-channel.
+
+  Follows the functional graph back through pooling and activations; None if
+  the input is the model input, a merge (residual addition: full width) or
+  anything else.
+  """
+  source = layer
+  while True:
+    inbound = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+    if isinstance(inbound, list):
+      return None
+    source = inbound
+    if isinstance(source, GatedConv2D):
+      return source if source.gated else None
+    if not isinstance(source, _CHANNEL_PRESERVING):
+      return None
+
+
 def local_variables(model: tf.keras.Model) -> list[tf.Variable]:
   return [v for layer in gated_layers(model) for v in layer.local_variables]
 

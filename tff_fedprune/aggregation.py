@@ -1,0 +1,123 @@
+"""Count-aware mean of masked, sparsely encoded client updates (DESIGN.md 1.3).
+
+Per coordinate i over the round's clients k with weights n_k and masks M_k:
+
+    mean_i = sum_k n_k M_ki delta_ki / sum_k n_k M_ki   (0 where no client sent i)
+
+A plain weighted mean would shrink each coordinate by the share of clients
+that did not send it. Clients encode their update with `encoding.TensorCodec`
+(the mask travels with it); the server decodes inside `federated_aggregate`,
+so the measured upload is what crossed the wire. A client whose weight is 0
+(a non-finite update, zeroed by the client work) contributes nothing.
+"""
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fedprune import encoding
+
+
+class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
+  """Aggregates `OrderedDict(update=W, mask=W)` client values into a `W`."""
+
+  def create(
+      self,
+      value_type: tff.types.StructType,
+      weight_type: tff.types.TensorType,
+  ) -> tff.templates.AggregationProcess:
+    update_type = value_type['update']
+    specs = tff.types.type_to_tf_tensor_specs(update_type)
+    spec_list = tf.nest.flatten(specs)
+    codec_list = [encoding.TensorCodec(s.shape) for s in spec_list]
+    total = sum(c.size for c in codec_list)
+
+    @tff.tensorflow.computation(value_type, weight_type)
+    def encode(value, weight):
+      encoded = [
+          c.encode(u, m)
+          for c, u, m in zip(
+              codec_list,
+              tf.nest.flatten(value['update']),
+              tf.nest.flatten(value['mask']),
+          )
+      ]
+      kept = tf.add_n([
+          tf.cast(tf.reduce_sum(m), tf.int64)
+          for m in tf.nest.flatten(value['mask'])
+      ])
+      nbytes = tf.add_n([encoding.encoded_bytes(e) for e in encoded])
+      return (
+          collections.OrderedDict(encoded=encoded, weight=weight),
+          collections.OrderedDict(upload_bytes=nbytes, kept_coordinates=kept),
+      )
+
+    def zeros():
+      return [tf.zeros(s.shape, s.dtype) for s in spec_list]
+
+    @tff.tensorflow.computation
+    def zero():
+      return collections.OrderedDict(numerator=zeros(), denominator=zeros())
+
+    message_type = encode.type_signature.result[0]
+    accumulator_type = zero.type_signature.result
+
+    @tff.tensorflow.computation(accumulator_type, message_type)
+    def accumulate(accumulator, message):
+      weight = tf.cast(message['weight'], tf.float32)
+      numerator, denominator = [], []
+      for c, e, num, den in zip(
+          codec_list,
+          message['encoded'],
+          accumulator['numerator'],
+          accumulator['denominator'],
+      ):
+        update, mask = c.decode(e)
+        numerator.append(num + weight * update)
+        denominator.append(den + weight * mask)
+      return collections.OrderedDict(
+          numerator=numerator, denominator=denominator
+      )
+
+    @tff.tensorflow.computation(accumulator_type, accumulator_type)
+    def merge(a, b):
+      return tf.nest.map_structure(tf.add, a, b)
+
+    @tff.tensorflow.computation(accumulator_type)
+    def report(accumulator):
+      return tf.nest.pack_sequence_as(
+          specs,
+          [
+              tf.math.divide_no_nan(n, d)
+              for n, d in zip(
+                  accumulator['numerator'], accumulator['denominator']
+              )
+          ],
+      )
+
+    @tff.federated_computation
+    def init_fn():
+      return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(
+        init_fn.type_signature.result,
+        tff.FederatedType(value_type, tff.CLIENTS),
+        tff.FederatedType(weight_type, tff.CLIENTS),
+    )
+    def next_fn(state, value, weight):
+      message, sizes = tff.federated_map(encode, (value, weight))
+      mean = tff.federated_aggregate(message, zero(), accumulate, merge, report)
+      measurements = tff.federated_zip(
+          collections.OrderedDict(
+              upload_bytes=tff.federated_sum(sizes['upload_bytes']),
+              kept_coordinates=tff.federated_sum(sizes['kept_coordinates']),
+              coordinates_per_client=tff.federated_value(
+                  np.int64(total), tff.SERVER
+              ),
+          )
+      )
+      return tff.templates.MeasuredProcessOutput(state, mean, measurements)
+
+    return tff.templates.AggregationProcess(init_fn, next_fn)

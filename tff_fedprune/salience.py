@@ -1,0 +1,80 @@
+"""Channel-structured masks over a model's global weights (DESIGN.md 1.2).
+
+Each global weight is owned by the channels that gate it: a gated layer's
+kernel entry (.., i, j) by input channel i (when a gated layer feeds it) and
+output channel j; its BN scale, shift and moving statistics by output channel
+j; gate parameters, the classifier head and anything ungated by nobody (always
+kept). `ChannelStructure.masks` turns one 0/1 vector per gated layer into a
+`ModelWeights` of masks shaped like the global weights.
+"""
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fedprune import layers
+
+_PER_OUTPUT_CHANNEL = ('gamma', 'beta', 'moving_mean', 'moving_variance')
+
+
+class ChannelStructure:
+  """Which gated channels own each global weight of a Keras model."""
+
+  def __init__(self, model: tf.keras.Model):
+    self._gated = layers.gated_layers(model)
+    position = {id(l): i for i, l in enumerate(self._gated)}
+    owners = {}
+    for layer in self._gated:
+      feeder = layers.feeding_gate(layer)
+      in_index = position[id(feeder)] if feeder is not None else None
+      owners[layer.kernel.ref()] = (in_index, position[id(layer)])
+      for name in _PER_OUTPUT_CHANNEL:
+        owners[getattr(layer, name).ref()] = (None, position[id(layer)])
+    weights = layers.global_weights(model)
+    self._owners = tf.nest.map_structure(
+        lambda v: owners.get(v.ref()), weights
+    )
+    self._shapes = tf.nest.map_structure(lambda v: v.shape, weights)
+
+  @property
+  def num_gated_layers(self) -> int:
+    return len(self._gated)
+
+  def masks(self, channel_masks) -> tff.learning.models.ModelWeights:
+    """Weight masks from one (C_out,) 0/1 float vector per gated layer."""
+
+    def mask(owner, shape):
+      if owner is None:
+        return tf.ones(shape, tf.float32)
+      in_index, out_index = owner
+      out = channel_masks[out_index]
+      if len(shape) == 1:
+        return out
+      m = tf.broadcast_to(out, shape)
+      if in_index is not None:
+        m = m * channel_masks[in_index][:, tf.newaxis]
+      return m
+
+    return tff.learning.models.ModelWeights(
+        tuple(mask(o, s) for o, s in zip(self._owners.trainable,
+                                         self._shapes.trainable)),
+        tuple(mask(o, s) for o, s in zip(self._owners.non_trainable,
+                                         self._shapes.non_trainable)),
+    )
+
+  def salient_channels(self, threshold: float):
+    """Per gated layer, 1.0 where count / samples > threshold, from counters."""
+    return [
+        tf.cast(
+            l.kept_count / tf.maximum(l.samples_seen, 1.0) > threshold,
+            tf.float32,
+        )
+        for l in self._gated
+    ]
+
+  def salience_masks(self, threshold: float) -> tff.learning.models.ModelWeights:
+    """Masks of the weights whose channels were salient this round."""
+    return self.masks(self.salient_channels(threshold))
+
+  def touched_masks(self) -> tff.learning.models.ModelWeights:
+    """Masks of the weights whose channels have been kept at least once."""
+    return self.salience_masks(0.0)

@@ -28,8 +28,15 @@ def _define_flags():
       'dataset': 'digits, fashion_mnist, cifar10, cifar100 or synthetic.',
       'data_dir': 'Directory (or archive) holding the dataset files.',
       'model': 'cnn, resnet20, resnet32, resnet56 or vgg11.',
+      'algorithm': 'fedavg or fedprox.',
       'dynamic_pruning': 'Gate every conv layer (FedDP) instead of dense.',
       'keep_ratio': 'Share of output channels each gated layer keeps.',
+      'client_keep_ratios': 'Comma-separated keep ratios, client id modulo'
+                            ' the list (heterogeneous devices); overrides'
+                            ' --keep_ratio.',
+      'salience_threshold': 'A channel is uploaded iff kept in more than'
+                            ' this share of the client\'s samples.',
+      'prox_mu': 'FedProx proximal coefficient.',
       'num_clients': 'Number of clients the training set is split into.',
       'clients_per_round': 'Clients sampled each round.',
       'partition': 'iid, dirichlet or shards.',

@@ -1,21 +1,31 @@
-"""Client work: local training of a Keras model, reporting a full weights delta.
+"""FedDP client work: local training with salience-masked updates.
 
-Unlike `tff.learning.templates.build_model_delta_client_work`, the update
-covers the non-trainable weights too (BatchNormalization's moving statistics),
-so the server's model carries statistics its clients measured instead of the
-initial ones. The update follows TFF's sign convention, `initial - trained`,
-so it is the pseudo-gradient a server optimizer applies.
+Each client trains the global model with its own keep ratio (device
+heterogeneity, DESIGN.md 1.4), counting which channels its data kept. It
+reports `OrderedDict(update=delta * M, mask=M)`, where delta is `initial -
+trained` (TFF's sign: the pseudo-gradient a server optimizer applies) over all
+global weights, BN moving statistics included, and M the channel-structured
+salience mask of `salience.ChannelStructure` (1.2).
+
+Weight decay and the FedProx term act only on weights whose channels have
+been kept at least once this round, so with momentum they never move a
+coordinate outside the mask: with `salience_threshold=0` the masked update
+equals the true update. A dense model (no gated layers) has all-ones masks
+and trains as plain FedAvg/FedProx.
 """
 
 import collections
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import layers
+from tff_fedprune import salience
 
 ModelFn = Callable[[], tf.keras.Model]
+ALGORITHMS = ('fedavg', 'fedprox')
 
 
 def weights_type_from_keras(model: tf.keras.Model) -> tff.types.StructType:
@@ -28,6 +38,94 @@ def weights_type_from_keras(model: tf.keras.Model) -> tff.types.StructType:
   )
 
 
+def client_data(dataset: tf.data.Dataset, keep_ratio: float):
+  """One client's input: its batches and its keep ratio (a 1-element dataset).
+
+  TFF's learning processes take client data as a structure of sequences, so
+  per-client settings travel as sequences too.
+  """
+  return collections.OrderedDict(
+      batches=dataset,
+      keep_ratio=tf.data.Dataset.from_tensors(np.float32(keep_ratio)),
+  )
+
+
+def client_data_type(element_spec) -> tff.types.StructType:
+  return tff.types.StructWithPythonType(
+      [
+          ('batches', tff.SequenceType(tff.types.tensorflow_to_type(
+              element_spec))),
+          ('keep_ratio', tff.SequenceType(tff.TensorType(np.float32))),
+      ],
+      collections.OrderedDict,
+  )
+
+
+def build_local_training(
+    model: tf.keras.Model,
+    optimizer: tff.learning.optimizers.Optimizer,
+    *,
+    weight_decay: float = 0.0,
+    prox_mu: float = 0.0,
+    salience_threshold: float = 0.0,
+):
+  """A `tf.function` training `model` on one client's data.
+
+  It returns `(delta, mask, num_examples, loss_sum)`: the unmasked update
+  `initial - trained` of the global weights and the round's salience mask.
+  """
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  weights = layers.global_weights(model)
+  trainable = weights.trainable
+  structure = salience.ChannelStructure(model)
+
+  def local_terms(initial_trainable):
+    """Weight decay and proximal gradients, restricted to kept channels."""
+    touched = structure.touched_masks().trainable
+    return tuple(
+        t * (weight_decay * v + prox_mu * (v - v0))
+        for t, v, v0 in zip(touched, trainable, initial_trainable)
+    )
+
+  @tf.function
+  def train(initial_weights, batches, keep_ratio):
+    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
+    layers.set_keep_ratio(model, keep_ratio.reduce(1.0, lambda _, r: r))
+    layers.reset_channel_counts(model)
+    opt_state = optimizer.initialize(
+        tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
+    )
+    num_examples = tf.constant(0, tf.int64)
+    loss_sum = tf.constant(0.0, tf.float32)
+    for images, labels in batches:
+      with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        loss = loss_fn(labels, logits)
+      grads = tape.gradient(loss, trainable)
+      if weight_decay or prox_mu:
+        extra = local_terms(initial_weights.trainable)
+        grads = tuple(g + e for g, e in zip(grads, extra))
+      opt_state, new_values = optimizer.next(
+          opt_state, tuple(v.read_value() for v in trainable), grads
+      )
+      for v, t in zip(trainable, new_values):
+        v.assign(t)
+      n = tf.shape(labels, out_type=tf.int64)[0]
+      num_examples += n
+      loss_sum += loss * tf.cast(n, tf.float32)
+    delta = tf.nest.map_structure(
+        lambda t, v: t - v.read_value(), initial_weights, weights
+    )
+    return (
+        delta,
+        structure.salience_masks(salience_threshold),
+        num_examples,
+        loss_sum,
+    )
+
+  return train
+
+
 def build_client_work(
     model_fn: ModelFn,
     element_spec,
@@ -35,8 +133,11 @@ def build_client_work(
     learning_rate: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    algorithm: str = 'fedavg',
+    prox_mu: float = 0.0,
+    salience_threshold: float = 0.0,
 ) -> tff.learning.templates.ClientWorkProcess:
-  """Local SGD (momentum, L2 weight decay) over each client's dataset.
+  """Builds the client work.
 
   Args:
     model_fn: builds a fresh Keras model returning logits.
@@ -45,55 +146,40 @@ def build_client_work(
     momentum: client SGD momentum (0 for plain SGD).
     weight_decay: L2 coefficient added to the gradient of each trainable
       weight, as PyTorch's SGD `weight_decay`.
+    algorithm: 'fedavg' or 'fedprox'.
+    prox_mu: FedProx proximal coefficient (local loss + mu/2 ||w - w_0||^2).
+    salience_threshold: a channel is salient iff kept_count / samples > this.
 
   Returns:
-    A `ClientWorkProcess` whose result is a `ClientResult` with a
-    `ModelWeights`-shaped update and the number of examples as its weight (0
-    when the update is not finite, which then counts in `non_finite_updates`).
+    A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
+    a `ClientResult` of `OrderedDict(update=..., mask=...)` weighted by the
+    number of examples (0 when the update is not finite, which then counts in
+    `non_finite_updates`).
   """
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f'unknown algorithm {algorithm!r}; choose from {ALGORITHMS}')
+  if algorithm == 'fedavg':
+    prox_mu = 0.0
   with tf.Graph().as_default():
     weights_type = weights_type_from_keras(model_fn())
-  data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
+  data_type = client_data_type(element_spec)
   optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=learning_rate, momentum=momentum or None
   )
-  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
   @tff.tensorflow.computation(weights_type, data_type)
-  def client_update(initial_weights, dataset):
-    model = model_fn()
-    weights = layers.global_weights(model)
-    trainable = weights.trainable
-
-    @tf.function
-    def train(initial_weights, dataset):
-      tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-      opt_state = optimizer.initialize(
-          tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-      )
-      num_examples = tf.constant(0, tf.int64)
-      loss_sum = tf.constant(0.0, tf.float32)
-      for images, labels in dataset:
-        with tf.GradientTape() as tape:
-          logits = model(images, training=True)
-          loss = loss_fn(labels, logits)
-        grads = tape.gradient(loss, trainable)
-        if weight_decay:
-          grads = tuple(g + weight_decay * v for g, v in zip(grads, trainable))
-        opt_state, new_values = optimizer.next(
-            opt_state, tuple(v.read_value() for v in trainable), grads
-        )
-        for v, t in zip(trainable, new_values):
-          v.assign(t)
-        n = tf.shape(labels, out_type=tf.int64)[0]
-        num_examples += n
-        loss_sum += loss * tf.cast(n, tf.float32)
-      update = tf.nest.map_structure(
-          lambda t, v: t - v.read_value(), initial_weights, weights
-      )
-      return update, num_examples, loss_sum
-
-    update, num_examples, loss_sum = train(initial_weights, dataset)
+  def client_update(initial_weights, data):
+    train = build_local_training(
+        model_fn(),
+        optimizer,
+        weight_decay=weight_decay,
+        prox_mu=prox_mu,
+        salience_threshold=salience_threshold,
+    )
+    delta, mask, num_examples, loss_sum = train(
+        initial_weights, data['batches'], data['keep_ratio']
+    )
+    update = tf.nest.map_structure(tf.multiply, delta, mask)
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
     )
@@ -107,7 +193,8 @@ def build_client_work(
         num_examples=tf.where(finite, num_examples, 0),
         non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
     )
-    return tff.learning.templates.ClientResult(update, weight), metrics
+    result = collections.OrderedDict(update=update, mask=mask)
+    return tff.learning.templates.ClientResult(result, weight), metrics
 
   @tff.federated_computation
   def init_fn():
@@ -118,10 +205,8 @@ def build_client_work(
       tff.FederatedType(weights_type, tff.CLIENTS),
       tff.FederatedType(data_type, tff.CLIENTS),
   )
-  def next_fn(state, weights, client_data):
-    client_result, metrics = tff.federated_map(
-        client_update, (weights, client_data)
-    )
+  def next_fn(state, weights, data):
+    client_result, metrics = tff.federated_map(client_update, (weights, data))
     measurements = collections.OrderedDict(
         train_loss=tff.federated_mean(
             metrics['loss'], weight=client_result.update_weight

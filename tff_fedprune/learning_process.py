@@ -1,7 +1,8 @@
-"""The federated learning process, composed from TFF's learning templates.
+"""The FedDP learning process, composed from TFF's learning templates.
 
-`build_learning_process` wires a broadcast distributor, this project's client
-work, a TFF aggregator and a finalizer that applies a server optimizer from
+`build_learning_process` wires a broadcast distributor, the masked client work
+(`client_work`), the count-aware sparse aggregator (`aggregation`) and a
+finalizer that applies a server optimizer from
 `tff.learning.optimizers` (the adaptive server optimizers of FedOpt) with
 `tff.learning.templates.compose_learning_process`, so TFF's tooling
 (`get_model_weights`, program state) works on it unchanged.
@@ -13,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fedprune import aggregation
 from tff_fedprune import client_work as client_work_lib
 from tff_fedprune import layers
 
@@ -95,6 +97,9 @@ def build_learning_process(
     client_learning_rate: float,
     client_momentum: float = 0.0,
     weight_decay: float = 0.0,
+    algorithm: str = 'fedavg',
+    prox_mu: float = 0.0,
+    salience_threshold: float = 0.0,
     server_optimizer: str = 'sgd',
     server_learning_rate: float = 1.0,
     initial_weights: Optional[tff.learning.models.ModelWeights] = None,
@@ -107,6 +112,9 @@ def build_learning_process(
     client_learning_rate: client SGD learning rate.
     client_momentum: client SGD momentum.
     weight_decay: client L2 weight decay.
+    algorithm: one of `client_work.ALGORITHMS`.
+    prox_mu: FedProx proximal coefficient.
+    salience_threshold: tau of the salience mask (DESIGN.md 1.2).
     server_optimizer: one of `SERVER_OPTIMIZERS`.
     server_learning_rate: the server optimizer's learning rate.
     initial_weights: the starting global model (numpy `ModelWeights`); by
@@ -137,9 +145,13 @@ def build_learning_process(
       learning_rate=client_learning_rate,
       momentum=client_momentum,
       weight_decay=weight_decay,
+      algorithm=algorithm,
+      prox_mu=prox_mu,
+      salience_threshold=salience_threshold,
   )
-  aggregator = tff.aggregators.MeanFactory().create(
-      weights_type, tff.TensorType(np.float32)
+  aggregator = aggregation.CountAwareMeanFactory().create(
+      client_work.next.type_signature.result.result.member.update,
+      tff.TensorType(np.float32),
   )
   finalizer = build_finalizer(
       build_server_optimizer(server_optimizer, server_learning_rate),

@@ -24,6 +24,7 @@ import tensorflow_federated as tff
 import tqdm
 
 import keras_models
+from tff_fedprune import client_work
 from tff_fedprune import data as data_lib
 from tff_fedprune import flops
 from tff_fedprune import layers
@@ -58,8 +59,12 @@ class ExperimentConfig:
   dataset: str = 'digits'
   data_dir: Optional[str] = None
   model: str = 'cnn'
+  algorithm: str = 'fedavg'
   dynamic_pruning: bool = False
   keep_ratio: float = 0.7
+  client_keep_ratios: str = ''
+  salience_threshold: float = 0.0
+  prox_mu: float = 0.01
   num_clients: int = 10
   clients_per_round: int = 10
   partition: str = 'dirichlet'
@@ -79,6 +84,21 @@ class ExperimentConfig:
   @property
   def run_dir(self) -> str:
     return os.path.join(self.root_output_dir, self.experiment_name)
+
+  def keep_ratio_of(self, client_id: int) -> float:
+    """Client `client_id`'s keep ratio (DESIGN.md 1.4)."""
+    ratios = parse_ratios(self.client_keep_ratios) or [self.keep_ratio]
+    return ratios[client_id % len(ratios)]
+
+
+def parse_ratios(spec: str) -> list[float]:
+  """'0.5,0.7,1.0' -> [0.5, 0.7, 1.0]; raises ConfigError when malformed."""
+  try:
+    return [float(r) for r in spec.split(',') if r.strip()]
+  except ValueError as e:
+    raise ConfigError(
+        f'--client_keep_ratios={spec!r} is not a list of numbers'
+    ) from e
 
 
 def validate(config: ExperimentConfig) -> None:
@@ -111,9 +131,18 @@ def validate(config: ExperimentConfig) -> None:
     value = getattr(config, name)
     require(value >= 1, f'--{name} must be >= 1, got {value}')
   require(
-      0 < config.keep_ratio <= 1,
-      f'--keep_ratio must be in (0, 1], got {config.keep_ratio}',
+      config.algorithm in client_work.ALGORITHMS,
+      f'unknown algorithm {config.algorithm!r}; choose from'
+      f' {client_work.ALGORITHMS}',
   )
+  for ratio in [config.keep_ratio] + parse_ratios(config.client_keep_ratios):
+    require(0 < ratio <= 1, f'keep ratio must be in (0, 1], got {ratio}')
+  require(
+      0 <= config.salience_threshold < 1,
+      f'--salience_threshold must be in [0, 1), got'
+      f' {config.salience_threshold}',
+  )
+  require(config.prox_mu >= 0, f'--prox_mu must be >= 0, got {config.prox_mu}')
   require(
       config.clients_per_round <= config.num_clients,
       f'--clients_per_round={config.clients_per_round} exceeds'
@@ -277,6 +306,9 @@ def _train(config, fed_data, progress) -> dict:
       client_learning_rate=config.client_learning_rate,
       client_momentum=config.client_momentum,
       weight_decay=config.weight_decay,
+      algorithm=config.algorithm,
+      prox_mu=config.prox_mu,
+      salience_threshold=config.salience_threshold,
       server_optimizer=config.server_optimizer,
       server_learning_rate=config.server_learning_rate,
   )
@@ -308,8 +340,12 @@ def _train(config, fed_data, progress) -> dict:
     start = time.time()
     clients = sample_clients(config, round_num)
     datasets = [
-        fed_data.client_train_dataset(
-            c, config.batch_size, config.local_epochs, config.seed, round_num
+        client_work.client_data(
+            fed_data.client_train_dataset(
+                c, config.batch_size, config.local_epochs, config.seed,
+                round_num,
+            ),
+            config.keep_ratio_of(c),
         )
         for c in clients
     ]
@@ -317,6 +353,7 @@ def _train(config, fed_data, progress) -> dict:
     state = output.state
     weights = process.get_model_weights(state)
     client_metrics = output.metrics['client_work']
+    upload = output.metrics['aggregator']
     if round_num % config.eval_every == 0 or round_num == config.total_rounds:
       test_accuracy, test_loss = evaluate(weights, fed_data.test_dataset())
       flops_ratio = flops.dynamic_flops_ratio(
@@ -324,15 +361,16 @@ def _train(config, fed_data, progress) -> dict:
       )
     else:
       test_accuracy = test_loss = flops_ratio = float('nan')
-    sent = len(clients) * weight_bytes
+    dense_bytes = len(clients) * weight_bytes
     metrics = collections.OrderedDict(
         test_accuracy=test_accuracy,
         test_loss=test_loss,
         train_loss=float(client_metrics['train_loss']),
-        upload_bytes=sent,
-        dense_upload_bytes=sent,
-        download_bytes=sent,
-        update_density=1.0,
+        upload_bytes=int(upload['upload_bytes']),
+        dense_upload_bytes=dense_bytes,
+        download_bytes=dense_bytes,
+        update_density=int(upload['kept_coordinates'])
+        / (len(clients) * int(upload['coordinates_per_client'])),
         flops_ratio=flops_ratio,
         round_seconds=time.time() - start,
     )

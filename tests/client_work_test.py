@@ -1,0 +1,96 @@
+"""Tests of the FedDP local training and client work."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import keras_models
+from tff_fedprune import client_work
+from tff_fedprune import layers
+
+
+def batches(n=8, batch=4, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def keep(ratio):
+  return tf.data.Dataset.from_tensors(np.float32(ratio))
+
+
+class LocalTrainingTest(parameterized.TestCase):
+
+  def train(self, threshold=0.0, ratio=0.25, **kwargs):
+    tf.keras.utils.set_random_seed(0)
+    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True)
+    initial = tf.nest.map_structure(lambda v: v.numpy(),
+                                    layers.global_weights(model))
+    optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
+    train = client_work.build_local_training(
+        model, optimizer, salience_threshold=threshold, **kwargs)
+    delta, mask, n, _ = train(initial, batches(), keep(ratio))
+    return model, delta, mask, int(n)
+
+  @parameterized.parameters(
+      dict(weight_decay=5e-3), dict(prox_mu=0.5),
+      dict(weight_decay=5e-3, prox_mu=0.5))
+  def test_threshold_zero_masked_update_equals_true_update(self, **kwargs):
+    _, delta, mask, n = self.train(**kwargs)
+    self.assertEqual(n, 8)
+    masked_out = 0
+    for d, m in zip(tf.nest.flatten(delta), tf.nest.flatten(mask)):
+      d, m = d.numpy(), m.numpy()
+      np.testing.assert_array_equal(d * (1 - m), np.zeros_like(d))
+      masked_out += int((m == 0).sum())
+    self.assertGreater(masked_out, 0)  # Some channels were never kept.
+
+  def test_mask_is_channel_structured(self):
+    model, _, mask, _ = self.train(weight_decay=5e-3)
+    gated = layers.gated_layers(model)
+    weights = layers.global_weights(model)
+    masks = {v.name: m.numpy() for v, m in zip(
+        tf.nest.flatten(weights), tf.nest.flatten(mask))}
+    out1 = layers.gated_layers(model)[0].kept_count.numpy() > 0
+    out2 = gated[1].kept_count.numpy() > 0
+    np.testing.assert_array_equal(masks['block1/gamma:0'], out1)
+    np.testing.assert_array_equal(
+        masks['block2/kernel:0'][1, 1], np.outer(out1, out2))
+    self.assertTrue(np.all(masks['block2/gate_kernel:0'] == 1))
+    self.assertTrue(np.all(masks['logits/kernel:0'] == 1))
+
+  def test_higher_threshold_uploads_less(self):
+    _, _, low, _ = self.train(threshold=0.0, ratio=0.5)
+    _, _, high, _ = self.train(threshold=0.5, ratio=0.5)
+    total = lambda m: sum(float(np.sum(x)) for x in tf.nest.flatten(m))
+    self.assertLess(total(high), total(low))
+
+  def test_keep_ratio_comes_from_the_client(self):
+    model, _, _, _ = self.train(ratio=0.5)
+    first = layers.gated_layers(model)[0]
+    self.assertEqual(first.keep_ratio.numpy(), 0.5)
+    self.assertLessEqual(first.kept_count.numpy().max(), 8)
+    self.assertLessEqual(first.kept_count.numpy().sum(), 8 * 8)
+
+  def test_dense_model_masks_are_all_ones(self):
+    tf.keras.utils.set_random_seed(0)
+    model = keras_models.build_model('cnn', (8, 8, 1), 10)
+    initial = tf.nest.map_structure(lambda v: v.numpy(),
+                                    layers.global_weights(model))
+    train = client_work.build_local_training(
+        model, tff.learning.optimizers.build_sgdm(0.1), weight_decay=1e-3)
+    _, mask, _, _ = train(initial, batches(), keep(0.3))
+    self.assertTrue(all(np.all(m.numpy() == 1) for m in tf.nest.flatten(mask)))
+
+  def test_rejects_unknown_algorithm(self):
+    with self.assertRaisesRegex(ValueError, 'unknown algorithm'):
+      client_work.build_client_work(
+          lambda: keras_models.build_model('cnn', (8, 8, 1), 10),
+          batches().element_spec, learning_rate=0.1, algorithm='fedsgd')
+
+
+if __name__ == '__main__':
+  absltest.main()

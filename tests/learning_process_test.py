@@ -1,0 +1,131 @@
+"""Tests of the composed FedDP learning process."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import keras_models
+from tff_fedprune import client_work
+from tff_fedprune import layers
+from tff_fedprune import learning_process
+from tff_fedprune import runtime
+
+
+def model_fn(gated=False):
+  return lambda: keras_models.build_model('cnn', (8, 8, 1), 10, gated=gated,
+                                          keep_ratio=0.5)
+
+
+def client_datasets(num_clients=3, n=12, seed=0, poison=None):
+  rng = np.random.default_rng(seed)
+  out = []
+  for k in range(num_clients):
+    x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+    if k == poison:
+      x[0, 0, 0, 0] = np.nan
+    y = rng.integers(0, 10, n).astype(np.int32)
+    out.append(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
+  return out
+
+
+def initial_weights(fn):
+  tf.keras.utils.set_random_seed(1)
+  return tf.nest.map_structure(lambda v: v.numpy(),
+                               layers.global_weights(fn()))
+
+
+class LearningProcessTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._runtime = runtime.local_runtime()
+    cls._runtime.__enter__()
+    cls.spec = client_datasets()[0].element_spec
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._runtime.__exit__(None, None, None)
+    super().tearDownClass()
+
+  def test_pruning_off_sgd_one_round_equals_tff_fed_avg(self):
+    weights = initial_weights(model_fn())
+    ours = learning_process.build_learning_process(
+        model_fn(), self.spec, client_learning_rate=0.1,
+        server_optimizer='sgd', server_learning_rate=1.0,
+        initial_weights=weights)
+    stock = tff.learning.algorithms.build_weighted_fed_avg(
+        lambda: tff.learning.models.from_keras_model(
+            model_fn()(), input_spec=self.spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True)),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
+    datasets = client_datasets()
+    stock_state = stock.set_model_weights(stock.initialize(), weights)
+    stock_out = stock.next(stock_state, datasets)
+    our_out = ours.next(ours.initialize(),
+                        [client_work.client_data(d, 1.0) for d in datasets])
+    ours_w = ours.get_model_weights(our_out.state)
+    stock_w = stock.get_model_weights(stock_out.state)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        ours_w.trainable, stock_w.trainable))
+    self.assertLessEqual(diff, 1e-5)
+    self.assertGreater(max(float(np.max(np.abs(a - b))) for a, b in zip(
+        ours_w.trainable, weights.trainable)), 1e-3)
+    # Unlike TFF's FedAvg, the server takes the clients' BN statistics.
+    for ours_stat, stock_stat, init in zip(
+        ours_w.non_trainable, stock_w.non_trainable, weights.non_trainable):
+      np.testing.assert_array_equal(stock_stat, init)
+      self.assertFalse(np.array_equal(ours_stat, init))
+    self.assertEqual(our_out.metrics['aggregator']['upload_bytes'],
+                     3 * 4 * our_out.metrics['aggregator'][
+                         'coordinates_per_client'])
+
+  def test_gated_round_uploads_less_and_stays_finite(self):
+    process = learning_process.build_learning_process(
+        model_fn(gated=True), self.spec, client_learning_rate=0.05,
+        client_momentum=0.9, weight_decay=1e-3, server_optimizer='adam',
+        server_learning_rate=0.01)
+    output = process.next(process.initialize(), [
+        client_work.client_data(d, r)
+        for d, r in zip(client_datasets(), (0.3, 0.5, 1.0))])
+    agg = output.metrics['aggregator']
+    self.assertLess(agg['upload_bytes'],
+                    3 * 4 * agg['coordinates_per_client'])
+    self.assertLess(agg['kept_coordinates'],
+                    3 * agg['coordinates_per_client'])
+    weights = process.get_model_weights(output.state)
+    self.assertTrue(all(np.all(np.isfinite(w))
+                        for w in tf.nest.flatten(weights)))
+
+  def test_non_finite_client_is_rejected_and_counted(self):
+    weights = initial_weights(model_fn(gated=True))
+    process = learning_process.build_learning_process(
+        model_fn(gated=True), self.spec, client_learning_rate=0.1,
+        initial_weights=weights)
+    datasets = client_datasets(poison=1)
+    with_bad = process.next(process.initialize(), [
+        client_work.client_data(d, 0.5) for d in datasets])
+    without = process.next(process.initialize(), [
+        client_work.client_data(d, 0.5) for d in (datasets[0], datasets[2])])
+    self.assertEqual(with_bad.metrics['client_work']['non_finite_updates'], 1)
+    for a, b in zip(tf.nest.flatten(process.get_model_weights(with_bad.state)),
+                    tf.nest.flatten(process.get_model_weights(without.state))):
+      self.assertTrue(np.all(np.isfinite(a)))
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  @parameterized.parameters(*learning_process.SERVER_OPTIMIZERS)
+  def test_server_optimizer_builds(self, name):
+    optimizer = learning_process.build_server_optimizer(name, 0.1)
+    self.assertIsInstance(optimizer, tff.learning.optimizers.Optimizer)
+
+  def test_unknown_server_optimizer(self):
+    with self.assertRaisesRegex(ValueError, 'unknown server optimizer'):
+      learning_process.build_server_optimizer('lamb', 0.1)
+
+
+if __name__ == '__main__':
+  absltest.main()

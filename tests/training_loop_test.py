@@ -78,8 +78,13 @@ class ValidateTest(parameterized.TestCase):
       ({'partition': 'random'}, 'unknown partition'),
       ({'server_optimizer': 'lamb'}, 'unknown server optimizer'),
       ({'clients_per_round': 11}, 'exceeds --num_clients=10'),
-      ({'keep_ratio': 0.0}, r'keep_ratio must be in \(0, 1\]'),
-      ({'keep_ratio': 1.2}, r'keep_ratio must be in \(0, 1\]'),
+      ({'keep_ratio': 0.0}, r'keep ratio must be in \(0, 1\], got 0.0'),
+      ({'keep_ratio': 1.2}, r'keep ratio must be in \(0, 1\], got 1.2'),
+      ({'client_keep_ratios': '0.5,0'}, r'keep ratio must be in \(0, 1\]'),
+      ({'client_keep_ratios': '0.5,x'}, 'not a list of numbers'),
+      ({'algorithm': 'fedsgd'}, 'unknown algorithm'),
+      ({'salience_threshold': 1.0}, 'salience_threshold'),
+      ({'prox_mu': -1.0}, 'prox_mu'),
       ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
       ({'dirichlet_alpha': -1.0}, 'dirichlet_alpha must be > 0'),
       ({'total_rounds': 0}, 'total_rounds must be >= 1'),
@@ -91,6 +96,12 @@ class ValidateTest(parameterized.TestCase):
     config = small_config('/tmp/unused', num_clients=10, clients_per_round=5)
     with self.assertRaisesRegex(training_loop.ConfigError, message):
       training_loop.validate(dataclasses.replace(config, **overrides))
+
+  def test_client_keep_ratios_cycle_over_clients(self):
+    config = small_config('/tmp/unused', client_keep_ratios='0.5,0.7,1.0')
+    self.assertEqual([config.keep_ratio_of(c) for c in range(5)],
+                     [0.5, 0.7, 1.0, 0.5, 0.7])
+    self.assertEqual(small_config('/tmp/unused').keep_ratio_of(3), 0.5)
 
   def test_output_dir_that_is_a_file(self):
     path = self.create_tempfile().full_path

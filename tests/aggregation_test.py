@@ -85,6 +85,29 @@ class CountAwareMeanTest(absltest.TestCase):
     self.assertEqual(output.measurements['kept_coordinates'], kept)
     self.assertEqual(output.measurements['coordinates_per_client'], 19)
 
+  def test_fednova_scale_multiplies_by_weighted_mean_steps(self):
+    update_type = tff.types.tensorflow_to_type(SPECS)
+    value_type = tff.types.StructWithPythonType(
+        [('update', update_type), ('mask', update_type),
+         ('scale', tff.TensorType(np.float32))], collections.OrderedDict)
+    process = aggregation.CountAwareMeanFactory().create(
+        value_type, tff.TensorType(np.float32))
+    clients, weights, steps = self.clients(seed=3), [3.0, 1.0, 2.0], [
+        4.0, 10.0, 7.0]
+    for c, a in zip(clients, steps):
+      c['scale'] = np.float32(a)
+    scaled = process.next(process.initialize(), clients, weights)
+    plain = self.process.next(
+        self.process.initialize(),
+        [collections.OrderedDict(update=c['update'], mask=c['mask'])
+         for c in clients], weights)
+    tau_eff = np.dot(weights, steps) / np.sum(weights)
+    tf.nest.map_structure(
+        lambda a, b: np.testing.assert_allclose(a, tau_eff * b, rtol=1e-6),
+        scaled.result, plain.result)
+    self.assertEqual(scaled.measurements['upload_bytes'],
+                     plain.measurements['upload_bytes'] + 3 * 4)
+
   def test_zero_weight_client_contributes_nothing(self):
     clients = self.clients(seed=2)
     with_zero = self.process.next(self.process.initialize(), clients,

@@ -32,7 +32,8 @@ class LocalTrainingTest(parameterized.TestCase):
     optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
     train = client_work.build_local_training(
         model, optimizer, salience_threshold=threshold, **kwargs)
-    delta, mask, n, _ = train(initial, batches(), keep(ratio))
+    delta, mask, n, _, steps = train(initial, batches(), keep(ratio))
+    self.assertEqual(int(steps), 2)
     return model, delta, mask, int(n)
 
   @parameterized.parameters(
@@ -82,8 +83,17 @@ class LocalTrainingTest(parameterized.TestCase):
                                     layers.global_weights(model))
     train = client_work.build_local_training(
         model, tff.learning.optimizers.build_sgdm(0.1), weight_decay=1e-3)
-    _, mask, _, _ = train(initial, batches(), keep(0.3))
+    _, mask, *_ = train(initial, batches(), keep(0.3))
     self.assertTrue(all(np.all(m.numpy() == 1) for m in tf.nest.flatten(mask)))
+
+  @parameterized.parameters((5, 0.0), (5, 0.9), (1, 0.9), (40, 0.5))
+  def test_fednova_normalizer_matches_numpy(self, steps, momentum):
+    # Accumulated coefficients of t momentum steps: sum_j (1 - m^(t-j)) / (1-m).
+    expected = sum((1 - momentum**(steps - j)) / (1 - momentum)
+                   for j in range(steps))
+    self.assertAlmostEqual(
+        float(client_work.fednova_normalizer(steps, momentum)), expected,
+        places=4)
 
   def test_rejects_unknown_algorithm(self):
     with self.assertRaisesRegex(ValueError, 'unknown algorithm'):

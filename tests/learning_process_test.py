@@ -117,6 +117,18 @@ class LearningProcessTest(parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(a)))
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
+  @parameterized.parameters('fedprox', 'fednova')
+  def test_algorithms_run_a_gated_round(self, algorithm):
+    process = learning_process.build_learning_process(
+        model_fn(gated=True), self.spec, client_learning_rate=0.05,
+        client_momentum=0.9, algorithm=algorithm, prox_mu=0.1)
+    output = process.next(process.initialize(), [
+        client_work.client_data(d, 0.5) for d in client_datasets()])
+    weights = process.get_model_weights(output.state)
+    self.assertTrue(all(np.all(np.isfinite(w))
+                        for w in tf.nest.flatten(weights)))
+    self.assertGreater(output.metrics['client_work']['train_loss'], 0)
+
   @parameterized.parameters(*learning_process.SERVER_OPTIMIZERS)
   def test_server_optimizer_builds(self, name):
     optimizer = learning_process.build_server_optimizer(name, 0.1)

@@ -5,7 +5,9 @@ Per coordinate i over the round's clients k with weights n_k and masks M_k:
     mean_i = sum_k n_k M_ki delta_ki / sum_k n_k M_ki   (0 where no client sent i)
 
 A plain weighted mean would shrink each coordinate by the share of clients
-that did not send it. Clients encode their update with `encoding.TensorCodec`
+that did not send it. When the value carries a per-client `scale` (FedNova's
+effective step count a_k), the mean is multiplied by its weighted mean
+sum_k p_k a_k, FedNova's server rescaling. Clients encode their update with `encoding.TensorCodec`
 (the mask travels with it); the server decodes inside `federated_aggregate`,
 so the measured upload is what crossed the wire. A client whose weight is 0
 (a non-finite update, zeroed by the client work) contributes nothing.
@@ -21,7 +23,7 @@ from tff_fedprune import encoding
 
 
 class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
-  """Aggregates `OrderedDict(update=W, mask=W)` client values into a `W`."""
+  """Aggregates `OrderedDict(update=W, mask=W[, scale=float])` into a `W`."""
 
   def create(
       self,
@@ -33,6 +35,7 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
     spec_list = tf.nest.flatten(specs)
     codec_list = [encoding.TensorCodec(s.shape) for s in spec_list]
     total = sum(c.size for c in codec_list)
+    scaled = 'scale' in tff.structure.name_list(value_type)
 
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
@@ -49,8 +52,12 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
           for m in tf.nest.flatten(value['mask'])
       ])
       nbytes = tf.add_n([encoding.encoded_bytes(e) for e in encoded])
+      message = collections.OrderedDict(encoded=encoded, weight=weight)
+      if scaled:
+        message['scale'] = value['scale']
+        nbytes += 4
       return (
-          collections.OrderedDict(encoded=encoded, weight=weight),
+          message,
           collections.OrderedDict(upload_bytes=nbytes, kept_coordinates=kept),
       )
 
@@ -59,7 +66,9 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
 
     @tff.tensorflow.computation
     def zero():
-      return collections.OrderedDict(numerator=zeros(), denominator=zeros())
+      return collections.OrderedDict(
+          numerator=zeros(), denominator=zeros(), scale_sum=0.0, weight_sum=0.0
+      )
 
     message_type = encode.type_signature.result[0]
     accumulator_type = zero.type_signature.result
@@ -77,8 +86,12 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
         update, mask = c.decode(e)
         numerator.append(num + weight * update)
         denominator.append(den + weight * mask)
+      scale = message['scale'] if scaled else 1.0
       return collections.OrderedDict(
-          numerator=numerator, denominator=denominator
+          numerator=numerator,
+          denominator=denominator,
+          scale_sum=accumulator['scale_sum'] + weight * scale,
+          weight_sum=accumulator['weight_sum'] + weight,
       )
 
     @tff.tensorflow.computation(accumulator_type, accumulator_type)
@@ -87,10 +100,13 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
 
     @tff.tensorflow.computation(accumulator_type)
     def report(accumulator):
+      scale = tf.math.divide_no_nan(
+          accumulator['scale_sum'], accumulator['weight_sum']
+      )
       return tf.nest.pack_sequence_as(
           specs,
           [
-              tf.math.divide_no_nan(n, d)
+              scale * tf.math.divide_no_nan(n, d)
               for n, d in zip(
                   accumulator['numerator'], accumulator['denominator']
               )

@@ -25,7 +25,7 @@ from tff_fedprune import layers
 from tff_fedprune import salience
 
 ModelFn = Callable[[], tf.keras.Model]
-ALGORITHMS = ('fedavg', 'fedprox')
+ALGORITHMS = ('fedavg', 'fedprox', 'fednova')
 
 
 def weights_type_from_keras(model: tf.keras.Model) -> tff.types.StructType:
@@ -36,6 +36,15 @@ def weights_type_from_keras(model: tf.keras.Model) -> tff.types.StructType:
           layers.global_weights(model),
       )
   )
+
+
+def fednova_normalizer(steps, momentum: float):
+  """FedNova's a = (t - m (1 - m^t) / (1 - m)) / (1 - m); t for plain SGD."""
+  steps = tf.cast(steps, tf.float32)
+  if not momentum:
+    return steps
+  m = momentum
+  return (steps - m * (1.0 - m**steps) / (1.0 - m)) / (1.0 - m)
 
 
 def client_data(dataset: tf.data.Dataset, keep_ratio: float):
@@ -71,8 +80,9 @@ def build_local_training(
 ):
   """A `tf.function` training `model` on one client's data.
 
-  It returns `(delta, mask, num_examples, loss_sum)`: the unmasked update
-  `initial - trained` of the global weights and the round's salience mask.
+  It returns `(delta, mask, num_examples, loss_sum, steps)`: the unmasked
+  update `initial - trained` of the global weights, the round's salience
+  mask, and the number of local steps taken.
   """
   loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   weights = layers.global_weights(model)
@@ -97,6 +107,7 @@ def build_local_training(
     )
     num_examples = tf.constant(0, tf.int64)
     loss_sum = tf.constant(0.0, tf.float32)
+    steps = tf.constant(0, tf.int64)
     for images, labels in batches:
       with tf.GradientTape() as tape:
         logits = model(images, training=True)
@@ -113,6 +124,7 @@ def build_local_training(
       n = tf.shape(labels, out_type=tf.int64)[0]
       num_examples += n
       loss_sum += loss * tf.cast(n, tf.float32)
+      steps += 1
     delta = tf.nest.map_structure(
         lambda t, v: t - v.read_value(), initial_weights, weights
     )
@@ -121,6 +133,7 @@ def build_local_training(
         structure.salience_masks(salience_threshold),
         num_examples,
         loss_sum,
+        steps,
     )
 
   return train
@@ -146,19 +159,22 @@ def build_client_work(
     momentum: client SGD momentum (0 for plain SGD).
     weight_decay: L2 coefficient added to the gradient of each trainable
       weight, as PyTorch's SGD `weight_decay`.
-    algorithm: 'fedavg' or 'fedprox'.
+    algorithm: 'fedavg', 'fedprox' or 'fednova' (the update is divided by the
+      client's effective number of steps a_k, which travels as `scale` for
+      the server to multiply the mean by sum_k p_k a_k).
     prox_mu: FedProx proximal coefficient (local loss + mu/2 ||w - w_0||^2).
     salience_threshold: a channel is salient iff kept_count / samples > this.
 
   Returns:
     A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
-    a `ClientResult` of `OrderedDict(update=..., mask=...)` weighted by the
+    a `ClientResult` of `OrderedDict(update=..., mask=...[, scale=...])`
+    weighted by the
     number of examples (0 when the update is not finite, which then counts in
     `non_finite_updates`).
   """
   if algorithm not in ALGORITHMS:
     raise ValueError(f'unknown algorithm {algorithm!r}; choose from {ALGORITHMS}')
-  if algorithm == 'fedavg':
+  if algorithm != 'fedprox':
     prox_mu = 0.0
   with tf.Graph().as_default():
     weights_type = weights_type_from_keras(model_fn())
@@ -176,10 +192,13 @@ def build_client_work(
         prox_mu=prox_mu,
         salience_threshold=salience_threshold,
     )
-    delta, mask, num_examples, loss_sum = train(
+    delta, mask, num_examples, loss_sum, steps = train(
         initial_weights, data['batches'], data['keep_ratio']
     )
     update = tf.nest.map_structure(tf.multiply, delta, mask)
+    if algorithm == 'fednova':
+      a = tf.maximum(fednova_normalizer(steps, momentum), 1e-12)
+      update = tf.nest.map_structure(lambda u: u / a, update)
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
     )
@@ -194,6 +213,8 @@ def build_client_work(
         non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
     )
     result = collections.OrderedDict(update=update, mask=mask)
+    if algorithm == 'fednova':
+      result['scale'] = fednova_normalizer(steps, momentum)
     return tff.learning.templates.ClientResult(result, weight), metrics
 
   @tff.federated_computation

@@ -28,7 +28,7 @@ def _define_flags():
       'dataset': 'digits, fashion_mnist, cifar10, cifar100 or synthetic.',
       'data_dir': 'Directory (or archive) holding the dataset files.',
       'model': 'cnn, resnet20, resnet32, resnet56 or vgg11.',
-      'algorithm': 'fedavg, fedprox or fednova.',
+      'algorithm': 'fedavg, fedprox, fednova or scaffold.',
       'dynamic_pruning': 'Gate every conv layer (FedDP) instead of dense.',
       'keep_ratio': 'Share of output channels each gated layer keeps.',
       'client_keep_ratios': 'Comma-separated keep ratios, client id modulo'

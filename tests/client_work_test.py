@@ -24,7 +24,7 @@ def keep(ratio):
 
 class LocalTrainingTest(parameterized.TestCase):
 
-  def train(self, threshold=0.0, ratio=0.25, **kwargs):
+  def train(self, threshold=0.0, ratio=0.25, correction=False, **kwargs):
     tf.keras.utils.set_random_seed(0)
     model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True)
     initial = tf.nest.map_structure(lambda v: v.numpy(),
@@ -32,13 +32,16 @@ class LocalTrainingTest(parameterized.TestCase):
     optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
     train = client_work.build_local_training(
         model, optimizer, salience_threshold=threshold, **kwargs)
-    delta, mask, n, _, steps = train(initial, batches(), keep(ratio))
+    args = [initial, batches(), keep(ratio)]
+    if correction:
+      args.append(tuple(tf.random.normal(v.shape) for v in initial.trainable))
+    delta, mask, n, _, steps = train(*args)
     self.assertEqual(int(steps), 2)
     return model, delta, mask, int(n)
 
   @parameterized.parameters(
       dict(weight_decay=5e-3), dict(prox_mu=0.5),
-      dict(weight_decay=5e-3, prox_mu=0.5))
+      dict(weight_decay=5e-3, prox_mu=0.5), dict(correction=True))
   def test_threshold_zero_masked_update_equals_true_update(self, **kwargs):
     _, delta, mask, n = self.train(**kwargs)
     self.assertEqual(n, 8)

@@ -129,6 +129,43 @@ class LearningProcessTest(parameterized.TestCase):
                         for w in tf.nest.flatten(weights)))
     self.assertGreater(output.metrics['client_work']['train_loss'], 0)
 
+  def test_scaffold_control_variates_match_local_reference(self):
+    fn = model_fn(gated=True)
+    weights = initial_weights(fn)
+    lr, num_clients = 0.1, 3
+    process = learning_process.build_learning_process(
+        fn, self.spec, client_learning_rate=lr, algorithm='scaffold',
+        num_clients=num_clients, initial_weights=weights)
+    datasets = client_datasets(num_clients=2)
+    ids = (0, 2)
+    output = process.next(process.initialize(), [
+        client_work.client_data(d, 0.5, client_id=i)
+        for d, i in zip(datasets, ids)])
+    state = output.state.client_work
+    expected_rows = {}
+    for d, i in zip(datasets, ids):
+      train = client_work.build_local_training(
+          fn(), tff.learning.optimizers.build_sgdm(lr))
+      delta, mask, _, _, steps = train(
+          weights, d, tf.data.Dataset.from_tensors(np.float32(0.5)))
+      expected_rows[i] = [m.numpy() * d_.numpy() / (int(steps) * lr)
+                          for m, d_ in zip(mask.trainable, delta.trainable)]
+    for j, table in enumerate(state['c_clients']):
+      np.testing.assert_allclose(table[0], expected_rows[0][j], atol=1e-5)
+      np.testing.assert_allclose(table[1], np.zeros_like(table[1]))
+      np.testing.assert_allclose(table[2], expected_rows[2][j], atol=1e-5)
+      np.testing.assert_allclose(
+          state['c'][j], (expected_rows[0][j] + expected_rows[2][j]) / 3,
+          atol=1e-5)
+    self.assertGreater(output.metrics['client_work']['control_upload_bytes'],
+                       0)
+    # The next round applies the correction and still trains finitely.
+    second = process.next(output.state, [
+        client_work.client_data(d, 0.5, client_id=i)
+        for d, i in zip(datasets, ids)])
+    self.assertTrue(all(np.all(np.isfinite(w)) for w in tf.nest.flatten(
+        process.get_model_weights(second.state))))
+
   @parameterized.parameters(*learning_process.SERVER_OPTIMIZERS)
   def test_server_optimizer_builds(self, name):
     optimizer = learning_process.build_server_optimizer(name, 0.1)

@@ -100,6 +100,7 @@ def build_learning_process(
     algorithm: str = 'fedavg',
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
+    num_clients: int = 0,
     server_optimizer: str = 'sgd',
     server_learning_rate: float = 1.0,
     initial_weights: Optional[tff.learning.models.ModelWeights] = None,
@@ -115,6 +116,7 @@ def build_learning_process(
     algorithm: one of `client_work.ALGORITHMS`.
     prox_mu: FedProx proximal coefficient.
     salience_threshold: tau of the salience mask (DESIGN.md 1.2).
+    num_clients: federation size (SCAFFOLD's control-variate table).
     server_optimizer: one of `SERVER_OPTIMIZERS`.
     server_learning_rate: the server optimizer's learning rate.
     initial_weights: the starting global model (numpy `ModelWeights`); by
@@ -148,6 +150,7 @@ def build_learning_process(
       algorithm=algorithm,
       prox_mu=prox_mu,
       salience_threshold=salience_threshold,
+      num_clients=num_clients,
   )
   aggregator = aggregation.CountAwareMeanFactory().create(
       client_work.next.type_signature.result.result.member.update,

@@ -309,6 +309,7 @@ def _train(config, fed_data, progress) -> dict:
       algorithm=config.algorithm,
       prox_mu=config.prox_mu,
       salience_threshold=config.salience_threshold,
+      num_clients=config.num_clients,
       server_optimizer=config.server_optimizer,
       server_learning_rate=config.server_learning_rate,
   )
@@ -332,6 +333,9 @@ def _train(config, fed_data, progress) -> dict:
   evaluate = _Evaluator(eval_model)
   weights = process.get_model_weights(state)
   weight_bytes = _num_bytes(weights)
+  control_size = (
+      _num_bytes(weights.trainable) if config.algorithm == 'scaffold' else 0
+  )
   history = _read_history(os.path.join(run_dir, 'metrics.csv'), last_round)
 
   rounds = range(last_round + 1, config.total_rounds + 1)
@@ -346,6 +350,7 @@ def _train(config, fed_data, progress) -> dict:
                 round_num,
             ),
             config.keep_ratio_of(c),
+            client_id=c,
         )
         for c in clients
     ]
@@ -362,13 +367,16 @@ def _train(config, fed_data, progress) -> dict:
     else:
       test_accuracy = test_loss = flops_ratio = float('nan')
     dense_bytes = len(clients) * weight_bytes
+    # SCAFFOLD's control variates travel too: c down, dc_k up (encoded).
+    control_bytes = len(clients) * control_size
     metrics = collections.OrderedDict(
         test_accuracy=test_accuracy,
         test_loss=test_loss,
         train_loss=float(client_metrics['train_loss']),
-        upload_bytes=int(upload['upload_bytes']),
-        dense_upload_bytes=dense_bytes,
-        download_bytes=dense_bytes,
+        upload_bytes=int(upload['upload_bytes'])
+        + int(client_metrics.get('control_upload_bytes', 0)),
+        dense_upload_bytes=dense_bytes + control_bytes,
+        download_bytes=dense_bytes + control_bytes,
         update_density=int(upload['kept_coordinates'])
         / (len(clients) * int(upload['coordinates_per_client'])),
         flops_ratio=flops_ratio,

@@ -59,6 +59,21 @@ class RunExperimentTest(absltest.TestCase):
         dataclasses.replace(interrupted, total_rounds=3), progress=False)
     self.assertLen(read_rows(interrupted.run_dir), 3)
 
+  def test_scaffold_counts_control_variate_traffic(self):
+    root = self.create_tempdir().full_path
+    config = small_config(root, total_rounds=1, algorithm='scaffold')
+    training_loop.run_experiment(config, progress=False)
+    dense = small_config(os.path.join(root, 'dense'), total_rounds=1)
+    training_loop.run_experiment(dense, progress=False)
+    row, dense_row = read_rows(config.run_dir)[0], read_rows(dense.run_dir)[0]
+    # c travels down and dc_k up: dense-equivalent traffic grows by the
+    # trainable weights per client, the measured upload by encoded dc_k.
+    self.assertGreater(int(row['dense_upload_bytes']),
+                       int(dense_row['dense_upload_bytes']))
+    self.assertEqual(row['download_bytes'], row['dense_upload_bytes'])
+    self.assertGreater(int(row['upload_bytes']), 0)
+    self.assertLess(int(row['upload_bytes']), int(row['dense_upload_bytes']))
+
   def test_refuses_to_resume_a_different_configuration(self):
     root = self.create_tempdir().full_path
     config = small_config(root, total_rounds=1)

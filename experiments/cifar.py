@@ -37,6 +37,8 @@ def _define_flags():
       'salience_threshold': 'A channel is uploaded iff kept in more than'
                             ' this share of the client\'s samples.',
       'prox_mu': 'FedProx proximal coefficient.',
+      'client_failure_rate': 'Share of each round\'s sampled clients that'
+                             ' drop out (simulated device loss).',
       'num_clients': 'Number of clients the training set is split into.',
       'clients_per_round': 'Clients sampled each round.',
       'partition': 'iid, dirichlet or shards.',

@@ -81,6 +81,26 @@ class OwnedWorkerTest(absltest.TestCase):
       add_one(1.0)
     self.assertEqual(worker_pids() - before, set())
 
+  def test_foreground_worker_module_serves_a_remote_context(self):
+    port = runtime._pick_free_port()
+    worker = subprocess.Popen(
+        [sys.executable, '-m', 'tff_fedprune.worker', f'--port={port}'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      runtime.wait_until_ready(f'localhost:{port}', timeout_s=60,
+                               process=worker)
+      with tff.framework.get_context_stack().install(
+          runtime.create_remote_context(f'localhost:{port}')):
+
+        @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+        def total(x):
+          return tff.federated_sum(x)
+
+        self.assertEqual(total([1.0, 2.0]), 3.0)
+    finally:
+      worker.terminate()
+      self.assertIsNotNone(worker.wait(timeout=15))
+
   def test_unreachable_address_is_a_clear_error(self):
     with self.assertRaisesRegex(runtime.WorkerError, 'localhost:1 did not'):
       runtime.wait_until_ready('localhost:1', timeout_s=1)

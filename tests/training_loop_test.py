@@ -74,6 +74,20 @@ class RunExperimentTest(absltest.TestCase):
     self.assertGreater(int(row['upload_bytes']), 0)
     self.assertLess(int(row['upload_bytes']), int(row['dense_upload_bytes']))
 
+  def test_client_failures_are_dropped_and_measured(self):
+    root = self.create_tempdir().full_path
+    config = small_config(root, num_clients=10, clients_per_round=10,
+                          client_failure_rate=0.3, total_rounds=2)
+    training_loop.run_experiment(config, progress=False)
+    for row in read_rows(config.run_dir):
+      self.assertEqual(row['clients_dropped'], '3')
+      self.assertEqual(row['clients_completed'], '7')
+      self.assertNotEqual(row['test_accuracy'], 'nan')
+    completing, dropped = training_loop.sample_clients(config, 1)
+    self.assertLen(set(completing) | set(dropped), 10)
+    self.assertEqual(training_loop.sample_clients(config, 1),
+                     (completing, dropped))
+
   def test_refuses_to_resume_a_different_configuration(self):
     root = self.create_tempdir().full_path
     config = small_config(root, total_rounds=1)
@@ -100,6 +114,7 @@ class ValidateTest(parameterized.TestCase):
       ({'algorithm': 'fedsgd'}, 'unknown algorithm'),
       ({'salience_threshold': 1.0}, 'salience_threshold'),
       ({'prox_mu': -1.0}, 'prox_mu'),
+      ({'client_failure_rate': 1.0}, 'client_failure_rate'),
       ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
       ({'dirichlet_alpha': -1.0}, 'dirichlet_alpha must be > 0'),
       ({'total_rounds': 0}, 'total_rounds must be >= 1'),

@@ -75,7 +75,9 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
 
 
 def dynamic_flops_ratio(model: tf.keras.Model, dataset) -> float:
-  """Mean dynamic FLOPs over the dense FLOPs of the same model."""
+  """Mean dynamic FLOPs over the dense FLOPs of the same model (1 if ungated)."""
+  if not layers.gated_layers(model):
+    return 1.0
   return float(np.mean(dynamic_flops(model, dataset)) / dense_flops(model))
 
 

@@ -41,6 +41,8 @@ METRIC_COLUMNS = (
     'update_density',
     'flops_ratio',
     'round_seconds',
+    'clients_completed',
+    'clients_dropped',
 )
 # Fields that may change between a run and its resumption.
 _RESUMABLE_FIELDS = ('total_rounds', 'eval_every', 'root_output_dir')
@@ -65,6 +67,7 @@ class ExperimentConfig:
   client_keep_ratios: str = ''
   salience_threshold: float = 0.0
   prox_mu: float = 0.01
+  client_failure_rate: float = 0.0
   num_clients: int = 10
   clients_per_round: int = 10
   partition: str = 'dirichlet'
@@ -144,6 +147,11 @@ def validate(config: ExperimentConfig) -> None:
   )
   require(config.prox_mu >= 0, f'--prox_mu must be >= 0, got {config.prox_mu}')
   require(
+      0 <= config.client_failure_rate < 1,
+      f'--client_failure_rate must be in [0, 1), got'
+      f' {config.client_failure_rate}',
+  )
+  require(
       config.clients_per_round <= config.num_clients,
       f'--clients_per_round={config.clients_per_round} exceeds'
       f' --num_clients={config.num_clients}',
@@ -211,11 +219,22 @@ def _json_default(value):
   raise TypeError(f'not JSON serialisable: {type(value)}')
 
 
-def sample_clients(config: ExperimentConfig, round_num: int) -> list[int]:
-  """The round's clients: a seeded draw, identical on resume."""
+def sample_clients(
+    config: ExperimentConfig, round_num: int
+) -> tuple[list[int], list[int]]:
+  """The round's (completing, dropped) clients: seeded, identical on resume.
+
+  `client_failure_rate` of the sampled clients (rounded, at least one
+  client left) drop out, as devices lost mid-round.
+  """
   rng = np.random.default_rng([config.seed, round_num])
   chosen = rng.choice(config.num_clients, config.clients_per_round, False)
-  return sorted(int(c) for c in chosen)
+  num_dropped = min(
+      int(round(config.client_failure_rate * len(chosen))), len(chosen) - 1
+  )
+  dropped = rng.choice(chosen, num_dropped, replace=False)
+  completing = [int(c) for c in chosen if c not in dropped]
+  return sorted(completing), sorted(int(c) for c in dropped)
 
 
 def _num_bytes(arrays) -> int:
@@ -323,11 +342,10 @@ def _train(config, fed_data, progress) -> dict:
   tensorboard_manager = tff.program.TensorBoardReleaseManager(
       os.path.join(run_dir, 'tensorboard')
   )
-  state, last_round = asyncio.run(
-      state_manager.load_latest(process.initialize())
-  )
+  initial_state = process.initialize()
+  state, last_round = asyncio.run(state_manager.load_latest(initial_state))
   if state is None:
-    state, last_round = process.initialize(), 0
+    state, last_round = initial_state, 0
 
   eval_model = model_fn()
   evaluate = _Evaluator(eval_model)
@@ -342,7 +360,7 @@ def _train(config, fed_data, progress) -> dict:
   bar = _progress_bar(progress, last_round, config.total_rounds)
   for round_num in rounds:
     start = time.time()
-    clients = sample_clients(config, round_num)
+    clients, dropped = sample_clients(config, round_num)
     datasets = [
         client_work.client_data(
             fed_data.client_train_dataset(
@@ -381,6 +399,8 @@ def _train(config, fed_data, progress) -> dict:
         / (len(clients) * int(upload['coordinates_per_client'])),
         flops_ratio=flops_ratio,
         round_seconds=time.time() - start,
+        clients_completed=len(clients),
+        clients_dropped=len(dropped),
     )
     asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))
     asyncio.run(state_manager.save(state, round_num))

@@ -37,6 +37,9 @@ def _define_flags():
       'salience_threshold': 'A channel is uploaded iff kept in more than'
                             ' this share of the client\'s samples.',
       'prox_mu': 'FedProx proximal coefficient.',
+      'workers': 'host:port,... of TFF workers (python -m'
+                 ' tff_fedprune.worker) to run the clients on; default: a'
+                 ' local worker owned by this process.',
       'client_failure_rate': 'Share of each round\'s sampled clients that'
                              ' drop out (simulated device loss).',
       'num_clients': 'Number of clients the training set is split into.',

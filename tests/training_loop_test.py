@@ -115,6 +115,7 @@ class ValidateTest(parameterized.TestCase):
       ({'salience_threshold': 1.0}, 'salience_threshold'),
       ({'prox_mu': -1.0}, 'prox_mu'),
       ({'client_failure_rate': 1.0}, 'client_failure_rate'),
+      ({'workers': 'localhost'}, 'not host:port'),
       ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
       ({'dirichlet_alpha': -1.0}, 'dirichlet_alpha must be > 0'),
       ({'total_rounds': 0}, 'total_rounds must be >= 1'),
@@ -132,6 +133,14 @@ class ValidateTest(parameterized.TestCase):
     self.assertEqual([config.keep_ratio_of(c) for c in range(5)],
                      [0.5, 0.7, 1.0, 0.5, 0.7])
     self.assertEqual(small_config('/tmp/unused').keep_ratio_of(3), 0.5)
+
+  def test_unreachable_worker_is_a_clear_error_writing_nothing(self):
+    root = self.create_tempdir().full_path
+    config = small_config(os.path.join(root, 'out'), workers='localhost:1')
+    with self.assertRaisesRegex(training_loop.ConfigError,
+                                'localhost:1 did not answer'):
+      training_loop.run_experiment(config, progress=False)
+    self.assertFalse(os.path.exists(config.root_output_dir))
 
   def test_output_dir_that_is_a_file(self):
     path = self.create_tempfile().full_path

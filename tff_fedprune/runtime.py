@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import grpc
@@ -189,16 +189,47 @@ def _remote_executor_factory(
   )
 
 
-def create_remote_context(
-    address: str, default_num_clients: int = 0
-) -> tff.framework.SyncExecutionContext:
-  """A synchronous TFF context executing on the worker at `address`."""
-  return tff.framework.SyncExecutionContext(
+def _context_args(address: str, default_num_clients: int) -> dict:
+  return dict(
       executor_fn=_remote_executor_factory(address, default_num_clients),
       compiler_fn=tff.backends.native.desugar_and_transform_to_native,
       transform_args=tff.tensorflow.transform_args,
       transform_result=tff.tensorflow.transform_result,
   )
+
+
+def create_remote_context(
+    address: str, default_num_clients: int = 0
+) -> tff.framework.SyncExecutionContext:
+  """A synchronous TFF context executing on the worker at `address`."""
+  return tff.framework.SyncExecutionContext(
+      **_context_args(address, default_num_clients)
+  )
+
+
+def create_distributed_context(
+    addresses: Sequence[str],
+) -> tff.framework.MergeableCompExecutionContext:
+  """A context splitting each round's clients across the given workers.
+
+  TFF's mergeable-computation runtime compiles a computation into per-worker
+  parts whose partial aggregates the driver merges, one asynchronous remote
+  context per `host:port` worker.
+  """
+  return tff.backends.native.create_mergeable_comp_execution_context(
+      [tff.framework.AsyncExecutionContext(**_context_args(a, 0))
+       for a in addresses]
+  )
+
+
+def parse_addresses(spec: str) -> list[str]:
+  """'host:port,host:port' -> a list, with a clear error when malformed."""
+  addresses = [a.strip() for a in spec.split(',') if a.strip()]
+  for address in addresses:
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f'worker address {address!r} is not host:port')
+  return addresses
 
 
 @contextlib.contextmanager

@@ -45,7 +45,9 @@ METRIC_COLUMNS = (
     'clients_dropped',
 )
 # Fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = ('total_rounds', 'eval_every', 'root_output_dir')
+_RESUMABLE_FIELDS = (
+    'total_rounds', 'eval_every', 'root_output_dir', 'workers'
+)
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,7 @@ class ExperimentConfig:
   salience_threshold: float = 0.0
   prox_mu: float = 0.01
   client_failure_rate: float = 0.0
+  workers: str = ''
   num_clients: int = 10
   clients_per_round: int = 10
   partition: str = 'dirichlet'
@@ -171,6 +174,10 @@ def validate(config: ExperimentConfig) -> None:
       config.weight_decay >= 0,
       f'--weight_decay must be >= 0, got {config.weight_decay}',
   )
+  try:
+    runtime.parse_addresses(config.workers)
+  except ValueError as e:
+    raise ConfigError(f'--workers: {e}') from e
   require(config.experiment_name, '--experiment_name must not be empty')
   require(
       os.sep not in config.experiment_name,
@@ -292,15 +299,27 @@ def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
   validate(config)
   _check_resumable(config)
   fed_data = load_data(config)
+  workers = runtime.parse_addresses(config.workers)
+  for address in workers:
+    try:
+      runtime.wait_until_ready(address, timeout_s=10)
+    except runtime.WorkerError as e:
+      raise ConfigError(f'--workers: {e}') from e
   os.makedirs(config.run_dir, exist_ok=True)
   _write_json(
       os.path.join(config.run_dir, 'config.json'), dataclasses.asdict(config)
   )
   started = time.time()
-  with runtime.local_runtime(
-      log_path=os.path.join(config.run_dir, 'worker.log')
-  ):
-    summary = _train(config, fed_data, progress)
+  if workers:
+    with tff.framework.get_context_stack().install(
+        runtime.create_distributed_context(workers)
+    ):
+      summary = _train(config, fed_data, progress)
+  else:
+    with runtime.local_runtime(
+        log_path=os.path.join(config.run_dir, 'worker.log')
+    ):
+      summary = _train(config, fed_data, progress)
   summary['wall_seconds_this_invocation'] = time.time() - started
   _write_json(os.path.join(config.run_dir, 'summary.json'), summary)
   return summary

@@ -1,0 +1,49 @@
+"""A federation split across two TFF workers on loopback."""
+
+from absl.testing import absltest
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tests import learning_process_test as lpt
+from tff_fedprune import client_work
+from tff_fedprune import learning_process
+from tff_fedprune import runtime
+
+
+class DistributedTest(absltest.TestCase):
+
+  def test_two_workers_give_the_local_round_result(self):
+    fn = lpt.model_fn(gated=True)
+    weights = lpt.initial_weights(fn)
+    datasets = [client_work.client_data(d, 0.5, client_id=i)
+                for i, d in enumerate(lpt.client_datasets(num_clients=4))]
+    spec = lpt.client_datasets()[0].element_spec
+
+    def one_round():
+      process = learning_process.build_learning_process(
+          fn, spec, client_learning_rate=0.1, client_momentum=0.9,
+          initial_weights=weights)
+      output = process.next(process.initialize(), datasets)
+      return process.get_model_weights(output.state), output.metrics
+
+    with runtime.local_runtime():
+      local_weights, local_metrics = one_round()
+    with runtime.OwnedWorker() as a, runtime.OwnedWorker() as b:
+      with tff.framework.get_context_stack().install(
+          runtime.create_distributed_context([a.address, b.address])):
+        remote_weights, remote_metrics = one_round()
+    for x, y in zip(tf.nest.flatten(local_weights),
+                    tf.nest.flatten(remote_weights)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    self.assertEqual(local_metrics['aggregator']['upload_bytes'],
+                     remote_metrics['aggregator']['upload_bytes'])
+
+  def test_bad_addresses(self):
+    with self.assertRaisesRegex(ValueError, 'not host:port'):
+      runtime.parse_addresses('localhost:80,nohost')
+    self.assertEqual(runtime.parse_addresses('a:1, b:2'), ['a:1', 'b:2'])
+
+
+if __name__ == '__main__':
+  absltest.main()

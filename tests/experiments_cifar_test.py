@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl.testing import absltest
 
@@ -55,6 +57,44 @@ class CliTest(absltest.TestCase):
       self.assertLen(errors, 1, result.stderr)
       self.assertIn(message, errors[0])
       self.assertEqual(os.listdir(out_dir), [], args)
+
+  def test_sigkill_then_rerun_reproduces_an_uninterrupted_run(self):
+    out_dir = self.create_tempdir().full_path
+    args = [f'--flagfile={QUICKSTART}', '--total_rounds=4', '--local_epochs=1']
+
+    def rows(root):
+      with open(os.path.join(root, 'quickstart', 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k != 'round_seconds'}
+                for r in csv.DictReader(f)]
+
+    straight = os.path.join(out_dir, 'straight')
+    self.assertEqual(run_cli(*args, f'--root_output_dir={straight}')
+                     .returncode, 0)
+    killed = os.path.join(out_dir, 'killed')
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'experiments.cifar', *args,
+         f'--root_output_dir={killed}'],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL)
+    metrics = os.path.join(killed, 'quickstart', 'metrics.csv')
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+      if os.path.exists(metrics) and len(rows(killed)) >= 2:
+        break
+      time.sleep(0.05)
+    self.assertIsNone(process.poll(), 'the run ended before it was killed')
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    self.assertLess(len(rows(killed)), 4)
+    saved = [int(d.rsplit('_', 1)[1]) for d in os.listdir(
+        os.path.join(killed, 'quickstart', 'checkpoints'))
+             if d.rsplit('_', 1)[1].isdigit()]
+    self.assertNotEmpty(saved)
+    rerun = run_cli(*args, f'--root_output_dir={killed}')
+    self.assertEqual(rerun.returncode, 0)
+    # The rerun resumed after the last checkpoint instead of starting over.
+    self.assertIn(f'| {max(saved)}/4 [', rerun.stderr)
+    self.assertEqual(rows(killed), rows(straight))
 
   def test_unknown_flag_in_flagfile(self):
     flagfile = self.create_tempfile(content='--no_such_flag=3\n').full_path

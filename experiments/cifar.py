@@ -80,6 +80,7 @@ def main(argv):
 
   tf.get_logger().setLevel('ERROR')
   from tff_fedprune import data  # pylint: disable=g-import-not-at-top
+  from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
   from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
 
   config = training_loop.ExperimentConfig(
@@ -92,6 +93,12 @@ def main(argv):
           data.PartitionError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except runtime.WorkerError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.stderr.flush()
+    # The round abandoned on the dead worker holds TFF threads that would
+    # keep the interpreter from exiting.
+    os._exit(3)
   final = summary['final']
   print(
       f'round {final["round"]}: test accuracy {final["test_accuracy"]:.4f},'

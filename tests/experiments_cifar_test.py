@@ -11,6 +11,7 @@ import time
 from absl.testing import absltest
 
 from tests import runtime_test
+from tff_fedprune import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.cfg')
@@ -95,6 +96,40 @@ class CliTest(absltest.TestCase):
     # The rerun resumed after the last checkpoint instead of starting over.
     self.assertIn(f'| {max(saved)}/4 [', rerun.stderr)
     self.assertEqual(rows(killed), rows(straight))
+
+  def test_worker_dying_mid_run_is_named_and_the_run_resumes(self):
+    out_dir = self.create_tempdir().full_path
+    args = [f'--flagfile={QUICKSTART}', '--total_rounds=8',
+            '--local_epochs=1', f'--root_output_dir={out_dir}']
+    metrics = os.path.join(out_dir, 'quickstart', 'metrics.csv')
+    with runtime.OwnedWorker() as alive, runtime.OwnedWorker() as doomed:
+      process = subprocess.Popen(
+          [sys.executable, '-m', 'experiments.cifar', *args,
+           f'--workers={alive.address},{doomed.address}'],
+          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+          stdin=subprocess.DEVNULL, text=True)
+      deadline = time.monotonic() + 300
+      while time.monotonic() < deadline and process.poll() is None:
+        if os.path.exists(metrics):
+          with open(metrics) as f:
+            if len(list(csv.DictReader(f))) >= 1:
+              break
+        time.sleep(0.05)
+      os.kill(doomed.pid, signal.SIGKILL)
+      _, stderr = process.communicate(timeout=120)
+      self.assertEqual(process.returncode, 3, stderr)
+      errors = [l for l in stderr.splitlines() if l.startswith('error:')]
+      self.assertLen(errors, 1, stderr)
+      self.assertIn(f'TFF worker at {doomed.address} stopped answering',
+                    errors[0])
+      with open(metrics) as f:
+        done = len(list(csv.DictReader(f)))
+      self.assertLess(done, 8)
+      rerun = run_cli(*args, f'--workers={alive.address}')
+      self.assertEqual(rerun.returncode, 0, rerun.stderr)
+      with open(metrics) as f:
+        self.assertEqual([r['round'] for r in csv.DictReader(f)],
+                         [str(r) for r in range(1, 9)])
 
   def test_unknown_flag_in_flagfile(self):
     flagfile = self.create_tempfile(content='--no_such_flag=3\n').full_path

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
@@ -220,6 +221,48 @@ def create_distributed_context(
       [tff.framework.AsyncExecutionContext(**_context_args(a, 0))
        for a in addresses]
   )
+
+
+def is_serving(address: str, timeout_s: float = 1.0) -> bool:
+  """Whether a TFF executor service answers at `address` within the timeout."""
+  try:
+    wait_until_ready(address, timeout_s)
+    return True
+  except WorkerError:
+    return False
+
+
+def call_watched(fn, addresses: Sequence[str], poll_s: float = 1.0):
+  """Calls `fn()` while checking that every worker in `addresses` answers.
+
+  TFF's remote executor retries a worker that stopped answering forever, so a
+  dead worker would hang the call. `fn` runs in a daemon thread; if a worker
+  stops answering first, a `WorkerError` naming it is raised here and the
+  abandoned call is left to die with the process.
+  """
+  outcome = {}
+  context_stack = tff.framework.get_context_stack()
+  context = context_stack.current  # TFF's context stack is thread-local.
+
+  def target():
+    try:
+      with context_stack.install(context):
+        outcome['value'] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome['error'] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  while True:
+    thread.join(poll_s)
+    if not thread.is_alive():
+      break
+    dead = [a for a in addresses if not is_serving(a)]
+    if dead and thread.is_alive():
+      raise WorkerError(f'TFF worker at {", ".join(dead)} stopped answering')
+  if 'error' in outcome:
+    raise outcome['error']
+  return outcome['value']
 
 
 def parse_addresses(spec: str) -> list[str]:

@@ -314,18 +314,18 @@ def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
     with tff.framework.get_context_stack().install(
         runtime.create_distributed_context(workers)
     ):
-      summary = _train(config, fed_data, progress)
+      summary = _train(config, fed_data, progress, workers)
   else:
     with runtime.local_runtime(
         log_path=os.path.join(config.run_dir, 'worker.log')
-    ):
-      summary = _train(config, fed_data, progress)
+    ) as worker:
+      summary = _train(config, fed_data, progress, [worker.address])
   summary['wall_seconds_this_invocation'] = time.time() - started
   _write_json(os.path.join(config.run_dir, 'summary.json'), summary)
   return summary
 
 
-def _train(config, fed_data, progress) -> dict:
+def _train(config, fed_data, progress, worker_addresses) -> dict:
   source = fed_data.source
 
   def model_fn():
@@ -361,7 +361,7 @@ def _train(config, fed_data, progress) -> dict:
   tensorboard_manager = tff.program.TensorBoardReleaseManager(
       os.path.join(run_dir, 'tensorboard')
   )
-  initial_state = process.initialize()
+  initial_state = runtime.call_watched(process.initialize, worker_addresses)
   state, last_round = asyncio.run(state_manager.load_latest(initial_state))
   if state is None:
     state, last_round = initial_state, 0
@@ -376,62 +376,71 @@ def _train(config, fed_data, progress) -> dict:
   history = _read_history(os.path.join(run_dir, 'metrics.csv'), last_round)
 
   rounds = range(last_round + 1, config.total_rounds + 1)
-  bar = _progress_bar(progress, last_round, config.total_rounds)
-  for round_num in rounds:
-    start = time.time()
-    clients, dropped = sample_clients(config, round_num)
-    datasets = [
-        client_work.client_data(
-            fed_data.client_train_dataset(
-                c, config.batch_size, config.local_epochs, config.seed,
-                round_num,
-            ),
-            config.keep_ratio_of(c),
-            client_id=c,
+  bar = tqdm.tqdm(
+      total=config.total_rounds, initial=last_round, desc='rounds',
+      unit='round', disable=not progress,
+  )
+  with bar:
+    for round_num in rounds:
+      start = time.time()
+      clients, dropped = sample_clients(config, round_num)
+      datasets = [
+          client_work.client_data(
+              fed_data.client_train_dataset(
+                  c, config.batch_size, config.local_epochs, config.seed,
+                  round_num,
+              ),
+              config.keep_ratio_of(c),
+              client_id=c,
+          )
+          for c in clients
+      ]
+      try:
+        output = runtime.call_watched(
+            lambda: process.next(state, datasets), worker_addresses
         )
-        for c in clients
-    ]
-    output = process.next(state, datasets)
-    state = output.state
-    weights = process.get_model_weights(state)
-    client_metrics = output.metrics['client_work']
-    upload = output.metrics['aggregator']
-    if round_num % config.eval_every == 0 or round_num == config.total_rounds:
-      test_accuracy, test_loss = evaluate(weights, fed_data.test_dataset())
-      flops_ratio = flops.dynamic_flops_ratio(
-          eval_model, fed_data.test_dataset()
+      except runtime.WorkerError as e:
+        raise runtime.WorkerError(
+            f'{e} during round {round_num}; rounds up to {round_num - 1} are'
+            ' checkpointed: rerun with live workers to resume'
+        ) from e
+      state = output.state
+      weights = process.get_model_weights(state)
+      client_metrics = output.metrics['client_work']
+      upload = output.metrics['aggregator']
+      if round_num % config.eval_every == 0 or round_num == config.total_rounds:
+        test_accuracy, test_loss = evaluate(weights, fed_data.test_dataset())
+        flops_ratio = flops.dynamic_flops_ratio(
+            eval_model, fed_data.test_dataset()
+        )
+      else:
+        test_accuracy = test_loss = flops_ratio = float('nan')
+      dense_bytes = len(clients) * weight_bytes
+      # SCAFFOLD's control variates travel too: c down, dc_k up (encoded).
+      control_bytes = len(clients) * control_size
+      metrics = collections.OrderedDict(
+          test_accuracy=test_accuracy,
+          test_loss=test_loss,
+          train_loss=float(client_metrics['train_loss']),
+          upload_bytes=int(upload['upload_bytes'])
+          + int(client_metrics.get('control_upload_bytes', 0)),
+          dense_upload_bytes=dense_bytes + control_bytes,
+          download_bytes=dense_bytes + control_bytes,
+          update_density=int(upload['kept_coordinates'])
+          / (len(clients) * int(upload['coordinates_per_client'])),
+          flops_ratio=flops_ratio,
+          round_seconds=time.time() - start,
+          clients_completed=len(clients),
+          clients_dropped=len(dropped),
       )
-    else:
-      test_accuracy = test_loss = flops_ratio = float('nan')
-    dense_bytes = len(clients) * weight_bytes
-    # SCAFFOLD's control variates travel too: c down, dc_k up (encoded).
-    control_bytes = len(clients) * control_size
-    metrics = collections.OrderedDict(
-        test_accuracy=test_accuracy,
-        test_loss=test_loss,
-        train_loss=float(client_metrics['train_loss']),
-        upload_bytes=int(upload['upload_bytes'])
-        + int(client_metrics.get('control_upload_bytes', 0)),
-        dense_upload_bytes=dense_bytes + control_bytes,
-        download_bytes=dense_bytes + control_bytes,
-        update_density=int(upload['kept_coordinates'])
-        / (len(clients) * int(upload['coordinates_per_client'])),
-        flops_ratio=flops_ratio,
-        round_seconds=time.time() - start,
-        clients_completed=len(clients),
-        clients_dropped=len(dropped),
-    )
-    asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))
-    asyncio.run(state_manager.save(state, round_num))
-    history.append(dict(metrics, round=round_num))
-    if bar is not None:
+      asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))
+      asyncio.run(state_manager.save(state, round_num))
+      history.append(dict(metrics, round=round_num))
       bar.set_postfix(
           acc=f'{test_accuracy:.3f}',
           up_MB=f'{sum(h["upload_bytes"] for h in history) / 1e6:.2f}',
       )
       bar.update(1)
-  if bar is not None:
-    bar.close()
 
   model_dir = os.path.join(run_dir, 'model')
   layers.assign_weights(eval_model, weights)
@@ -467,12 +476,6 @@ def _read_history(path: str, last_round: int) -> list[dict]:
           {'round': r, **{k: float(row[k]) for k in METRIC_COLUMNS if k in row}}
       )
   return history
-
-
-def _progress_bar(enabled, done, total):
-  if not enabled:
-    return None
-  return tqdm.tqdm(total=total, initial=done, desc='rounds', unit='round')
 
 
 def _summary(config, fed_data, history) -> dict:

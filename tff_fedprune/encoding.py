@@ -34,17 +34,6 @@ def gap_bits(size: int) -> int:
   return max(1, math.ceil(math.log2(max(size, 2))))
 
 
-def predicted_bytes(size: int, kept: int) -> dict[str, int]:
-  """Bytes of each form for a tensor of `size` with `kept` coordinates."""
-  sizes = {BITMAP: 4 * (math.ceil(size / _WORD_BITS) + kept)}
-  if kept == size:
-    sizes[DENSE] = 4 * size
-  bits = gap_bits(size)
-  if bits <= _MAX_GAP_BITS:
-    sizes[GAPS] = 4 * (math.ceil(kept * bits / _WORD_BITS) + kept)
-  return sizes
-
-
 class TensorCodec:
   """Encodes and decodes one tensor shape (as graph code for TFF)."""
 

@@ -35,10 +35,6 @@ class ChannelStructure:
     )
     self._shapes = tf.nest.map_structure(lambda v: v.shape, weights)
 
-  @property
-  def num_gated_layers(self) -> int:
-    return len(self._gated)
-
   def masks(self, channel_masks) -> tff.learning.models.ModelWeights:
     """Weight masks from one (C_out,) 0/1 float vector per gated layer."""
 

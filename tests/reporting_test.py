@@ -1,0 +1,93 @@
+"""Tests of the run report: its numbers equal those recomputed from CSV."""
+
+import csv
+import json
+import os
+
+from absl.testing import absltest
+import numpy as np
+
+from tff_fedprune import reporting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'results', 'fmnist_comparison')
+
+
+def committed_runs():
+  return sorted(os.path.join(RESULTS, d) for d in os.listdir(RESULTS)
+                if os.path.exists(os.path.join(RESULTS, d, 'config.json')))
+
+
+def write_run(directory, seed, accuracies, uploads, dynamic_pruning=True):
+  os.makedirs(directory)
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump({'seed': seed, 'algorithm': 'fedavg', 'dataset': 'digits',
+               'dynamic_pruning': dynamic_pruning, 'keep_ratio': 0.7}, f)
+  with open(os.path.join(directory, 'metrics.csv'), 'w') as f:
+    writer = csv.writer(f)
+    writer.writerow(['round', 'test_accuracy', 'upload_bytes',
+                     'dense_upload_bytes', 'flops_ratio', 'round_seconds',
+                     'update_density'])
+    for i, (a, u) in enumerate(zip(accuracies, uploads), 1):
+      writer.writerow([i, a, u, 1000, 0.5, 2.0, 0.6])
+
+
+class ReportingTest(absltest.TestCase):
+
+  def test_committed_runs_match_their_csv_files(self):
+    paths = committed_runs()
+    table = reporting.summarize([reporting.load_run(p) for p in paths])
+    self.assertLen(table, 4)
+    by_name = {os.path.basename(p): p for p in paths}
+    dense_upload = None
+    for name, path in by_name.items():
+      with open(os.path.join(path, 'metrics.csv')) as f:
+        rows = list(csv.DictReader(f))
+      upload = sum(int(r['upload_bytes']) for r in rows) / 1e6
+      if name == 'fmnist_fedavg_dense':
+        dense_upload = upload
+      final = float(rows[-1]['test_accuracy'])
+      matches = [r for r in table if abs(r['upload_mb'] - upload) < 1e-9]
+      self.assertLen(matches, 1, name)
+      self.assertAlmostEqual(matches[0]['final_accuracy'], final)
+      self.assertAlmostEqual(
+          matches[0]['best_accuracy'],
+          max(float(r['test_accuracy']) for r in rows))
+    for row in table:
+      self.assertAlmostEqual(row['upload_vs_dense'],
+                             row['upload_mb'] / dense_upload)
+    markdown = reporting.markdown_table(table)
+    self.assertIn('| fedavg gated keep 0.7 tau 0.5 | 1 | 72.35 ± 0.00', markdown)
+
+  def test_seeds_are_averaged_with_their_spread(self):
+    root = self.create_tempdir().full_path
+    write_run(os.path.join(root, 'a'), 0, [0.5, 0.7], [100, 100])
+    write_run(os.path.join(root, 'b'), 1, [0.6, 0.9], [100, 300])
+    write_run(os.path.join(root, 'd'), 0, [0.5, 0.8], [1000, 1000],
+              dynamic_pruning=False)
+    table = reporting.summarize([reporting.load_run(os.path.join(root, d))
+                                 for d in 'abd'])
+    gated = [r for r in table if r['config']['dynamic_pruning']][0]
+    self.assertEqual(gated['seeds'], [0, 1])
+    self.assertAlmostEqual(gated['final_accuracy'], 0.8)
+    self.assertAlmostEqual(gated['final_accuracy_std'], np.std([0.7, 0.9]))
+    self.assertAlmostEqual(gated['upload_mb'], 0.0003)
+    self.assertAlmostEqual(gated['upload_vs_dense'], 0.0003 / 0.002)
+
+  def test_plots_are_png_images(self):
+    out = self.create_tempdir().full_path
+    runs = [reporting.load_run(p) for p in committed_runs()]
+    paths = reporting.plot_runs(runs, out)
+    self.assertLen(paths, 4)
+    for path in paths:
+      with open(path, 'rb') as f:
+        self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
+      self.assertGreater(os.path.getsize(path), 10_000)
+
+  def test_not_a_run_directory(self):
+    with self.assertRaisesRegex(ValueError, 'not a run directory'):
+      reporting.load_run(self.create_tempdir().full_path)
+
+
+if __name__ == '__main__':
+  absltest.main()

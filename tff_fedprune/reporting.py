@@ -1,0 +1,173 @@
+"""Tables and plots from run directories (metrics.csv, config.json).
+
+Runs that differ only in `seed` (and output location) form one group; a
+group's figures are the mean and standard deviation over its seeds. Each
+gated group is compared with the dense group of the same algorithm, dataset,
+model and partition: its upload saving is total upload / the dense group's.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+_IGNORED_FOR_GROUPING = (
+    'seed', 'experiment_name', 'root_output_dir', 'total_rounds',
+    'eval_every', 'workers',
+)
+_PAIRING_FIELDS = ('algorithm', 'dataset', 'model', 'partition',
+                   'dirichlet_alpha', 'num_clients', 'clients_per_round')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run directory's configuration and per-round metrics."""
+
+  path: str
+  config: dict
+  rows: list
+
+  def column(self, name: str) -> np.ndarray:
+    return np.array([float(r[name]) for r in self.rows])
+
+  def figures(self) -> dict:
+    accuracy = self.column('test_accuracy')
+    evaluated = accuracy[~np.isnan(accuracy)]
+    flops = self.column('flops_ratio')
+    flops = flops[~np.isnan(flops)]
+    return {
+        'rounds': len(self.rows),
+        'final_accuracy': float(evaluated[-1]),
+        'best_accuracy': float(evaluated.max()),
+        'upload_mb': float(self.column('upload_bytes').sum() / 1e6),
+        'dense_upload_mb': float(
+            self.column('dense_upload_bytes').sum() / 1e6
+        ),
+        'flops_ratio': float(flops[-1]),
+        'wall_seconds': float(self.column('round_seconds').sum()),
+    }
+
+
+def load_run(path: str) -> Run:
+  """Reads a run directory; raises ValueError naming what is missing."""
+  try:
+    with open(os.path.join(path, 'config.json')) as f:
+      config = json.load(f)
+    with open(os.path.join(path, 'metrics.csv')) as f:
+      rows = list(csv.DictReader(f))
+  except OSError as e:
+    raise ValueError(f'{path} is not a run directory: {e}') from e
+  if not rows:
+    raise ValueError(f'{path} has no completed round')
+  return Run(path, config, rows)
+
+
+def _group_key(config: dict) -> tuple:
+  return tuple(sorted(
+      (k, v) for k, v in config.items() if k not in _IGNORED_FOR_GROUPING
+  ))
+
+
+def _label(config: dict) -> str:
+  label = config.get('algorithm', 'fedavg')
+  if config.get('dynamic_pruning'):
+    ratios = config.get('client_keep_ratios') or config.get('keep_ratio')
+    label += f' gated keep {ratios}'
+    if config.get('salience_threshold'):
+      label += f' tau {config["salience_threshold"]}'
+  else:
+    label += ' dense'
+  return label
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+  """One row per group: mean and std of each figure over seeds."""
+  groups = {}
+  for run in runs:
+    groups.setdefault(_group_key(run.config), []).append(run)
+  table = []
+  for members in groups.values():
+    figures = [r.figures() for r in members]
+    row = {'label': _label(members[0].config), 'config': members[0].config,
+           'seeds': sorted(r.config.get('seed') for r in members)}
+    for name in figures[0]:
+      values = np.array([f[name] for f in figures])
+      row[name] = float(values.mean())
+      row[f'{name}_std'] = float(values.std())
+    table.append(row)
+  for row in table:
+    dense = [
+        other for other in table
+        if not other['config'].get('dynamic_pruning')
+        and all(other['config'].get(k) == row['config'].get(k)
+                for k in _PAIRING_FIELDS)
+    ]
+    row['upload_vs_dense'] = (
+        row['upload_mb'] / dense[0]['upload_mb'] if dense else math.nan
+    )
+  return sorted(table, key=lambda r: r['label'])
+
+
+def markdown_table(table: list[dict]) -> str:
+  """The summary as a markdown table (mean ± std over seeds)."""
+  pm = lambda r, k, scale=1.0, fmt='.2f': (
+      f'{r[k] * scale:{fmt}} ± {r[k + "_std"] * scale:{fmt}}')
+  lines = [
+      '| run | seeds | final acc % | best acc % | upload MB | upload vs dense'
+      ' | FLOPs ratio | wall s |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- |',
+  ]
+  for r in table:
+    lines.append(
+        f"| {r['label']} | {len(r['seeds'])} | {pm(r, 'final_accuracy', 100)}"
+        f" | {pm(r, 'best_accuracy', 100)} | {pm(r, 'upload_mb')}"
+        f" | {r['upload_vs_dense']:.3f} | {pm(r, 'flops_ratio', fmt='.3f')}"
+        f" | {r['wall_seconds']:.0f} |"
+    )
+  return '\n'.join(lines) + '\n'
+
+
+def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
+  """Writes the comparison plots as PNG files; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(out_dir, exist_ok=True)
+  panels = [
+      ('accuracy_vs_round.png', 'Test accuracy vs round', 'round',
+       'test accuracy', lambda r: (r.column('round'),
+                                   r.column('test_accuracy'))),
+      ('accuracy_vs_upload.png', 'Test accuracy vs cumulative upload',
+       'cumulative upload (MB)', 'test accuracy',
+       lambda r: (np.cumsum(r.column('upload_bytes')) / 1e6,
+                  r.column('test_accuracy'))),
+      ('density_vs_round.png', 'Update density vs round', 'round',
+       'kept share of coordinates', lambda r: (r.column('round'),
+                                               r.column('update_density'))),
+      ('flops_vs_round.png', 'Inference FLOPs ratio vs round', 'round',
+       'dynamic / dense FLOPs', lambda r: (r.column('round'),
+                                           r.column('flops_ratio'))),
+  ]
+  paths = []
+  for name, title, xlabel, ylabel, series in panels:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+      x, y = series(run)
+      label = f"{_label(run.config)} (seed {run.config.get('seed')})"
+      ax.plot(x, y, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths

@@ -233,12 +233,12 @@ class ModelStateTest(absltest.TestCase):
     layers.set_keep_ratio(model, 1.0)
     x = tf.random.normal([3, 8, 8, 2])
     model(x, training=True)
-    for count, seen in layers.channel_counts(model):
-      self.assertEqual(seen.numpy(), 3)
+    for layer in layers.gated_layers(model):
+      self.assertEqual(layer.samples_seen.numpy(), 3)
     layers.reset_channel_counts(model)
-    for count, seen in layers.channel_counts(model):
-      self.assertEqual(seen.numpy(), 0)
-      self.assertEqual(count.numpy().sum(), 0)
+    for layer in layers.gated_layers(model):
+      self.assertEqual(layer.samples_seen.numpy(), 0)
+      self.assertEqual(layer.kept_count.numpy().sum(), 0)
 
 
 class SerializationTest(parameterized.TestCase):

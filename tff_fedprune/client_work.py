@@ -255,8 +255,10 @@ def build_client_work(
       )
     update = tf.nest.map_structure(tf.multiply, delta, mask)
     if algorithm == 'fednova':
-      a = tf.maximum(fednova_normalizer(steps, momentum), 1e-12)
-      update = tf.nest.map_structure(lambda u: u / a, update)
+      a_k = fednova_normalizer(steps, momentum)
+      update = tf.nest.map_structure(
+          lambda u: u / tf.maximum(a_k, 1e-12), update
+      )
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
     )
@@ -276,7 +278,7 @@ def build_client_work(
       metrics.update(outputs)
     result = collections.OrderedDict(update=update, mask=mask)
     if algorithm == 'fednova':
-      result['scale'] = fednova_normalizer(steps, momentum)
+      result['scale'] = a_k
     return tff.learning.templates.ClientResult(result, weight), metrics
 
   @tff.tensorflow.computation

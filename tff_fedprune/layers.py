@@ -59,8 +59,8 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
 
   Returns:
     (y, batch_mean, batch_var, kept_count): the block output, the masked
-    moments (for the moving statistics) and the number of kept samples per
-    channel. Only `y` carries a gradient.
+    mean and unbiased variance (for the moving statistics) and the number of
+    kept samples per channel. Only `y` carries a gradient.
   """
 
   @tf.custom_gradient
@@ -96,7 +96,8 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
       ]
       return dc, dpi, dgamma, dbeta
 
-    return (y, mean, var, kept), grad
+    unbiased = var * n / tf.maximum(n - 1.0, 1.0)
+    return (y, mean, unbiased, kept), grad
 
   y, mean, var, kept = forward(c, pi, gamma, beta)
   return (
@@ -219,10 +220,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       y, mean, var, kept = gated_batch_norm(
           c, pi, self.gamma, self.beta, self.epsilon, self.relu
       )
-      hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], tf.float32)
-      n = kept * hw
-      unbiased = var * n / tf.maximum(n - 1.0, 1.0)
-      self._update_moving(mean, unbiased, kept > 0)
+      self._update_moving(mean, var, kept > 0)
       self.kept_count.assign_add(kept)
       self.samples_seen.assign_add(tf.cast(tf.shape(x)[0], tf.float32))
       return y
@@ -332,13 +330,6 @@ def reset_channel_counts(model: tf.keras.Model) -> None:
   for layer in gated_layers(model):
     layer.kept_count.assign(tf.zeros_like(layer.kept_count))
     layer.samples_seen.assign(0.0)
-
-
-def channel_counts(
-    model: tf.keras.Model,
-) -> list[tuple[tf.Variable, tf.Variable]]:
-  """(kept_count, samples_seen) of every gated layer."""
-  return [(l.kept_count, l.samples_seen) for l in gated_layers(model)]
 
 
 def assign_weights(

@@ -18,7 +18,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 
-def _define_flags():
+def define_flags():
   from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
 
   defaults = training_loop.ExperimentConfig()
@@ -72,21 +72,33 @@ def _define_flags():
   return defaults
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)
+def config_from_flags():
+  """The `ExperimentConfig` given by the parsed flags."""
+  from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
+
+  return training_loop.ExperimentConfig(
+      **{f.name: flags.FLAGS[f.name].value
+         for f in dataclasses.fields(training_loop.ExperimentConfig)}
+  )
+
+
+def quiet_logs():
+  logging.set_verbosity(logging.ERROR)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel('ERROR')
+
+
+def run(config) -> int:
+  """Runs or resumes `config`; returns the process exit code.
+
+  Unusable configurations or data print one `error:` line (exit 2). A worker
+  that dies mid-round ends the process at once (exit 3).
+  """
   from tff_fedprune import data  # pylint: disable=g-import-not-at-top
   from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
   from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
 
-  config = training_loop.ExperimentConfig(
-      **{f.name: flags.FLAGS[f.name].value
-         for f in dataclasses.fields(training_loop.ExperimentConfig)}
-  )
   try:
     summary = training_loop.run_experiment(config)
   except (training_loop.ConfigError, data.DataSourceError,
@@ -108,6 +120,13 @@ def main(argv):
   return 0
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_logs()
+  return run(config_from_flags())
+
+
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

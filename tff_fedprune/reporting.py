@@ -31,17 +31,24 @@ class Run:
   rows: list
 
   def column(self, name: str) -> np.ndarray:
-    return np.array([float(r[name]) for r in self.rows])
+    """The metric `name` per round (NaN where the run did not record it)."""
+    return np.array([float(r.get(name) or 'nan') for r in self.rows])
 
   def figures(self) -> dict:
     accuracy = self.column('test_accuracy')
-    evaluated = accuracy[~np.isnan(accuracy)]
+    evaluated = ~np.isnan(accuracy)
     flops = self.column('flops_ratio')
     flops = flops[~np.isnan(flops)]
     return {
         'rounds': len(self.rows),
-        'final_accuracy': float(evaluated[-1]),
-        'best_accuracy': float(evaluated.max()),
+        'final_accuracy': float(accuracy[evaluated][-1]),
+        'best_accuracy': float(accuracy[evaluated].max()),
+        'personal_mean': float(
+            self.column('personal_accuracy_mean')[evaluated][-1]
+        ),
+        'personal_worst10': float(
+            self.column('personal_accuracy_worst10')[evaluated][-1]
+        ),
         'upload_mb': float(self.column('upload_bytes').sum() / 1e6),
         'dense_upload_mb': float(
             self.column('dense_upload_bytes').sum() / 1e6
@@ -116,14 +123,16 @@ def markdown_table(table: list[dict]) -> str:
   pm = lambda r, k, scale=1.0, fmt='.2f': (
       f'{r[k] * scale:{fmt}} ± {r[k + "_std"] * scale:{fmt}}')
   lines = [
-      '| run | seeds | final acc % | best acc % | upload MB | upload vs dense'
+      '| run | seeds | final acc % | best acc % | client acc % (mean)'
+      ' | client acc % (worst 10%) | upload MB | upload vs dense'
       ' | FLOPs ratio | wall s |',
-      '| --- | --- | --- | --- | --- | --- | --- | --- |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   for r in table:
     lines.append(
         f"| {r['label']} | {len(r['seeds'])} | {pm(r, 'final_accuracy', 100)}"
-        f" | {pm(r, 'best_accuracy', 100)} | {pm(r, 'upload_mb')}"
+        f" | {pm(r, 'best_accuracy', 100)} | {pm(r, 'personal_mean', 100)}"
+        f" | {pm(r, 'personal_worst10', 100)} | {pm(r, 'upload_mb')}"
         f" | {r['upload_vs_dense']:.3f} | {pm(r, 'flops_ratio', fmt='.3f')}"
         f" | {r['wall_seconds']:.0f} |"
     )

@@ -26,14 +26,18 @@ import tqdm
 import keras_models
 from tff_fedprune import client_work
 from tff_fedprune import data as data_lib
+from tff_fedprune import evaluation
 from tff_fedprune import flops
 from tff_fedprune import layers
 from tff_fedprune import learning_process
+from tff_fedprune import reporting
 from tff_fedprune import runtime
 
 METRIC_COLUMNS = (
     'test_accuracy',
     'test_loss',
+    'personal_accuracy_mean',
+    'personal_accuracy_worst10',
     'train_loss',
     'upload_bytes',
     'dense_upload_bytes',
@@ -248,36 +252,6 @@ def _num_bytes(arrays) -> int:
   return int(sum(np.asarray(a).nbytes for a in tf.nest.flatten(arrays)))
 
 
-class _Evaluator:
-  """Centralised evaluation of the global model on a test set."""
-
-  def __init__(self, model: tf.keras.Model):
-    self._model = model
-    self._loss = tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=tf.keras.losses.Reduction.SUM
-    )
-
-    @tf.function
-    def batch_stats(images, labels):
-      logits = self._model(images, training=False)
-      correct = tf.reduce_sum(
-          tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), labels), tf.float32)
-      )
-      return self._loss(labels, logits), correct
-
-    self._batch_stats = batch_stats
-
-  def __call__(self, weights, dataset) -> tuple[float, float]:
-    layers.assign_weights(self._model, weights)
-    loss = correct = count = 0.0
-    for images, labels in dataset:
-      batch_loss, batch_correct = self._batch_stats(images, labels)
-      loss += float(batch_loss)
-      correct += float(batch_correct)
-      count += int(labels.shape[0])
-    return correct / count, loss / count
-
-
 def load_data(config: ExperimentConfig) -> data_lib.FederatedData:
   source = data_lib.load_source(config.dataset, config.data_dir)
   return data_lib.federate(
@@ -367,7 +341,7 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
     state, last_round = initial_state, 0
 
   eval_model = model_fn()
-  evaluate = _Evaluator(eval_model)
+  evaluate = evaluation.Evaluator(eval_model)
   weights = process.get_model_weights(state)
   weight_bytes = _num_bytes(weights)
   control_size = (
@@ -409,18 +383,26 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
       client_metrics = output.metrics['client_work']
       upload = output.metrics['aggregator']
       if round_num % config.eval_every == 0 or round_num == config.total_rounds:
-        test_accuracy, test_loss = evaluate(weights, fed_data.test_dataset())
+        test_accuracy, test_loss, correct = evaluate(
+            weights, fed_data.test_dataset()
+        )
+        personal_mean, personal_worst = evaluation.personalised_accuracy(
+            correct, fed_data.client_test
+        )
         flops_ratio = flops.dynamic_flops_ratio(
             eval_model, fed_data.test_dataset()
         )
       else:
         test_accuracy = test_loss = flops_ratio = float('nan')
+        personal_mean = personal_worst = float('nan')
       dense_bytes = len(clients) * weight_bytes
       # SCAFFOLD's control variates travel too: c down, dc_k up (encoded).
       control_bytes = len(clients) * control_size
       metrics = collections.OrderedDict(
           test_accuracy=test_accuracy,
           test_loss=test_loss,
+          personal_accuracy_mean=personal_mean,
+          personal_accuracy_worst10=personal_worst,
           train_loss=float(client_metrics['train_loss']),
           upload_bytes=int(upload['upload_bytes'])
           + int(client_metrics.get('control_upload_bytes', 0)),
@@ -454,6 +436,9 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
           'mean': fed_data.mean,
           'std': fed_data.std,
       },
+  )
+  reporting.plot_runs(
+      [reporting.load_run(run_dir)], os.path.join(run_dir, 'plots')
   )
   return _summary(config, fed_data, history)
 

@@ -1,0 +1,105 @@
+"""Runs a comparison grid: algorithms x pruning on/off x seeds.
+
+  python -m experiments.grid --flagfile=experiments/configs/fmnist_grid.cfg \\
+      --algorithms=fedavg,fedprox,fednova,scaffold --pruning=on,off \\
+      --seeds=0,1
+
+The flagfile gives every other setting (the flags of experiments.cifar). Each
+cell is a run directory `<root_output_dir>/<experiment_name>/<algorithm>_
+<gated|dense>_seed<seed>/`. Finished cells are skipped and unfinished ones
+resume from their last checkpoint, so rerunning the same command after a
+crash or SIGKILL completes the grid with the results of an uninterrupted one.
+When every cell is done, `report.md` (the experiments.report table) and the
+comparison plots are written to the grid directory.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from experiments import cifar
+
+_ALGORITHMS = flags.DEFINE_list(
+    'algorithms', ['fedavg', 'fedprox', 'fednova', 'scaffold'],
+    'Algorithms of the grid.')
+_PRUNING = flags.DEFINE_list(
+    'pruning', ['on', 'off'],
+    'on (gated, --dynamic_pruning) and/or off (dense).')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the grid.')
+
+
+def cells(base) -> list:
+  """The grid's configurations, in the order they run."""
+  if not set(_PRUNING.value) <= {'on', 'off'}:
+    raise ValueError(f'--pruning takes on and/or off, got {_PRUNING.value}')
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError as e:
+    raise ValueError(f'--seeds takes integers, got {_SEEDS.value}') from e
+  grid_dir = base.run_dir
+  configs = []
+  for seed in seeds:
+    for algorithm in _ALGORITHMS.value:
+      for pruning in _PRUNING.value:
+        gated = pruning == 'on'
+        configs.append(dataclasses.replace(
+            base,
+            root_output_dir=grid_dir,
+            experiment_name=(
+                f'{algorithm}_{"gated" if gated else "dense"}_seed{seed}'),
+            algorithm=algorithm,
+            dynamic_pruning=gated,
+            seed=seed,
+        ))
+  return configs
+
+
+def is_finished(config) -> bool:
+  """Whether `config`'s run directory holds all its rounds for `config`."""
+  try:
+    with open(os.path.join(config.run_dir, 'summary.json')) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (summary['config'] == dataclasses.asdict(config)
+          and summary['rounds_completed'] >= config.total_rounds)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cifar.quiet_logs()
+  from tff_fedprune import reporting  # pylint: disable=g-import-not-at-top
+
+  base = cifar.config_from_flags()
+  try:
+    configs = cells(base)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  for i, config in enumerate(configs, 1):
+    name = f'[{i}/{len(configs)}] {config.experiment_name}'
+    if is_finished(config):
+      print(f'{name}: finished, skipped', flush=True)
+      continue
+    print(f'{name}: running', flush=True)
+    code = cifar.run(config)
+    if code:
+      return code
+  runs = [reporting.load_run(c.run_dir) for c in configs]
+  table = reporting.markdown_table(reporting.summarize(runs))
+  with open(os.path.join(base.run_dir, 'report.md'), 'w') as f:
+    f.write(table)
+  reporting.plot_runs(runs, os.path.join(base.run_dir, 'plots'))
+  print(table, end='')
+  print(f'report: {os.path.join(base.run_dir, "report.md")}')
+  return 0
+
+
+if __name__ == '__main__':
+  cifar.define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -18,7 +18,8 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 
-def define_flags():
+def define_flags(flag_values=flags.FLAGS):
+  """Defines one flag per `ExperimentConfig` field in `flag_values`."""
   from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
 
   defaults = training_loop.ExperimentConfig()
@@ -58,26 +59,21 @@ def define_flags():
       'eval_every': 'Evaluate the global model every N rounds (and the last).',
       'seed': 'Seed of partition, sampling, initial weights and shuffling.',
   }
+  define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+            float: flags.DEFINE_float}
   for field in dataclasses.fields(defaults):
-    default = getattr(defaults, field.name)
-    text = help_text[field.name]
-    if field.type in (bool, 'bool'):
-      flags.DEFINE_bool(field.name, default, text)
-    elif field.type in (int, 'int'):
-      flags.DEFINE_integer(field.name, default, text)
-    elif field.type in (float, 'float'):
-      flags.DEFINE_float(field.name, default, text)
-    else:
-      flags.DEFINE_string(field.name, default, text)
+    define_flag = define.get(field.type, flags.DEFINE_string)
+    define_flag(field.name, getattr(defaults, field.name),
+                help_text[field.name], flag_values=flag_values)
   return defaults
 
 
-def config_from_flags():
+def config_from_flags(flag_values=flags.FLAGS):
   """The `ExperimentConfig` given by the parsed flags."""
   from tff_fedprune import training_loop  # pylint: disable=g-import-not-at-top
 
   return training_loop.ExperimentConfig(
-      **{f.name: flags.FLAGS[f.name].value
+      **{f.name: flag_values[f.name].value
          for f in dataclasses.fields(training_loop.ExperimentConfig)}
   )
 

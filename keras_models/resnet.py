@@ -13,16 +13,28 @@ from tff_fedprune.layers import GatedConv2D
 STAGE_FILTERS = (16, 32, 64)
 
 
+@tf.keras.utils.register_keras_serializable(package='keras_models')
+class ZeroPadShortcut(tf.keras.layers.Layer):
+  """Option-A shortcut: subsample by `stride`, zero-pad channels to `filters`."""
+
+  def __init__(self, filters: int, stride: int, **kwargs):
+    super().__init__(**kwargs)
+    self.filters = int(filters)
+    self.stride = int(stride)
+
+  def call(self, x):
+    pad = self.filters - x.shape[-1]
+    x = x[:, ::self.stride, ::self.stride, :]
+    return tf.pad(x, [[0, 0], [0, 0], [0, 0], [pad // 2, pad - pad // 2]])
+
+  def get_config(self):
+    return dict(super().get_config(), filters=self.filters, stride=self.stride)
+
+
 def _shortcut(x, filters, stride, name):
   if stride == 1 and x.shape[-1] == filters:
     return x
-  pad = filters - x.shape[-1]
-
-  def subsample_and_pad(t):
-    t = t[:, ::stride, ::stride, :]
-    return tf.pad(t, [[0, 0], [0, 0], [0, 0], [pad // 2, pad - pad // 2]])
-
-  return tf.keras.layers.Lambda(subsample_and_pad, name=f'{name}_shortcut')(x)
+  return ZeroPadShortcut(filters, stride, name=f'{name}_shortcut')(x)
 
 
 def build_resnet(

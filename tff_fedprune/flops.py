@@ -34,6 +34,25 @@ def dense_flops(model: tf.keras.Model) -> float:
   return total
 
 
+def top_k_flops(model: tf.keras.Model, keep_ratio: float) -> float:
+  """FLOPs of one sample when every gated layer computes exactly its k channels.
+
+  This is what the TFLite export computes (`tflite_export`): k output channels
+  per gated layer whatever their saliency, k input channels where the input
+  comes from a gated layer, plus the gates. `dynamic_flops` instead counts a
+  kept channel of zero saliency as skipped.
+  """
+  total = dense_flops(model)
+  for layer in layers.gated_layers(model):
+    feeder = layers.feeding_gate(layer)
+    cin = layer.input_shape[-1]
+    kept_in = int(layers.num_kept(keep_ratio, cin)) if feeder else cin
+    kept_out = int(layers.num_kept(keep_ratio, layer.filters))
+    total += (_conv_flops(layer, kept_in, kept_out) + _gate_flops(layer)
+              - _conv_flops(layer, cin, layer.filters))
+  return total
+
+
 def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
   """Per-sample FLOPs of a (gated) Keras functional model over `dataset`.
 

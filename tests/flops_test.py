@@ -46,6 +46,14 @@ class FlopsTest(absltest.TestCase):
         flops.dynamic_flops_ratio(model, data),
         (conv + gates + 36) / flops.dense_flops(model))
 
+  def test_top_k_flops_count_k_channels_whatever_their_saliency(self):
+    model = two_block_model(gated=True, keep_ratio=0.5)
+    conv = (2 * 8 * 8 * 9 * 2 * 2) + (2 * 4 * 4 * 9 * 2 * 3)
+    gates = (8 * 8 * 2 + 2 * 2 * 4) + (4 * 4 * 4 + 2 * 4 * 6)
+    self.assertEqual(flops.top_k_flops(model, 0.5), conv + gates + 36)
+    full = flops.dense_flops(model) + gates
+    self.assertEqual(flops.top_k_flops(model, 1.0), full)
+
   def test_residual_inputs_are_full_width(self):
     model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
     feeders = {l.name: layers.feeding_gate(l)

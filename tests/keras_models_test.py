@@ -74,6 +74,15 @@ class ModelZooTest(parameterized.TestCase):
     vgg = keras_models.build_model('vgg11', (32, 32, 3), 10)
     self.assertEqual(vgg.count_params(), 9_759_178)
 
+  def test_resnet_loads_from_keras_file_in_safe_mode(self):
+    model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
+    path = self.create_tempfile(file_path='resnet.keras').full_path
+    model.save(path)
+    loaded = tf.keras.models.load_model(path, safe_mode=True)
+    x = tf.random.normal((2, 32, 32, 3))
+    np.testing.assert_array_equal(loaded(x, training=False),
+                                  model(x, training=False))
+
   def test_unknown_model_and_bad_depth(self):
     with self.assertRaisesRegex(ValueError, 'unknown model'):
       keras_models.build_model('alexnet', (32, 32, 3), 10)

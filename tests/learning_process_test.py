@@ -129,13 +129,15 @@ class LearningProcessTest(parameterized.TestCase):
                         for w in tf.nest.flatten(weights)))
     self.assertGreater(output.metrics['client_work']['train_loss'], 0)
 
-  def test_scaffold_control_variates_match_local_reference(self):
+  @parameterized.parameters(0.0, 0.9)
+  def test_scaffold_control_variates_match_local_reference(self, momentum):
     fn = model_fn(gated=True)
     weights = initial_weights(fn)
     lr, num_clients = 0.1, 3
     process = learning_process.build_learning_process(
-        fn, self.spec, client_learning_rate=lr, algorithm='scaffold',
-        num_clients=num_clients, initial_weights=weights)
+        fn, self.spec, client_learning_rate=lr, client_momentum=momentum,
+        algorithm='scaffold', num_clients=num_clients,
+        initial_weights=weights)
     datasets = client_datasets(num_clients=2)
     ids = (0, 2)
     output = process.next(process.initialize(), [
@@ -145,10 +147,13 @@ class LearningProcessTest(parameterized.TestCase):
     expected_rows = {}
     for d, i in zip(datasets, ids):
       train = client_work.build_local_training(
-          fn(), tff.learning.optimizers.build_sgdm(lr))
+          fn(), tff.learning.optimizers.build_sgdm(lr, momentum or None))
       delta, mask, _, _, steps = train(
           weights, d, tf.data.Dataset.from_tensors(np.float32(0.5)))
-      expected_rows[i] = [m.numpy() * d_.numpy() / (int(steps) * lr)
+      # Momentum steps j = 1..K move the weights by lr (1 - m^j) / (1 - m).
+      a_k = sum((1 - momentum**j) / (1 - momentum)
+                for j in range(1, int(steps) + 1))
+      expected_rows[i] = [m.numpy() * d_.numpy() / (a_k * lr)
                           for m, d_ in zip(mask.trainable, delta.trainable)]
     for j, table in enumerate(state['c_clients']):
       np.testing.assert_allclose(table[0], expected_rows[0][j], atol=1e-5)

@@ -234,8 +234,11 @@ def build_client_work(
           initial_weights, data['batches'], data['keep_ratio'], correction
       )
       # Option II of Karimireddy et al.: c_k+ = c_k - c + delta / (K lr),
-      # applied only where the salience mask kept the weight.
-      k_lr = tf.cast(tf.maximum(steps, 1), tf.float32) * learning_rate
+      # applied only where the salience mask kept the weight. With momentum
+      # m the K steps move the weights by lr * a_k mean gradients (a_k as in
+      # FedNova, K when m = 0); dividing by K would overstate the gradient
+      # up to 1 / (1 - m) times, and SCAFFOLD diverged that way at m = 0.9.
+      k_lr = fednova_normalizer(tf.maximum(steps, 1), momentum) * learning_rate
       control_delta = tuple(
           m * (d / k_lr - ci)
           for m, d, ci in zip(mask.trainable, delta.trainable, c)

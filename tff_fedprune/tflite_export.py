@@ -50,8 +50,13 @@ class _Compact:
   width: int
 
   def full(self) -> tf.Tensor:
-    one_hot = tf.one_hot(self.indices, self.width, dtype=self.values.dtype)
-    return tf.tensordot(self.values, one_hot, axes=[[-1], [0]])
+    shape = tf.shape(self.values)
+    # (width, k) one-hot: a FULLY_CONNECTED with runtime weights, no transpose.
+    scatter = tf.one_hot(self.indices, self.width, axis=0,
+                         dtype=self.values.dtype)
+    flat = tf.reshape(self.values, [-1, shape[-1]])
+    full = tf.matmul(flat, scatter, transpose_b=True)
+    return tf.reshape(full, tf.concat([shape[:-1], [self.width]], 0))
 
 
 def _full(x):
@@ -67,14 +72,21 @@ class _FoldedConv:
     )
     self.layer = layer
     self.kernel = (layer.kernel.numpy() * scale).astype(np.float32)
+    # TFLite's convolutions take OHWI filters: gathering output channels is
+    # then a gather of whole rows, and the final transpose to TF's HWIO
+    # cancels the converter's own transpose back to OHWI.
+    self.kernel_ohwi = np.ascontiguousarray(self.kernel.transpose(3, 0, 1, 2))
     self.bias = (layer.beta.numpy() - layer.moving_mean.numpy() * scale).astype(
         np.float32
     )
     if layer.gated:
-      self.gate_kernel = layer.gate_kernel.numpy()
+      gate_kernel = layer.gate_kernel.numpy()
+      self.gate_kernel = gate_kernel
+      # (C_out, C_in), as FULLY_CONNECTED takes its weights.
+      self.gate_kernel_t = np.ascontiguousarray(gate_kernel.T)
       self.gate_bias = layer.gate_bias.numpy()
       # Pruned inputs pool to 0 and score sigmoid(0) = 0.5.
-      self.gate_half = 0.5 * self.gate_kernel.sum(axis=0) + self.gate_bias
+      self.gate_half = 0.5 * gate_kernel.sum(axis=0) + self.gate_bias
 
   def activate(self, x):
     return tf.nn.relu(x) if self.layer.relu else x
@@ -87,17 +99,19 @@ class _FoldedConv:
     if isinstance(x, _Compact):
       pooled = tf.sigmoid(tf.reduce_mean(x.values, axis=[1, 2])) - 0.5
       pre = self.gate_half + tf.matmul(
-          pooled, tf.gather(self.gate_kernel, x.indices)
+          pooled, tf.gather(self.gate_kernel_t, x.indices, axis=1),
+          transpose_b=True,
       )
-      kernel = tf.gather(self.kernel, x.indices, axis=2)
       inputs = x.values
     else:
       pooled = tf.sigmoid(tf.reduce_mean(x, axis=[1, 2]))
       pre = tf.matmul(pooled, self.gate_kernel) + self.gate_bias
-      kernel = self.kernel
       inputs = x
     saliency, kept = tf.math.top_k(tf.nn.relu(pre)[0], k=k)
-    kernel = tf.gather(kernel, kept, axis=3)
+    kernel = tf.gather(self.kernel_ohwi, kept)
+    if isinstance(x, _Compact):
+      kernel = tf.gather(kernel, x.indices, axis=3)
+    kernel = tf.transpose(kernel, [1, 2, 3, 0])
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
     y = self.activate(y + tf.gather(self.bias, kept)) * saliency
     return _Compact(y, kept, self.layer.filters)

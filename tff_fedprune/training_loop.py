@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+import tensorflow_model_optimization as tfmot
 import tqdm
 
 import keras_models
@@ -482,6 +483,7 @@ def _summary(config, fed_data, history) -> dict:
           'python': platform.python_version(),
           'tensorflow': tf.__version__,
           'tensorflow_federated': tff.__version__,
+          'tensorflow_model_optimization': tfmot.__version__,
           'numpy': np.__version__,
       },
   }

@@ -279,12 +279,13 @@ def gated_layers(model: tf.keras.Model) -> list[GatedConv2D]:
   return found
 
 
-_CHANNEL_PRESERVING = (
+# Layers that act on each channel alone and keep zero channels zero.
+CHANNEL_PRESERVING = (
     tf.keras.layers.MaxPool2D,
     tf.keras.layers.AveragePooling2D,
+    tf.keras.layers.GlobalAveragePooling2D,
     tf.keras.layers.ReLU,
     tf.keras.layers.Dropout,
-    tf.keras.layers.Activation,
 )
 
 
@@ -303,7 +304,7 @@ def feeding_gate(layer: tf.keras.layers.Layer):
     source = inbound
     if isinstance(source, GatedConv2D):
       return source if source.gated else None
-    if not isinstance(source, _CHANNEL_PRESERVING):
+    if not isinstance(source, CHANNEL_PRESERVING):
       return None
 
 

@@ -140,7 +140,11 @@ def markdown_table(table: list[dict]) -> str:
 
 
 def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
-  """Writes the comparison plots as PNG files; returns their paths."""
+  """Writes the comparison plots as PNG files; returns their paths.
+
+  One colour per algorithm; gated runs solid, dense runs dashed. Rounds
+  without a value (not evaluated, or dense FLOPs) are left out of a line.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -162,18 +166,26 @@ def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
        'dynamic / dense FLOPs', lambda r: (r.column('round'),
                                            r.column('flops_ratio'))),
   ]
+  algorithms = sorted({r.config.get('algorithm', 'fedavg') for r in runs})
+  colors = plt.get_cmap('tab10')
   paths = []
   for name, title, xlabel, ylabel, series in panels:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
       x, y = series(run)
+      evaluated = ~np.isnan(y)
       label = f"{_label(run.config)} (seed {run.config.get('seed')})"
-      ax.plot(x, y, label=label)
+      ax.plot(
+          x[evaluated], y[evaluated], label=label,
+          color=colors(algorithms.index(
+              run.config.get('algorithm', 'fedavg')) % 10),
+          linestyle='-' if run.config.get('dynamic_pruning') else '--',
+      )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2 if len(runs) > 8 else 1)
     fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=100)

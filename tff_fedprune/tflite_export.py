@@ -32,13 +32,6 @@ from tff_fedprune import layers
 
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
-_CHANNEL_PRESERVING = (
-    tf.keras.layers.MaxPool2D,
-    tf.keras.layers.AveragePooling2D,
-    tf.keras.layers.GlobalAveragePooling2D,
-    tf.keras.layers.ReLU,
-    tf.keras.layers.Dropout,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +159,7 @@ def inference_function(
         y = folded[layer.name].gated(inputs[0], kept[layer.name])
       elif layer.name in folded:
         y = folded[layer.name].dense(inputs[0])
-      elif isinstance(layer, _CHANNEL_PRESERVING) and isinstance(
+      elif isinstance(layer, layers.CHANNEL_PRESERVING) and isinstance(
           inputs[0], _Compact
       ):
         x = inputs[0]

@@ -19,13 +19,15 @@ def model_fn(gated=False):
 
 
 def client_datasets(num_clients=3, n=12, seed=0, poison=None):
+  """`num_clients` datasets of `n` examples each (or `n[k]` for client k)."""
   rng = np.random.default_rng(seed)
+  sizes = n if isinstance(n, list) else [n] * num_clients
   out = []
-  for k in range(num_clients):
-    x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+  for k, size in enumerate(sizes):
+    x = rng.normal(size=(size, 8, 8, 1)).astype(np.float32)
     if k == poison:
       x[0, 0, 0, 0] = np.nan
-    y = rng.integers(0, 10, n).astype(np.int32)
+    y = rng.integers(0, 10, size).astype(np.int32)
     out.append(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
   return out
 
@@ -128,6 +130,27 @@ class LearningProcessTest(parameterized.TestCase):
     self.assertTrue(all(np.all(np.isfinite(w))
                         for w in tf.nest.flatten(weights)))
     self.assertGreater(output.metrics['client_work']['train_loss'], 0)
+
+  def test_fednova_averages_moving_statistics_as_fedavg_does(self):
+    # Clients train alike under both (no proximal term); FedNova rescales
+    # the trainable update only, so the statistics are the same mean.
+    fn = model_fn(gated=True)
+    weights = initial_weights(fn)
+    datasets = client_datasets(n=[4, 12, 20])
+    results = {}
+    for algorithm in ('fedavg', 'fednova'):
+      process = learning_process.build_learning_process(
+          fn, self.spec, client_learning_rate=0.05, client_momentum=0.9,
+          algorithm=algorithm, initial_weights=weights)
+      output = process.next(process.initialize(), [
+          client_work.client_data(d, 0.5) for d in datasets])
+      results[algorithm] = process.get_model_weights(output.state)
+    for a, b in zip(results['fedavg'].non_trainable,
+                    results['fednova'].non_trainable):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    self.assertFalse(all(
+        np.allclose(a, b) for a, b in zip(results['fedavg'].trainable,
+                                          results['fednova'].trainable)))
 
   @parameterized.parameters(0.0, 0.9)
   def test_scaffold_control_variates_match_local_reference(self, momentum):

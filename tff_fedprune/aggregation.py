@@ -6,8 +6,10 @@ Per coordinate i over the round's clients k with weights n_k and masks M_k:
 
 A plain weighted mean would shrink each coordinate by the share of clients
 that did not send it. When the value carries a per-client `scale` (FedNova's
-effective step count a_k), the mean is multiplied by its weighted mean
-sum_k p_k a_k, FedNova's server rescaling. Clients encode their update with `encoding.TensorCodec`
+effective step count a_k), the mean of the trainable part is multiplied by its
+weighted mean sum_k p_k a_k, FedNova's server rescaling; moving statistics
+(the non-trainable part of `ModelWeights`) are not step-normalised and keep
+their plain mean. Clients encode their update with `encoding.TensorCodec`
 (the mask travels with it); the server decodes inside `federated_aggregate`,
 so the measured upload is what crossed the wire. A client whose weight is 0
 (a non-finite update, zeroed by the client work) contributes nothing.
@@ -36,6 +38,13 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
     codec_list = [encoding.TensorCodec(s.shape) for s in spec_list]
     total = sum(c.size for c in codec_list)
     scaled = 'scale' in tff.structure.name_list(value_type)
+    if isinstance(specs, tff.learning.models.ModelWeights):
+      rescaled = tf.nest.flatten(tff.learning.models.ModelWeights(
+          tf.nest.map_structure(lambda _: scaled, specs.trainable),
+          tf.nest.map_structure(lambda _: False, specs.non_trainable),
+      ))
+    else:
+      rescaled = [scaled] * len(spec_list)
 
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
@@ -106,9 +115,10 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
       return tf.nest.pack_sequence_as(
           specs,
           [
-              scale * tf.math.divide_no_nan(n, d)
-              for n, d in zip(
-                  accumulator['numerator'], accumulator['denominator']
+              (scale if r else 1.0) * tf.math.divide_no_nan(n, d)
+              for n, d, r in zip(
+                  accumulator['numerator'], accumulator['denominator'],
+                  rescaled,
               )
           ],
       )

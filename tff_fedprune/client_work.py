@@ -173,9 +173,10 @@ def build_client_work(
     momentum: client SGD momentum (0 for plain SGD).
     weight_decay: L2 coefficient added to the gradient of each trainable
       weight, as PyTorch's SGD `weight_decay`.
-    algorithm: 'fedavg', 'fedprox', 'fednova' (the update is divided by the
-      client's effective number of steps a_k, which travels as `scale` for
-      the server to multiply the mean by sum_k p_k a_k) or 'scaffold'.
+    algorithm: 'fedavg', 'fedprox', 'fednova' (the trainable update is
+      divided by the client's effective number of steps a_k, which travels as
+      `scale` for the server to multiply the mean by sum_k p_k a_k) or
+      'scaffold'.
     prox_mu: FedProx proximal coefficient (local loss + mu/2 ||w - w_0||^2).
     salience_threshold: a channel is salient iff kept_count / samples > this.
     num_clients: size of the federation, for SCAFFOLD's per-client control
@@ -258,9 +259,15 @@ def build_client_work(
       )
     update = tf.nest.map_structure(tf.multiply, delta, mask)
     if algorithm == 'fednova':
+      # Only the gradient steps are normalised: scaling the change of the
+      # moving statistics by tau_eff / a_k extrapolates them (variances went
+      # negative and evaluation NaN in the Fashion-MNIST grid).
       a_k = fednova_normalizer(steps, momentum)
-      update = tf.nest.map_structure(
-          lambda u: u / tf.maximum(a_k, 1e-12), update
+      update = tff.learning.models.ModelWeights(
+          tf.nest.map_structure(
+              lambda u: u / tf.maximum(a_k, 1e-12), update.trainable
+          ),
+          update.non_trainable,
       )
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]

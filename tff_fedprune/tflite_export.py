@@ -101,12 +101,16 @@ class _FoldedConv:
       pre = tf.matmul(pooled, self.gate_kernel) + self.gate_bias
       inputs = x
     saliency, kept = tf.math.top_k(tf.nn.relu(pre)[0], k=k)
-    kernel = tf.gather(self.kernel_ohwi, kept)
+    # relu(z) * s = relu(z * s) for s >= 0: the saliency scales the k
+    # gathered kernel rows and biases, not the (larger) output.
+    kernel = tf.gather(self.kernel_ohwi, kept) * tf.reshape(
+        saliency, [k, 1, 1, 1]
+    )
     if isinstance(x, _Compact):
       kernel = tf.gather(kernel, x.indices, axis=3)
     kernel = tf.transpose(kernel, [1, 2, 3, 0])
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
-    y = self.activate(y + tf.gather(self.bias, kept)) * saliency
+    y = self.activate(y + tf.gather(self.bias, kept) * saliency)
     return _Compact(y, kept, self.layer.filters)
 
 

@@ -11,11 +11,17 @@ from tff_fedprune import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'results', 'fmnist_comparison')
+GRID = os.path.join(ROOT, 'results', 'fmnist_grid')
 
 
-def committed_runs():
-  return sorted(os.path.join(RESULTS, d) for d in os.listdir(RESULTS)
-                if os.path.exists(os.path.join(RESULTS, d, 'config.json')))
+def committed_runs(directory=RESULTS):
+  return sorted(os.path.join(directory, d) for d in os.listdir(directory)
+                if os.path.exists(os.path.join(directory, d, 'config.json')))
+
+
+def read_rows(run_dir):
+  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+    return list(csv.DictReader(f))
 
 
 def write_run(directory, seed, accuracies, uploads, dynamic_pruning=True):
@@ -41,8 +47,7 @@ class ReportingTest(absltest.TestCase):
     by_name = {os.path.basename(p): p for p in paths}
     dense_upload = None
     for name, path in by_name.items():
-      with open(os.path.join(path, 'metrics.csv')) as f:
-        rows = list(csv.DictReader(f))
+      rows = read_rows(path)
       upload = sum(int(r['upload_bytes']) for r in rows) / 1e6
       if name == 'fmnist_fedavg_dense':
         dense_upload = upload
@@ -58,6 +63,35 @@ class ReportingTest(absltest.TestCase):
                              row['upload_mb'] / dense_upload)
     markdown = reporting.markdown_table(table)
     self.assertIn('| fedavg gated keep 0.7 tau 0.5 | 1 | 72.35 ± 0.00', markdown)
+
+  def test_committed_grid_report_is_recomputed_from_its_csv_files(self):
+    paths = committed_runs(GRID)
+    self.assertLen(paths, 16)
+    table = reporting.summarize([reporting.load_run(p) for p in paths])
+    with open(os.path.join(GRID, 'report.md')) as f:
+      report = f.read()
+    self.assertEqual(report, reporting.markdown_table(table))
+    with open(os.path.join(ROOT, 'README.md')) as f:
+      self.assertIn(report, f.read())
+    cells = {}
+    for path in paths:
+      name, _ = os.path.basename(path).rsplit('_seed', 1)
+      cells.setdefault(name, []).append(read_rows(path))
+    self.assertLen(cells, 8)
+    rows_by_label = {
+        r['label'].split(' keep')[0].replace(' ', '_'): r for r in table
+    }
+    for name, runs in cells.items():
+      row = rows_by_label[name]
+      self.assertLen(runs, 2)
+      self.assertAlmostEqual(row['final_accuracy'], np.mean(
+          [float(rows[-1]['test_accuracy']) for rows in runs]))
+      self.assertAlmostEqual(row['upload_mb'], np.mean(
+          [sum(int(r['upload_bytes']) for r in rows) / 1e6 for rows in runs]))
+      dense_name = name.split('_')[0] + '_dense'
+      self.assertAlmostEqual(
+          row['upload_vs_dense'],
+          row['upload_mb'] / rows_by_label[dense_name]['upload_mb'])
 
   def test_seeds_are_averaged_with_their_spread(self):
     root = self.create_tempdir().full_path

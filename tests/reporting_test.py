@@ -78,11 +78,13 @@ class ReportingTest(absltest.TestCase):
       name, _ = os.path.basename(path).rsplit('_seed', 1)
       cells.setdefault(name, []).append(read_rows(path))
     self.assertLen(cells, 8)
-    rows_by_label = {
-        r['label'].split(' keep')[0].replace(' ', '_'): r for r in table
+    rows_by_cell = {
+        r['config']['algorithm']
+        + ('_gated' if r['config']['dynamic_pruning'] else '_dense'): r
+        for r in table
     }
     for name, runs in cells.items():
-      row = rows_by_label[name]
+      row = rows_by_cell[name]
       self.assertLen(runs, 2)
       self.assertAlmostEqual(row['final_accuracy'], np.mean(
           [float(rows[-1]['test_accuracy']) for rows in runs]))
@@ -91,7 +93,7 @@ class ReportingTest(absltest.TestCase):
       dense_name = name.split('_')[0] + '_dense'
       self.assertAlmostEqual(
           row['upload_vs_dense'],
-          row['upload_mb'] / rows_by_label[dense_name]['upload_mb'])
+          row['upload_mb'] / rows_by_cell[dense_name]['upload_mb'])
 
   def test_seeds_are_averaged_with_their_spread(self):
     root = self.create_tempdir().full_path

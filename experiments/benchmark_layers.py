@@ -23,7 +23,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
-from tff_fedprune import flops  # pylint: disable=g-import-not-at-top
+from tff_fedprune.simulation import flops  # pylint: disable=g-import-not-at-top
 
 _STEPS = flags.DEFINE_integer('steps', 30, 'Timed training steps per model.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Training batch size.')

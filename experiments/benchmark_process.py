@@ -22,7 +22,7 @@ import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 import keras_models  # pylint: disable=g-import-not-at-top
 from tff_fedprune import client_work  # pylint: disable=g-import-not-at-top
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
-from tff_fedprune import layers  # pylint: disable=g-import-not-at-top
+from tff_fedprune import model_state  # pylint: disable=g-import-not-at-top
 from tff_fedprune import learning_process  # pylint: disable=g-import-not-at-top
 from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
 
@@ -40,7 +40,7 @@ def main(argv):
       'cnn', source.image_shape, source.num_classes)
   tf.keras.utils.set_random_seed(0)
   weights = tf.nest.map_structure(lambda v: v.numpy(),
-                                  layers.global_weights(model_fn()))
+                                  model_state.global_weights(model_fn()))
   datasets = [fed.client_train_dataset(c, _BATCH.value)
               for c in range(fed.num_clients)]
   with runtime.local_runtime():

@@ -25,8 +25,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
-from tff_fedprune import flops  # pylint: disable=g-import-not-at-top
-from tff_fedprune import tflite_export  # pylint: disable=g-import-not-at-top
+from tff_fedprune.simulation import flops  # pylint: disable=g-import-not-at-top
+from tff_fedprune.export import tflite  # pylint: disable=g-import-not-at-top
 
 _MODELS = flags.DEFINE_list('models', ['resnet32', 'cnn'], 'Models to time.')
 _KEEP_RATIOS = flags.DEFINE_list('keep_ratios', ['0.5', '0.7', '1.0'],
@@ -39,9 +39,9 @@ _SHAPES = {'resnet32': (32, 32, 3), 'resnet20': (32, 32, 3),
 
 
 def median_ms(model_content, image, threads, xnnpack):
-  runner = tflite_export.interpreter(
+  runner = tflite.interpreter(
       model_content, num_threads=threads, xnnpack=xnnpack
-  ).get_signature_runner(tflite_export.SIGNATURE)
+  ).get_signature_runner(tflite.SIGNATURE)
   for _ in range(_WARMUP.value):
     runner(images=image)
   times = []
@@ -76,7 +76,7 @@ def main(argv):
     ]
     dense_ms = None
     for label, rho in variants:
-      content = tflite_export.convert(tflite_export.inference_function(
+      content = tflite.convert(tflite.inference_function(
           gated, mean, std, keep_ratio=rho, dense=rho is None))
       mflops = (flops.dense_flops(gated) if rho is None
                 else flops.top_k_flops(gated, rho))

@@ -32,8 +32,9 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top,unused-import
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
-from tff_fedprune import layers  # pylint: disable=g-import-not-at-top
-from tff_fedprune import tflite_export  # pylint: disable=g-import-not-at-top
+from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
+from tff_fedprune import model_state  # pylint: disable=g-import-not-at-top
+from tff_fedprune.export import tflite  # pylint: disable=g-import-not-at-top
 
 _MODEL_DIR = flags.DEFINE_string(
     'model_dir', None, 'A run\'s model/ directory (model.keras and'
@@ -84,7 +85,7 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
   if keep_ratio is not None:
     if not 0 < keep_ratio <= 1:
       raise ExportError(f'--keep_ratio must be in (0, 1], got {keep_ratio}')
-    layers.set_keep_ratio(model, keep_ratio)
+    model_state.set_keep_ratio(model, keep_ratio)
   mean = np.asarray(preprocessing['mean'], np.float32)
   std = np.asarray(preprocessing['std'], np.float32)
   try:
@@ -100,22 +101,22 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
   lines = []
   contents = []
   for dense in (False, True):
-    content = tflite_export.convert(
-        tflite_export.inference_function(model, mean, std, dense=dense),
+    content = tflite.convert(
+        tflite.inference_function(model, mean, std, dense=dense),
         quantize)
-    flex = sorted(n for n in tflite_export.op_names(content)
+    flex = sorted(n for n in tflite.op_names(content)
                   if n.startswith('Flex') or n == 'CUSTOM')
     if flex:
       raise ExportError(f'non-builtin ops in the export: {flex}')
     contents.append(content)
-  if not layers.gated_layers(model):
+  if not gated_conv.gated_layers(model):
     return contents[0], contents[1], ['the model has no gated layers']
   ratios = sorted({round(float(l.keep_ratio.numpy()), 4)
-                   for l in layers.gated_layers(model)})
+                   for l in gated_conv.gated_layers(model)})
   lines.append(f'gated export: keep ratio {ratios}, {len(contents[0])} bytes;'
                f' dense export: {len(contents[1])} bytes')
-  on_random = tflite_export.compare(model, contents[0], random, mean, std)
-  on_real = tflite_export.compare(model, contents[0], real, mean, std, labels)
+  on_random = tflite.compare(model, contents[0], random, mean, std)
+  on_real = tflite.compare(model, contents[0], real, mean, std, labels)
   lines.append(
       f'random inputs ({on_random["images"]}): max |logit diff|'
       f' {on_random["max_abs_diff"]:.2e}, top-1 agreement'
@@ -153,7 +154,7 @@ def main(argv):
     return 1
   for path, content in ((_OUTPUT.value, gated), (dense_output, dense)):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tflite_export.write(path, content)
+    tflite.write(path, content)
   for line in lines:
     print(line)
   print(f'wrote {_OUTPUT.value} and {dense_output}')

@@ -65,7 +65,10 @@ def is_finished(config) -> bool:
       summary = json.load(f)
   except (OSError, ValueError):
     return False
-  return (summary['config'] == dataclasses.asdict(config)
+  from tff_fedprune.simulation import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  return (config_lib.with_defaults(summary['config'])
+          == dataclasses.asdict(config)
           and summary['rounds_completed'] >= config.total_rounds)
 
 
@@ -73,7 +76,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cifar.quiet_logs()
-  from tff_fedprune import reporting  # pylint: disable=g-import-not-at-top
+  from tff_fedprune.simulation import reporting  # pylint: disable=g-import-not-at-top
 
   base = cifar.config_from_flags()
   try:
@@ -102,4 +105,5 @@ def main(argv):
 
 if __name__ == '__main__':
   cifar.define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)),
+          flags_parser=cifar.parse_flags_or_exit)

@@ -12,7 +12,7 @@ import sys
 from absl import app
 from absl import flags
 
-from tff_fedprune import reporting
+from tff_fedprune.simulation import reporting
 
 _PLOTS_DIR = flags.DEFINE_string('plots_dir', 'plots',
                                  'Where the comparison plots are written.')

@@ -1,4 +1,8 @@
-"""Model zoo: architectures only, each with a dense and a gated variant."""
+"""Model zoo: architectures only, each with a dense and a gated variant.
+
+`BUILDERS` maps each name to `(input_shape=, num_classes=, gated=,
+keep_ratio=) -> tf.keras.Model`; the gated layer is `tff_fedprune.gated_conv`.
+"""
 
 import functools
 
@@ -6,20 +10,20 @@ from keras_models.cnn import build_cnn
 from keras_models.resnet import build_resnet
 from keras_models.vgg import build_vgg11
 
-_BUILDERS = {
+BUILDERS = {
     'cnn': build_cnn,
     'resnet20': functools.partial(build_resnet, 20),
     'resnet32': functools.partial(build_resnet, 32),
     'resnet56': functools.partial(build_resnet, 56),
     'vgg11': build_vgg11,
 }
-MODELS = tuple(_BUILDERS)
+MODELS = tuple(BUILDERS)
 
 
 def build_model(name: str, input_shape, num_classes: int, **kwargs):
   """Builds the architecture `name` (one of `MODELS`); kwargs: gated, keep_ratio."""
-  if name not in _BUILDERS:
+  if name not in BUILDERS:
     raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
-  return _BUILDERS[name](
+  return BUILDERS[name](
       input_shape=input_shape, num_classes=num_classes, **kwargs
   )

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tff_fedprune.layers import GatedConv2D
+from tff_fedprune.gated_conv import GatedConv2D
 
 CNN_FILTERS = (16, 32, 64)
 

@@ -8,7 +8,7 @@ its own: the ReLU follows the residual addition.
 
 import tensorflow as tf
 
-from tff_fedprune.layers import GatedConv2D
+from tff_fedprune.gated_conv import GatedConv2D
 
 STAGE_FILTERS = (16, 32, 64)
 

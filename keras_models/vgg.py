@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tff_fedprune.layers import GatedConv2D
+from tff_fedprune.gated_conv import GatedConv2D
 
 VGG11 = (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M')
 

@@ -8,7 +8,8 @@ import tensorflow_federated as tff
 
 import keras_models
 from tff_fedprune import client_work
-from tff_fedprune import layers
+from tff_fedprune import gated_conv
+from tff_fedprune import model_state
 
 
 def batches(n=8, batch=4, seed=0):
@@ -28,7 +29,7 @@ class LocalTrainingTest(parameterized.TestCase):
     tf.keras.utils.set_random_seed(0)
     model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True)
     initial = tf.nest.map_structure(lambda v: v.numpy(),
-                                    layers.global_weights(model))
+                                    model_state.global_weights(model))
     optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
     train = client_work.build_local_training(
         model, optimizer, salience_threshold=threshold, **kwargs)
@@ -54,11 +55,11 @@ class LocalTrainingTest(parameterized.TestCase):
 
   def test_mask_is_channel_structured(self):
     model, _, mask, _ = self.train(weight_decay=5e-3)
-    gated = layers.gated_layers(model)
-    weights = layers.global_weights(model)
+    gated = gated_conv.gated_layers(model)
+    weights = model_state.global_weights(model)
     masks = {v.name: m.numpy() for v, m in zip(
         tf.nest.flatten(weights), tf.nest.flatten(mask))}
-    out1 = layers.gated_layers(model)[0].kept_count.numpy() > 0
+    out1 = gated_conv.gated_layers(model)[0].kept_count.numpy() > 0
     out2 = gated[1].kept_count.numpy() > 0
     np.testing.assert_array_equal(masks['block1/gamma:0'], out1)
     np.testing.assert_array_equal(
@@ -74,7 +75,7 @@ class LocalTrainingTest(parameterized.TestCase):
 
   def test_keep_ratio_comes_from_the_client(self):
     model, _, _, _ = self.train(ratio=0.5)
-    first = layers.gated_layers(model)[0]
+    first = gated_conv.gated_layers(model)[0]
     self.assertEqual(first.keep_ratio.numpy(), 0.5)
     self.assertLessEqual(first.kept_count.numpy().max(), 8)
     self.assertLessEqual(first.kept_count.numpy().sum(), 8 * 8)
@@ -83,7 +84,7 @@ class LocalTrainingTest(parameterized.TestCase):
     tf.keras.utils.set_random_seed(0)
     model = keras_models.build_model('cnn', (8, 8, 1), 10)
     initial = tf.nest.map_structure(lambda v: v.numpy(),
-                                    layers.global_weights(model))
+                                    model_state.global_weights(model))
     train = client_work.build_local_training(
         model, tff.learning.optimizers.build_sgdm(0.1), weight_decay=1e-3)
     _, mask, *_ = train(initial, batches(), keep(0.3))

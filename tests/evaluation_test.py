@@ -5,8 +5,8 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
-from tff_fedprune import evaluation
-from tff_fedprune import layers
+from tff_fedprune.simulation import evaluation
+from tff_fedprune import model_state
 
 
 class PersonalisedAccuracyTest(absltest.TestCase):
@@ -39,7 +39,7 @@ class EvaluatorTest(absltest.TestCase):
     labels = np.random.default_rng(1).integers(0, 10, 70).astype(np.int32)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
     accuracy, loss, correct = evaluation.Evaluator(model)(
-        layers.global_weights(model), dataset)
+        model_state.global_weights(model), dataset)
     logits = model(images, training=False).numpy()
     expected = logits.argmax(-1) == labels
     np.testing.assert_array_equal(correct, expected)

@@ -8,7 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from experiments import cifar
-from tff_fedprune import training_loop
+from tff_fedprune.simulation import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(
@@ -34,11 +34,11 @@ class ConfigsTest(parameterized.TestCase):
 
   @parameterized.parameters(*CONFIGS)
   def test_flagfile_is_a_valid_configuration(self, path):
-    training_loop.validate(parse(path))
+    loop.validate(parse(path))
 
   def test_paper_cells_set_their_algorithm_and_pruning(self):
     for model in ('resnet32', 'vgg11'):
-      for algorithm in training_loop.client_work.ALGORITHMS:
+      for algorithm in loop.client_work.ALGORITHMS:
         for mode in ('dense', 'gated'):
           config = parse(os.path.join(
               ROOT, 'experiments', 'configs', f'cifar10_{model}',

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 import keras_models
 from tff_fedprune import data
-from tff_fedprune import layers
-from tff_fedprune import tflite_export
+from tff_fedprune import model_state
+from tff_fedprune.export import tflite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,10 +46,10 @@ class ExportCliTest(absltest.TestCase):
     dense_output = output.replace('m.tflite', 'm_dense.tflite')
     images = source.test.images[:20].astype(np.float32)
     with open(output, 'rb') as f:
-      gated = tflite_export.run(f.read(), images)
+      gated = tflite.run(f.read(), images)
     with open(dense_output, 'rb') as f:
-      self.assertNotIn('TOPK_V2', tflite_export.op_names(f.read()))
-    layers.set_keep_ratio(model, 0.5)
+      self.assertNotIn('TOPK_V2', tflite.op_names(f.read()))
+    model_state.set_keep_ratio(model, 0.5)
     expected = model((images - 7.0) / 6.0, training=False).numpy()
     np.testing.assert_allclose(gated, expected, atol=1e-4)
 

@@ -5,20 +5,20 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
-from tff_fedprune import flops
-from tff_fedprune import layers
+from tff_fedprune.simulation import flops
+from tff_fedprune import gated_conv
 
 
 def two_block_model(gated, keep_ratio=0.5):
   inputs = tf.keras.Input((8, 8, 2))
-  x = layers.GatedConv2D(4, gated=gated, keep_ratio=keep_ratio, name='a')(
+  x = gated_conv.GatedConv2D(4, gated=gated, keep_ratio=keep_ratio, name='a')(
       inputs)
   x = tf.keras.layers.MaxPool2D(name='pool')(x)
-  x = layers.GatedConv2D(6, gated=gated, keep_ratio=keep_ratio, name='b')(x)
+  x = gated_conv.GatedConv2D(6, gated=gated, keep_ratio=keep_ratio, name='b')(x)
   x = tf.keras.layers.GlobalAveragePooling2D()(x)
   outputs = tf.keras.layers.Dense(3)(x)
   model = tf.keras.Model(inputs, outputs)
-  for layer in layers.gated_layers(model):
+  for layer in gated_conv.gated_layers(model):
     layer.gate_kernel.assign(tf.abs(layer.gate_kernel))  # All gates > 0.
   return model
 
@@ -56,8 +56,8 @@ class FlopsTest(absltest.TestCase):
 
   def test_residual_inputs_are_full_width(self):
     model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
-    feeders = {l.name: layers.feeding_gate(l)
-               for l in layers.gated_layers(model)}
+    feeders = {l.name: gated_conv.feeding_gate(l)
+               for l in gated_conv.gated_layers(model)}
     self.assertIsNone(feeders['stem'])
     self.assertIsNone(feeders['stage2_block1_conv1'])
     self.assertEqual(feeders['stage2_block1_conv2'].name,

@@ -6,7 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
-from tff_fedprune import layers
+from tff_fedprune import gated_conv
+from tff_fedprune import model_state
 
 
 def resnet_trainable(depth, classes=10):
@@ -24,7 +25,7 @@ def resnet_trainable(depth, classes=10):
 
 def gate_params(model):
   return sum(int(np.prod(l.gate_kernel.shape)) + l.filters
-             for l in layers.gated_layers(model))
+             for l in gated_conv.gated_layers(model))
 
 
 class ModelZooTest(parameterized.TestCase):
@@ -41,10 +42,10 @@ class ModelZooTest(parameterized.TestCase):
     x = tf.random.normal((2,) + shape)
     for model in (dense, gated):
       self.assertEqual(model(x, training=False).shape, (2, classes))
-    self.assertEqual(layers.gated_layers(dense), [])
-    self.assertNotEmpty(layers.gated_layers(gated))
-    dense_w = layers.global_weights(dense)
-    gated_w = layers.global_weights(gated)
+    self.assertEqual(gated_conv.gated_layers(dense), [])
+    self.assertNotEmpty(gated_conv.gated_layers(gated))
+    dense_w = model_state.global_weights(dense)
+    gated_w = model_state.global_weights(gated)
     count = lambda ws: sum(int(np.prod(v.shape)) for v in ws)
     self.assertEqual(count(gated_w.trainable),
                      count(dense_w.trainable) + gate_params(gated))
@@ -64,7 +65,7 @@ class ModelZooTest(parameterized.TestCase):
     gated = keras_models.build_model('resnet32', (32, 32, 3), 10, gated=True)
     self.assertEqual(dense.count_params(), 466_426)  # ~0.46M, as the paper.
     self.assertEqual(sum(int(np.prod(v.shape)) for v in
-                         layers.global_weights(gated).trainable), 516_538)
+                         model_state.global_weights(gated).trainable), 516_538)
 
   def test_cnn_and_vgg_counts(self):
     cnn = keras_models.build_model('cnn', (28, 28, 1), 10)

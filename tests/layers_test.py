@@ -7,12 +7,13 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
-from tff_fedprune import layers
+from tff_fedprune import gated_conv
+from tff_fedprune import model_state
 
 
 def built_layer(cin=4, cout=8, keep_ratio=0.5, seed=0, **kwargs):
   tf.keras.utils.set_random_seed(seed)
-  layer = layers.GatedConv2D(cout, keep_ratio=keep_ratio, **kwargs)
+  layer = gated_conv.GatedConv2D(cout, keep_ratio=keep_ratio, **kwargs)
   layer.build((None, 6, 6, cin))
   # Spread the BN parameters so that every channel matters differently.
   layer.gamma.assign(tf.random.uniform([cout], 0.5, 1.5))
@@ -67,7 +68,7 @@ class GatedConv2DTest(parameterized.TestCase):
     self.assertTrue(pruned.any())
     c = tf.Variable(layer.conv(self.x))
     with tf.GradientTape() as tape:
-      y, *_ = layers.gated_batch_norm(c, pi, layer.gamma, layer.beta,
+      y, *_ = gated_conv.gated_batch_norm(c, pi, layer.gamma, layer.beta,
                                       layer.epsilon, relu=True)
       loss = loss_of(y)
     dc = tape.gradient(loss, c).numpy()
@@ -92,7 +93,7 @@ class GatedConv2DTest(parameterized.TestCase):
 
   def test_next_layer_rows_of_zero_input_channels_get_no_gradient(self):
     first = built_layer(keep_ratio=0.25)
-    second = layers.GatedConv2D(3, gated=False)
+    second = gated_conv.GatedConv2D(3, gated=False)
     x = self.x[:1]
     with tf.GradientTape() as tape:
       loss = loss_of(second(first(x, training=True), training=True))
@@ -141,7 +142,7 @@ class GatedConv2DTest(parameterized.TestCase):
 
   def test_ties_keep_exactly_k_lowest_indices(self):
     scores = tf.constant([[1.0, 1.0, 1.0, 1.0, 0.5, 1.0]])
-    mask = layers.top_k_mask(scores, 3).numpy()
+    mask = gated_conv.top_k_mask(scores, 3).numpy()
     np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0, 0]])
 
   def test_keep_ratio_one_is_conv_bn_relu_scaled_by_saliency(self):
@@ -197,26 +198,26 @@ class GatedConv2DTest(parameterized.TestCase):
   def test_rejects_bad_keep_ratio(self):
     for ratio in (0.0, -0.1, 1.5):
       with self.assertRaisesRegex(ValueError, 'keep_ratio'):
-        layers.GatedConv2D(4, keep_ratio=ratio)
+        gated_conv.GatedConv2D(4, keep_ratio=ratio)
 
 
 class ModelStateTest(absltest.TestCase):
 
   def model(self, gated=True):
     inputs = tf.keras.Input((8, 8, 2))
-    x = layers.GatedConv2D(4, gated=gated, keep_ratio=0.5, name='a')(inputs)
-    x = layers.GatedConv2D(6, gated=gated, keep_ratio=0.5, name='b')(x)
+    x = gated_conv.GatedConv2D(4, gated=gated, keep_ratio=0.5, name='a')(inputs)
+    x = gated_conv.GatedConv2D(6, gated=gated, keep_ratio=0.5, name='b')(x)
     return tf.keras.Model(inputs, x)
 
   def test_global_weights_exclude_local_state(self):
     model = self.model()
-    weights = layers.global_weights(model)
+    weights = model_state.global_weights(model)
     names = [v.name for v in weights.trainable + weights.non_trainable]
     self.assertNotIn('a/keep_ratio:0', names)
     self.assertNotIn('b/kept_count:0', names)
     self.assertIn('a/moving_mean:0', names)
     self.assertIn('b/gate_kernel:0', names)
-    self.assertLen(layers.local_variables(model), 6)
+    self.assertLen(model_state.local_variables(model), 6)
 
   def test_dense_variant_shares_parameter_names(self):
     dense = {w.name for w in self.model(gated=False).weights}
@@ -230,13 +231,13 @@ class ModelStateTest(absltest.TestCase):
 
   def test_set_keep_ratio_and_reset_counts(self):
     model = self.model()
-    layers.set_keep_ratio(model, 1.0)
+    model_state.set_keep_ratio(model, 1.0)
     x = tf.random.normal([3, 8, 8, 2])
     model(x, training=True)
-    for layer in layers.gated_layers(model):
+    for layer in gated_conv.gated_layers(model):
       self.assertEqual(layer.samples_seen.numpy(), 3)
-    layers.reset_channel_counts(model)
-    for layer in layers.gated_layers(model):
+    model_state.reset_channel_counts(model)
+    for layer in gated_conv.gated_layers(model):
       self.assertEqual(layer.samples_seen.numpy(), 0)
       self.assertEqual(layer.kept_count.numpy().sum(), 0)
 
@@ -247,8 +248,8 @@ class SerializationTest(parameterized.TestCase):
   def test_round_trip_is_bit_exact(self, fmt):
     tf.keras.utils.set_random_seed(3)
     inputs = tf.keras.Input((8, 8, 3))
-    x = layers.GatedConv2D(8, keep_ratio=0.7, name='g')(inputs)
-    x = layers.GatedConv2D(8, relu=False, strides=2, keep_ratio=0.7,
+    x = gated_conv.GatedConv2D(8, keep_ratio=0.7, name='g')(inputs)
+    x = gated_conv.GatedConv2D(8, relu=False, strides=2, keep_ratio=0.7,
                            name='h')(x)
     model = tf.keras.Model(inputs, x)
     data = tf.random.normal([4, 8, 8, 3])
@@ -262,7 +263,7 @@ class SerializationTest(parameterized.TestCase):
     np.testing.assert_array_equal(model(data), loaded(data))
     if fmt == 'keras':
       self.assertEqual(loaded.get_layer('h').get_config()['keep_ratio'], 0.7)
-      layers.set_keep_ratio(loaded, 0.3)
+      model_state.set_keep_ratio(loaded, 0.3)
       self.assertFalse(np.array_equal(model(data), loaded(data)))
 
 

@@ -8,7 +8,7 @@ import tensorflow_federated as tff
 
 import keras_models
 from tff_fedprune import client_work
-from tff_fedprune import layers
+from tff_fedprune import model_state
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
 
@@ -35,7 +35,7 @@ def client_datasets(num_clients=3, n=12, seed=0, poison=None):
 def initial_weights(fn):
   tf.keras.utils.set_random_seed(1)
   return tf.nest.map_structure(lambda v: v.numpy(),
-                               layers.global_weights(fn()))
+                               model_state.global_weights(fn()))
 
 
 class LearningProcessTest(parameterized.TestCase):

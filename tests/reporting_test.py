@@ -7,7 +7,7 @@ import os
 from absl.testing import absltest
 import numpy as np
 
-from tff_fedprune import reporting
+from tff_fedprune.simulation import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'results', 'fmnist_comparison')

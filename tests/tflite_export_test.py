@@ -8,8 +8,9 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
-from tff_fedprune import layers
-from tff_fedprune import tflite_export
+from tff_fedprune import gated_conv
+from tff_fedprune import model_state
+from tff_fedprune.export import tflite
 
 # Smaller inputs than the datasets' keep conversion and checks fast.
 SHAPES = {'cnn': (12, 12, 1), 'resnet20': (16, 16, 3), 'resnet32': (8, 8, 3),
@@ -23,7 +24,7 @@ def trained_looking_model(name, gated=True):
   model = keras_models.build_model(name, SHAPES[name], 10, gated=gated)
   rng = np.random.default_rng(0)
   for layer in model.layers:
-    if isinstance(layer, layers.GatedConv2D):
+    if isinstance(layer, gated_conv.GatedConv2D):
       c = layer.filters
       layer.moving_mean.assign(rng.normal(0, 0.2, c))
       layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
@@ -49,13 +50,13 @@ class ParityTest(parameterized.TestCase):
       ['cnn', 'resnet20', 'resnet32', 'resnet56', 'vgg11'], [0.3, 0.7, 1.0]))
   def test_gated_export_equals_keras(self, name, keep_ratio):
     model = trained_looking_model(name)
-    layers.set_keep_ratio(model, keep_ratio)
-    content = tflite_export.convert(
-        tflite_export.inference_function(model, [MEAN], [STD]))
+    model_state.set_keep_ratio(model, keep_ratio)
+    content = tflite.convert(
+        tflite.inference_function(model, [MEAN], [STD]))
     images = raw_images(name, 16)
-    got = tflite_export.run(content, images)
+    got = tflite.run(content, images)
     np.testing.assert_allclose(got, keras_logits(model, images), atol=1e-4)
-    ops = tflite_export.op_names(content)
+    ops = tflite.op_names(content)
     self.assertIn('TOPK_V2', ops)
     self.assertIn('GATHER', ops)
     self.assertFalse([o for o in ops if o.startswith('Flex') or o == 'CUSTOM'])
@@ -66,15 +67,15 @@ class ExportTest(absltest.TestCase):
   def test_explicit_keep_ratio_overrides_the_models(self):
     model = trained_looking_model('resnet20')
     images = raw_images('resnet20', 8)
-    content = tflite_export.convert(
-        tflite_export.inference_function(model, [MEAN], [STD], keep_ratio=0.5))
-    layers.set_keep_ratio(model, 0.5)
-    np.testing.assert_allclose(tflite_export.run(content, images),
+    content = tflite.convert(
+        tflite.inference_function(model, [MEAN], [STD], keep_ratio=0.5))
+    model_state.set_keep_ratio(model, 0.5)
+    np.testing.assert_allclose(tflite.run(content, images),
                                keras_logits(model, images), atol=1e-4)
 
   def test_gated_layers_compute_only_k_channels(self):
     model = trained_looking_model('cnn')
-    module = tflite_export.inference_function(model, [MEAN], [STD],
+    module = tflite.inference_function(model, [MEAN], [STD],
                                               keep_ratio=0.5)
     graph = module.serve.graph
     conv_filters = [op.inputs[1].shape.as_list() for op in graph.get_operations()
@@ -90,33 +91,33 @@ class ExportTest(absltest.TestCase):
                        if any(v.name == d.name for d in dense.weights)])
     images = raw_images('resnet20', 8)
     for model, as_dense in ((gated, True), (dense, False)):
-      content = tflite_export.convert(tflite_export.inference_function(
+      content = tflite.convert(tflite.inference_function(
           model, [MEAN], [STD], dense=as_dense))
-      ops = tflite_export.op_names(content)
+      ops = tflite.op_names(content)
       self.assertNotIn('TOPK_V2', ops)
       self.assertNotIn('GATHER', ops)
-      np.testing.assert_allclose(tflite_export.run(content, images),
+      np.testing.assert_allclose(tflite.run(content, images),
                                  keras_logits(dense, images), atol=1e-4)
 
   def test_quantized_exports_run_and_shrink(self):
     model = trained_looking_model('cnn')
     images = raw_images('cnn', 8)
-    module = tflite_export.inference_function(model, [MEAN], [STD])
-    float32 = tflite_export.convert(module)
+    module = tflite.inference_function(model, [MEAN], [STD])
+    float32 = tflite.convert(module)
     expected = keras_logits(model, images)
     for quantize in ('float16', 'dynamic_int8'):
-      content = tflite_export.convert(module, quantize)
+      content = tflite.convert(module, quantize)
       self.assertLess(len(content), len(float32))
-      got = tflite_export.run(content, images)
+      got = tflite.run(content, images)
       self.assertEqual(got.shape, expected.shape)
       self.assertTrue(np.all(np.isfinite(got)))
       self.assertLess(np.abs(got - expected).max(), 0.5 * np.abs(expected).max())
     with self.assertRaisesRegex(ValueError, 'quantize must be one of'):
-      tflite_export.convert(module, 'int4')
+      tflite.convert(module, 'int4')
 
   def test_bad_keep_ratio(self):
     with self.assertRaisesRegex(ValueError, 'keep_ratio'):
-      tflite_export.inference_function(
+      tflite.inference_function(
           trained_looking_model('cnn'), [MEAN], [STD], keep_ratio=0.0)
 
 

@@ -8,7 +8,7 @@ import os
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from tff_fedprune import training_loop
+from tff_fedprune.simulation import loop
 
 
 def read_rows(run_dir):
@@ -18,7 +18,7 @@ def read_rows(run_dir):
 
 def small_config(root, **overrides):
   return dataclasses.replace(
-      training_loop.ExperimentConfig(
+      loop.ExperimentConfig(
           experiment_name='run', root_output_dir=root, dataset='synthetic',
           num_clients=4, clients_per_round=2, partition='iid', batch_size=16,
           total_rounds=3, client_learning_rate=0.05, seed=7,
@@ -31,17 +31,17 @@ class RunExperimentTest(absltest.TestCase):
   def test_outputs_and_resume_reproduce_an_uninterrupted_run(self):
     root = self.create_tempdir().full_path
     straight = small_config(os.path.join(root, 'a'))
-    training_loop.run_experiment(straight, progress=False)
+    loop.run_experiment(straight, progress=False)
     interrupted = small_config(os.path.join(root, 'b'), total_rounds=2)
-    training_loop.run_experiment(interrupted, progress=False)
+    loop.run_experiment(interrupted, progress=False)
     self.assertLen(read_rows(interrupted.run_dir), 2)
-    summary = training_loop.run_experiment(
+    summary = loop.run_experiment(
         dataclasses.replace(interrupted, total_rounds=3), progress=False)
 
     a, b = read_rows(straight.run_dir), read_rows(interrupted.run_dir)
     self.assertEqual([r['round'] for r in b], ['1', '2', '3'])
     self.assertContainsSubset(
-        ['round'] + list(training_loop.METRIC_COLUMNS), list(b[0]))
+        ['round'] + list(loop.METRIC_COLUMNS), list(b[0]))
     for row_a, row_b in zip(a, b):
       row_a.pop('round_seconds')
       row_b.pop('round_seconds')
@@ -55,16 +55,16 @@ class RunExperimentTest(absltest.TestCase):
       self.assertTrue(os.path.exists(os.path.join(interrupted.run_dir, name)),
                       name)
     # A finished run reruns as a no-op with the same rows.
-    training_loop.run_experiment(
+    loop.run_experiment(
         dataclasses.replace(interrupted, total_rounds=3), progress=False)
     self.assertLen(read_rows(interrupted.run_dir), 3)
 
   def test_scaffold_counts_control_variate_traffic(self):
     root = self.create_tempdir().full_path
     config = small_config(root, total_rounds=1, algorithm='scaffold')
-    training_loop.run_experiment(config, progress=False)
+    loop.run_experiment(config, progress=False)
     dense = small_config(os.path.join(root, 'dense'), total_rounds=1)
-    training_loop.run_experiment(dense, progress=False)
+    loop.run_experiment(dense, progress=False)
     row, dense_row = read_rows(config.run_dir)[0], read_rows(dense.run_dir)[0]
     # c travels down and dc_k up: dense-equivalent traffic grows by the
     # trainable weights per client, the measured upload by encoded dc_k.
@@ -78,23 +78,23 @@ class RunExperimentTest(absltest.TestCase):
     root = self.create_tempdir().full_path
     config = small_config(root, num_clients=10, clients_per_round=10,
                           client_failure_rate=0.3, total_rounds=2)
-    training_loop.run_experiment(config, progress=False)
+    loop.run_experiment(config, progress=False)
     for row in read_rows(config.run_dir):
       self.assertEqual(row['clients_dropped'], '3')
       self.assertEqual(row['clients_completed'], '7')
       self.assertNotEqual(row['test_accuracy'], 'nan')
-    completing, dropped = training_loop.sample_clients(config, 1)
+    completing, dropped = loop.sample_clients(config, 1)
     self.assertLen(set(completing) | set(dropped), 10)
-    self.assertEqual(training_loop.sample_clients(config, 1),
+    self.assertEqual(loop.sample_clients(config, 1),
                      (completing, dropped))
 
   def test_refuses_to_resume_a_different_configuration(self):
     root = self.create_tempdir().full_path
     config = small_config(root, total_rounds=1)
-    training_loop.run_experiment(config, progress=False)
-    with self.assertRaisesRegex(training_loop.ConfigError,
+    loop.run_experiment(config, progress=False)
+    with self.assertRaisesRegex(loop.ConfigError,
                                 'different client_learning_rate'):
-      training_loop.run_experiment(
+      loop.run_experiment(
           dataclasses.replace(config, client_learning_rate=0.1),
           progress=False)
 
@@ -125,8 +125,8 @@ class ValidateTest(parameterized.TestCase):
   )
   def test_rejects(self, overrides, message):
     config = small_config('/tmp/unused', num_clients=10, clients_per_round=5)
-    with self.assertRaisesRegex(training_loop.ConfigError, message):
-      training_loop.validate(dataclasses.replace(config, **overrides))
+    with self.assertRaisesRegex(loop.ConfigError, message):
+      loop.validate(dataclasses.replace(config, **overrides))
 
   def test_client_keep_ratios_cycle_over_clients(self):
     config = small_config('/tmp/unused', client_keep_ratios='0.5,0.7,1.0')
@@ -137,15 +137,15 @@ class ValidateTest(parameterized.TestCase):
   def test_unreachable_worker_is_a_clear_error_writing_nothing(self):
     root = self.create_tempdir().full_path
     config = small_config(os.path.join(root, 'out'), workers='localhost:1')
-    with self.assertRaisesRegex(training_loop.ConfigError,
+    with self.assertRaisesRegex(loop.ConfigError,
                                 'localhost:1 did not answer'):
-      training_loop.run_experiment(config, progress=False)
+      loop.run_experiment(config, progress=False)
     self.assertFalse(os.path.exists(config.root_output_dir))
 
   def test_output_dir_that_is_a_file(self):
     path = self.create_tempfile().full_path
-    with self.assertRaisesRegex(training_loop.ConfigError, 'not a directory'):
-      training_loop.validate(small_config(path))
+    with self.assertRaisesRegex(loop.ConfigError, 'not a directory'):
+      loop.validate(small_config(path))
 
 
 if __name__ == '__main__':

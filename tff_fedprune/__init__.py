@@ -1,8 +1,21 @@
 """Dynamic-pruning federated learning (FedDP) on TensorFlow Federated.
 
-Importing the package replaces TFF's default execution context, whose worker
-process outlives Python, with none: computations run inside
-`tff_fedprune.runtime.local_runtime()` or another installed context.
+The method, in the order of a round (docs/design.md): `gated_conv` (the gated
+layer), `model_state` (global weights vs client-local state), `salience`
+(channel-structured masks), `local_training`, `client_work` (with the
+algorithm-specific parts in `fednova` and `scaffold`), `encoding`,
+`aggregation`, `finalizer` and `learning_process` (their composition). Apart
+from it: `data` (sources and partitions), `simulation` (configuration, the
+round loop, evaluation, FLOPs, reports), `runtime` (owned TFF workers and
+contexts) and `export` (TFLite).
+
+Importing the package has one side effect: it removes TFF's default execution
+context, whose `worker_binary` would outlive Python and hold its stdout.
+Computations then run only inside `runtime.local_runtime()` or another
+installed context, and calling one outside raises instead of starting an
+orphan process.
 """
 
-from tff_fedprune import runtime as _runtime  # pylint: disable=unused-import
+from tff_fedprune.runtime import contexts as _contexts
+
+_contexts.disable_default_context()

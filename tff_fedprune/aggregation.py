@@ -1,15 +1,13 @@
-"""Count-aware mean of masked, sparsely encoded client updates (DESIGN.md 1.3).
+"""Count-aware mean of masked, sparsely encoded client updates.
+
+docs/design.md, section 3.
 
 Per coordinate i over the round's clients k with weights n_k and masks M_k:
 
     mean_i = sum_k n_k M_ki delta_ki / sum_k n_k M_ki   (0 where no client sent i)
 
 A plain weighted mean would shrink each coordinate by the share of clients
-that did not send it. When the value carries a per-client `scale` (FedNova's
-effective step count a_k), the mean of the trainable part is multiplied by its
-weighted mean sum_k p_k a_k, FedNova's server rescaling; moving statistics
-(the non-trainable part of `ModelWeights`) are not step-normalised and keep
-their plain mean. Clients encode their update with `encoding.TensorCodec`
+that did not send it. Clients encode their update with `encoding.TensorCodec`
 (the mask travels with it); the server decodes inside `federated_aggregate`,
 so the measured upload is what crossed the wire. A client whose weight is 0
 (a non-finite update, zeroed by the client work) contributes nothing.
@@ -25,7 +23,7 @@ from tff_fedprune import encoding
 
 
 class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
-  """Aggregates `OrderedDict(update=W, mask=W[, scale=float])` into a `W`."""
+  """Aggregates `OrderedDict(update=W, mask=W)` into a `W`."""
 
   def create(
       self,
@@ -37,14 +35,6 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
     spec_list = tf.nest.flatten(specs)
     codec_list = [encoding.TensorCodec(s.shape) for s in spec_list]
     total = sum(c.size for c in codec_list)
-    scaled = 'scale' in tff.structure.name_list(value_type)
-    if isinstance(specs, tff.learning.models.ModelWeights):
-      rescaled = tf.nest.flatten(tff.learning.models.ModelWeights(
-          tf.nest.map_structure(lambda _: scaled, specs.trainable),
-          tf.nest.map_structure(lambda _: False, specs.non_trainable),
-      ))
-    else:
-      rescaled = [scaled] * len(spec_list)
 
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
@@ -62,9 +52,6 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
       ])
       nbytes = tf.add_n([encoding.encoded_bytes(e) for e in encoded])
       message = collections.OrderedDict(encoded=encoded, weight=weight)
-      if scaled:
-        message['scale'] = value['scale']
-        nbytes += 4
       return (
           message,
           collections.OrderedDict(upload_bytes=nbytes, kept_coordinates=kept),
@@ -76,7 +63,7 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
     @tff.tensorflow.computation
     def zero():
       return collections.OrderedDict(
-          numerator=zeros(), denominator=zeros(), scale_sum=0.0, weight_sum=0.0
+          numerator=zeros(), denominator=zeros()
       )
 
     message_type = encode.type_signature.result[0]
@@ -95,12 +82,8 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
         update, mask = c.decode(e)
         numerator.append(num + weight * update)
         denominator.append(den + weight * mask)
-      scale = message['scale'] if scaled else 1.0
       return collections.OrderedDict(
-          numerator=numerator,
-          denominator=denominator,
-          scale_sum=accumulator['scale_sum'] + weight * scale,
-          weight_sum=accumulator['weight_sum'] + weight,
+          numerator=numerator, denominator=denominator
       )
 
     @tff.tensorflow.computation(accumulator_type, accumulator_type)
@@ -109,16 +92,12 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
 
     @tff.tensorflow.computation(accumulator_type)
     def report(accumulator):
-      scale = tf.math.divide_no_nan(
-          accumulator['scale_sum'], accumulator['weight_sum']
-      )
       return tf.nest.pack_sequence_as(
           specs,
           [
-              (scale if r else 1.0) * tf.math.divide_no_nan(n, d)
-              for n, d, r in zip(
-                  accumulator['numerator'], accumulator['denominator'],
-                  rescaled,
+              tf.math.divide_no_nan(n, d)
+              for n, d in zip(
+                  accumulator['numerator'], accumulator['denominator']
               )
           ],
       )

@@ -1,168 +1,145 @@
-"""FedDP client work: local training with salience-masked updates.
+"""FedDP client work: masked local training, with per-algorithm hooks.
 
-Each client trains the global model with its own keep ratio (device
-heterogeneity, DESIGN.md 1.4), counting which channels its data kept. It
-reports `OrderedDict(update=delta * M, mask=M)`, where delta is `initial -
-trained` (TFF's sign: the pseudo-gradient a server optimizer applies) over all
-global weights, BN moving statistics included, and M the channel-structured
-salience mask of `salience.ChannelStructure` (1.2).
+Each client trains the global model at its own keep ratio (heterogeneous
+devices) and reports `OrderedDict(update=delta * M, mask=M)`, where delta is
+`initial - trained` (TFF's sign: the pseudo-gradient a server optimizer
+applies) over all global weights, BN moving statistics included, and M the
+channel-structured salience mask (`local_training`, `salience`).
 
-Weight decay, the FedProx term and SCAFFOLD's control-variate correction act
-only on weights whose channels have been kept at least once this round, so with momentum they never move a
-coordinate outside the mask: with `salience_threshold=0` the masked update
-equals the true update. A dense model (no gated layers) has all-ones masks
-and trains as plain FedAvg/FedProx.
+What differs between FedAvg, FedProx, FedNova and SCAFFOLD is an `Algorithm`:
+its server state broadcast to every client (O(model)), the per-client state
+the driver keeps and hands each client as client data (SCAFFOLD's c_k), a
+gradient correction, what a client adds to its result, how the server state
+moves, and the aggregator around the count-aware mean. The base class is
+FedAvg, `FedProx` adds the proximal term; `fednova` and `scaffold` override
+the hooks.
+
+Per-client state goes back by the client's slot in the round: each client
+returns the change of its state, `federated_aggregate` scatters it into row
+`slot` of a `clients_per_round`-row table held in the server state
+(`CLIENT_STATE_UPDATES`), and the driver adds row `slot` to the state of the
+client it put in that slot (`simulation.client_states`).
 """
 
 import collections
-from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_fedprune import encoding
-from tff_fedprune import layers
-from tff_fedprune import salience
+from tff_fedprune import local_training
+from tff_fedprune import model_state
 
-ModelFn = Callable[[], tf.keras.Model]
-ALGORITHMS = ('fedavg', 'fedprox', 'fednova', 'scaffold')
+CLIENT_STATE_UPDATES = 'client_state_updates'
 
 
-def weights_type_from_keras(model: tf.keras.Model) -> tff.types.StructType:
-  """The `tff.learning.models.ModelWeights` type of a model's global weights."""
-  return tff.types.tensorflow_to_type(
-      tf.nest.map_structure(
-          lambda v: tf.TensorSpec(v.shape, v.dtype),
-          layers.global_weights(model),
-      )
-  )
+class Algorithm:
+  """A federated algorithm's hooks into the client work; as it is, FedAvg."""
+
+  name = 'fedavg'
+  prox_mu = 0.0  # The FedProx coefficient of the local loss.
+  metric_names = ()  # Client metrics `finish` adds, summed over clients.
+
+  def server_state_spec(self, trainable_specs) -> collections.OrderedDict:
+    """Specs of the state broadcast to every client (O(model))."""
+    del trainable_specs
+    return collections.OrderedDict()
+
+  def client_state_spec(self, trainable_specs) -> collections.OrderedDict:
+    """Specs of the state the driver keeps per client (empty: none)."""
+    del trainable_specs
+    return collections.OrderedDict()
+
+  def correction(self, server_state, client_state) -> Optional[tuple]:
+    """A trainable-shaped term added to every kept local gradient."""
+    del server_state, client_state
+    return None
+
+  def finish(
+      self, *, update, delta, mask, steps, server_state, client_state
+  ) -> tuple[Any, dict, Any, dict]:
+    """`(update, result extras, client state change, metrics)`.
+
+    `update` is the masked update; the extras join the client's result for
+    the aggregator; the metrics are named by `metric_names`.
+    """
+    del delta, mask, steps, server_state, client_state
+    return update, {}, None, {}
+
+  def update_server_state(self, state, client_state_updates):
+    """The new server state from the round's per-slot client state changes."""
+    del client_state_updates
+    return state
+
+  def aggregator(
+      self, factory: tff.aggregators.WeightedAggregationFactory
+  ) -> tff.aggregators.WeightedAggregationFactory:
+    """The aggregator of `OrderedDict(update, mask, **extras)` results."""
+    return factory
 
 
-def fednova_normalizer(steps, momentum: float):
-  """FedNova's a = (t - m (1 - m^t) / (1 - m)) / (1 - m); t for plain SGD."""
-  steps = tf.cast(steps, tf.float32)
-  if not momentum:
-    return steps
-  m = momentum
-  return (steps - m * (1.0 - m**steps) / (1.0 - m)) / (1.0 - m)
+class FedProx(Algorithm):
+  """FedAvg whose local loss adds (mu / 2) ||w - w_0||^2."""
+
+  name = 'fedprox'
+
+  def __init__(self, prox_mu: float):
+    self.prox_mu = prox_mu
 
 
 def client_data(
-    dataset: tf.data.Dataset, keep_ratio: float, client_id: int = 0
-):
-  """One client's input: its batches, keep ratio and id (1-element datasets).
+    dataset: tf.data.Dataset,
+    keep_ratio: float,
+    slot: int = 0,
+    client_state=None,
+) -> collections.OrderedDict:
+  """One client's input: its batches, keep ratio and (if any) its state.
 
   TFF's learning processes take client data as a structure of sequences, so
-  per-client settings travel as sequences too. The id selects the client's
-  SCAFFOLD control variate.
+  per-client values travel as 1-element datasets. `slot` is the client's
+  position in the round (0 .. clients_per_round - 1), by which the change of
+  its state comes back.
   """
-  return collections.OrderedDict(
+  data = collections.OrderedDict(
       batches=dataset,
       keep_ratio=tf.data.Dataset.from_tensors(np.float32(keep_ratio)),
-      client_id=tf.data.Dataset.from_tensors(np.int32(client_id)),
   )
+  if client_state is not None:
+    data['slot'] = tf.data.Dataset.from_tensors(np.int32(slot))
+    data['client_state'] = tf.data.Dataset.from_tensors(client_state)
+  return data
 
 
-def client_data_type(element_spec) -> tff.types.StructType:
-  return tff.types.StructWithPythonType(
-      [
-          ('batches', tff.SequenceType(tff.types.tensorflow_to_type(
-              element_spec))),
-          ('keep_ratio', tff.SequenceType(tff.TensorType(np.float32))),
-          ('client_id', tff.SequenceType(tff.TensorType(np.int32))),
-      ],
-      collections.OrderedDict,
-  )
+def client_data_type(element_spec, client_state_spec) -> tff.types.StructType:
+  fields = [
+      ('batches', tff.SequenceType(tff.types.tensorflow_to_type(element_spec))),
+      ('keep_ratio', tff.SequenceType(tff.TensorType(np.float32))),
+  ]
+  if client_state_spec:
+    fields += [
+        ('slot', tff.SequenceType(tff.TensorType(np.int32))),
+        ('client_state', tff.SequenceType(
+            tff.types.tensorflow_to_type(client_state_spec))),
+    ]
+  return tff.types.StructWithPythonType(fields, collections.OrderedDict)
 
 
-def build_local_training(
-    model: tf.keras.Model,
-    optimizer: tff.learning.optimizers.Optimizer,
-    *,
-    weight_decay: float = 0.0,
-    prox_mu: float = 0.0,
-    salience_threshold: float = 0.0,
-):
-  """A `tf.function` training `model` on one client's data.
-
-  Its arguments are the initial global weights, the client's batches, its
-  keep ratio (a 1-element dataset) and optionally a gradient correction.
-  It returns `(delta, mask, num_examples, loss_sum, steps)`: the unmasked
-  update `initial - trained` of the global weights, the round's salience
-  mask, and the number of local steps taken.
-  """
-  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-  weights = layers.global_weights(model)
-  trainable = weights.trainable
-  structure = salience.ChannelStructure(model)
-
-  def local_terms(initial_trainable, correction):
-    """Decay, proximal and correction gradients on kept channels only."""
-    touched = structure.touched_masks().trainable
-    return tuple(
-        t * (weight_decay * v + prox_mu * (v - v0) + c)
-        for t, v, v0, c in zip(touched, trainable, initial_trainable,
-                               correction)
-    )
-
-  @tf.function
-  def train(initial_weights, batches, keep_ratio, correction=None):
-    """`correction` (trainable-shaped) is added to every kept gradient."""
-    tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-    layers.set_keep_ratio(model, keep_ratio.reduce(1.0, lambda _, r: r))
-    layers.reset_channel_counts(model)
-    opt_state = optimizer.initialize(
-        tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-    )
-    num_examples = tf.constant(0, tf.int64)
-    loss_sum = tf.constant(0.0, tf.float32)
-    steps = tf.constant(0, tf.int64)
-    for images, labels in batches:
-      with tf.GradientTape() as tape:
-        logits = model(images, training=True)
-        loss = loss_fn(labels, logits)
-      grads = tape.gradient(loss, trainable)
-      if weight_decay or prox_mu or correction is not None:
-        extra = local_terms(
-            initial_weights.trainable,
-            correction or tuple(tf.zeros_like(v) for v in trainable),
-        )
-        grads = tuple(g + e for g, e in zip(grads, extra))
-      opt_state, new_values = optimizer.next(
-          opt_state, tuple(v.read_value() for v in trainable), grads
-      )
-      for v, t in zip(trainable, new_values):
-        v.assign(t)
-      n = tf.shape(labels, out_type=tf.int64)[0]
-      num_examples += n
-      loss_sum += loss * tf.cast(n, tf.float32)
-      steps += 1
-    delta = tf.nest.map_structure(
-        lambda t, v: t - v.read_value(), initial_weights, weights
-    )
-    return (
-        delta,
-        structure.salience_masks(salience_threshold),
-        num_examples,
-        loss_sum,
-        steps,
-    )
-
-  return train
+def _first(dataset: tf.data.Dataset, spec):
+  initial = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+  return dataset.reduce(initial, lambda _, x: x)
 
 
 def build_client_work(
-    model_fn: ModelFn,
+    model_fn: local_training.ModelFn,
     element_spec,
     *,
     learning_rate: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
-    algorithm: str = 'fedavg',
-    prox_mu: float = 0.0,
+    algorithm: Optional[Algorithm] = None,
     salience_threshold: float = 0.0,
-    num_clients: int = 0,
+    clients_per_round: int = 0,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Builds the client work.
 
@@ -173,140 +150,98 @@ def build_client_work(
     momentum: client SGD momentum (0 for plain SGD).
     weight_decay: L2 coefficient added to the gradient of each trainable
       weight, as PyTorch's SGD `weight_decay`.
-    algorithm: 'fedavg', 'fedprox', 'fednova' (the trainable update is
-      divided by the client's effective number of steps a_k, which travels as
-      `scale` for the server to multiply the mean by sum_k p_k a_k) or
-      'scaffold'.
-    prox_mu: FedProx proximal coefficient (local loss + mu/2 ||w - w_0||^2).
+    algorithm: the `Algorithm` (default FedAvg).
     salience_threshold: a channel is salient iff kept_count / samples > this.
-    num_clients: size of the federation, for SCAFFOLD's per-client control
-      variates (held by the server as one table, selected by client id; its
-      memory grows as num_clients x model size).
+    clients_per_round: rows of the per-slot table by which per-client state
+      comes back (needed only when the algorithm has per-client state).
 
   Returns:
     A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
-    a `ClientResult` of `OrderedDict(update=..., mask=...[, scale=...])`
-    weighted by the
-    number of examples (0 when the update is not finite, which then counts in
-    `non_finite_updates`).
+    a `ClientResult` of `OrderedDict(update=..., mask=..., **extras)`
+    weighted by the number of examples (0 when the update is not finite,
+    which then counts in `non_finite_updates`).
   """
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f'unknown algorithm {algorithm!r}; choose from {ALGORITHMS}')
-  if algorithm != 'fedprox':
-    prox_mu = 0.0
+  algorithm = algorithm or Algorithm()
   with tf.Graph().as_default():
-    weights_type = weights_type_from_keras(model_fn())
-  data_type = client_data_type(element_spec)
+    weights_type = model_state.weights_type_from_keras(model_fn())
+  trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+  server_spec = algorithm.server_state_spec(trainable_specs)
+  client_spec = algorithm.client_state_spec(trainable_specs)
+  if client_spec and clients_per_round < 1:
+    raise ValueError(
+        f'{algorithm.name} keeps per-client state: clients_per_round >= 1'
+    )
+  data_type = client_data_type(element_spec, client_spec)
+  server_type = tff.types.tensorflow_to_type(server_spec)
+  table_spec = tf.nest.map_structure(
+      lambda s: tf.TensorSpec([clients_per_round] + s.shape.as_list(),
+                              s.dtype),
+      client_spec,
+  )
   optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=learning_rate, momentum=momentum or None
   )
 
-  trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
-  if algorithm == 'scaffold':
-    if num_clients < 1:
-      raise ValueError('scaffold needs num_clients >= 1 for its variates')
-    state_spec = collections.OrderedDict(
-        c=trainable_specs,
-        c_clients=tuple(
-            tf.TensorSpec([num_clients] + s.shape.as_list(), s.dtype)
-            for s in trainable_specs
-        ),
-    )
-  else:
-    state_spec = collections.OrderedDict()
-  state_type = tff.types.tensorflow_to_type(state_spec)
-
-  @tff.tensorflow.computation(weights_type, data_type, state_type)
-  def client_update(initial_weights, data, state):
-    train = build_local_training(
+  @tff.tensorflow.computation(weights_type, data_type, server_type)
+  def client_update(initial_weights, data, server_state):
+    train = local_training.build_local_training(
         model_fn(),
         optimizer,
         weight_decay=weight_decay,
-        prox_mu=prox_mu,
+        prox_mu=algorithm.prox_mu,
         salience_threshold=salience_threshold,
     )
-    outputs = collections.OrderedDict()
-    if algorithm == 'scaffold':
-      client_id = data['client_id'].reduce(0, lambda _, i: i)
-      c = tuple(state['c'])
-      c_k = tuple(table[client_id] for table in state['c_clients'])
-      correction = tuple(a - b for a, b in zip(c, c_k))
-      delta, mask, num_examples, loss_sum, steps = train(
-          initial_weights, data['batches'], data['keep_ratio'], correction
-      )
-      # Option II of Karimireddy et al.: c_k+ = c_k - c + delta / (K lr),
-      # applied only where the salience mask kept the weight. With momentum
-      # m the K steps move the weights by lr * a_k mean gradients (a_k as in
-      # FedNova, K when m = 0); dividing by K would overstate the gradient
-      # up to 1 / (1 - m) times, and SCAFFOLD diverged that way at m = 0.9.
-      k_lr = fednova_normalizer(tf.maximum(steps, 1), momentum) * learning_rate
-      control_delta = tuple(
-          m * (d / k_lr - ci)
-          for m, d, ci in zip(mask.trainable, delta.trainable, c)
-      )
-      one_hot = tf.one_hot(client_id, num_clients)
-      outputs['c_clients_delta'] = tuple(
-          tf.reshape(one_hot, [-1] + [1] * cd.shape.rank) * cd[tf.newaxis]
-          for cd in control_delta
-      )
-      outputs['control_upload_bytes'] = tf.add_n([
-          encoding.encoded_bytes(encoding.TensorCodec(cd.shape).encode(cd, m))
-          for cd, m in zip(control_delta, mask.trainable)
-      ])
-    else:
-      delta, mask, num_examples, loss_sum, steps = train(
-          initial_weights, data['batches'], data['keep_ratio']
-      )
+    client_state = (
+        _first(data['client_state'], client_spec) if client_spec else None
+    )
+    correction = algorithm.correction(server_state, client_state)
+    args = [initial_weights, data['batches'], data['keep_ratio']]
+    delta, mask, num_examples, loss_sum, steps = train(
+        *args, *([correction] if correction is not None else [])
+    )
     update = tf.nest.map_structure(tf.multiply, delta, mask)
-    if algorithm == 'fednova':
-      # Only the gradient steps are normalised: scaling the change of the
-      # moving statistics by tau_eff / a_k extrapolates them (variances went
-      # negative and evaluation NaN in the Fashion-MNIST grid).
-      a_k = fednova_normalizer(steps, momentum)
-      update = tff.learning.models.ModelWeights(
-          tf.nest.map_structure(
-              lambda u: u / tf.maximum(a_k, 1e-12), update.trainable
-          ),
-          update.non_trainable,
-      )
+    update, extras, state_change, extra_metrics = algorithm.finish(
+        update=update, delta=delta, mask=mask, steps=steps,
+        server_state=server_state, client_state=client_state,
+    )
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
     )
     zero_unless_finite = lambda u: tf.where(finite, u, tf.zeros_like(u))
     update = tf.nest.map_structure(zero_unless_finite, update)
     weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
-    mean_loss = tf.math.divide_no_nan(loss_sum, tf.cast(num_examples, tf.float32))
+    mean_loss = tf.math.divide_no_nan(
+        loss_sum, tf.cast(num_examples, tf.float32)
+    )
     metrics = collections.OrderedDict(
         loss=tf.where(finite, mean_loss, 0.0),
         num_examples=tf.where(finite, num_examples, 0),
         non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
+        **extra_metrics,
     )
-    if algorithm == 'scaffold':
-      outputs['c_clients_delta'] = tf.nest.map_structure(
-          zero_unless_finite, outputs['c_clients_delta']
+    if client_spec:
+      metrics['slot'] = _first(data['slot'], tf.TensorSpec([], tf.int32))
+      metrics['state_change'] = tf.nest.map_structure(
+          zero_unless_finite, state_change
       )
-      metrics.update(outputs)
-    result = collections.OrderedDict(update=update, mask=mask)
-    if algorithm == 'fednova':
-      result['scale'] = a_k
+    result = collections.OrderedDict(update=update, mask=mask, **extras)
     return tff.learning.templates.ClientResult(result, weight), metrics
 
   @tff.tensorflow.computation
   def initial_state():
-    return tf.nest.map_structure(
-        lambda s: tf.zeros(s.shape, s.dtype), state_spec
+    state = tf.nest.map_structure(
+        lambda s: tf.zeros(s.shape, s.dtype), server_spec
     )
+    if client_spec:
+      state[CLIENT_STATE_UPDATES] = tf.nest.map_structure(
+          lambda s: tf.zeros(s.shape, s.dtype), table_spec
+      )
+    return state
 
-  def update_state(state, c_clients_delta):
-    """c <- c + (1 / N) sum_k dc_k (the rows of the summed table)."""
-    c = tuple(
-        c + tf.reduce_sum(d, axis=0) / num_clients
-        for c, d in zip(state['c'], c_clients_delta)
-    )
-    tables = tuple(
-        t + d for t, d in zip(state['c_clients'], c_clients_delta)
-    )
-    return collections.OrderedDict(c=c, c_clients=tables)
+  state_type = initial_state.type_signature.result
+  summed_metrics = ('num_examples', 'non_finite_updates') + tuple(
+      algorithm.metric_names
+  )
 
   @tff.federated_computation
   def init_fn():
@@ -318,28 +253,77 @@ def build_client_work(
       tff.FederatedType(data_type, tff.CLIENTS),
   )
   def next_fn(state, weights, data):
+    broadcast = tff.federated_map(
+        tff.tensorflow.computation(
+            lambda s: collections.OrderedDict(
+                (k, s[k]) for k in server_spec), state_type),
+        state,
+    ) if client_spec else state
     client_result, metrics = tff.federated_map(
-        client_update, (weights, data, tff.federated_broadcast(state))
+        client_update, (weights, data, tff.federated_broadcast(broadcast))
     )
     measurements = collections.OrderedDict(
         train_loss=tff.federated_mean(
             metrics['loss'], weight=client_result.update_weight
         ),
-        num_examples=tff.federated_sum(metrics['num_examples']),
-        non_finite_updates=tff.federated_sum(metrics['non_finite_updates']),
     )
-    if algorithm == 'scaffold':
+    for name in summed_metrics:
+      measurements[name] = tff.federated_sum(metrics[name])
+    if client_spec:
+      table = _sum_into_slots(
+          tff.federated_zip(collections.OrderedDict(
+              slot=metrics['slot'], change=metrics['state_change'])),
+          table_spec,
+      )
       state = tff.federated_map(
           tff.tensorflow.computation(
-              update_state, state_type, state_type.c_clients
+              lambda s, t: _with_table(algorithm.update_server_state(
+                  collections.OrderedDict((k, s[k]) for k in server_spec), t
+              ), t),
+              state_type, state_type[CLIENT_STATE_UPDATES],
           ),
-          (state, tff.federated_sum(metrics['c_clients_delta'])),
-      )
-      measurements['control_upload_bytes'] = tff.federated_sum(
-          metrics['control_upload_bytes']
+          (state, table),
       )
     return tff.templates.MeasuredProcessOutput(
         state, client_result, tff.federated_zip(measurements)
     )
 
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def _sum_into_slots(values, table_spec):
+  """Sums `OrderedDict(slot, change)` of the clients into a per-slot table."""
+
+  @tff.tensorflow.computation
+  def zero():
+    return tf.nest.map_structure(
+        lambda s: tf.zeros(s.shape, s.dtype), table_spec
+    )
+
+  @tff.tensorflow.computation(
+      zero.type_signature.result, values.type_signature.member
+  )
+  def accumulate(table, value):
+    index = tf.reshape(value['slot'], [1, 1])
+    return tf.nest.map_structure(
+        lambda t, c: tf.tensor_scatter_nd_add(t, index, c[tf.newaxis]),
+        table, value['change'], check_types=False,
+    )
+
+  @tff.tensorflow.computation(
+      zero.type_signature.result, zero.type_signature.result
+  )
+  def merge(a, b):
+    return tf.nest.map_structure(tf.add, a, b)
+
+  @tff.tensorflow.computation(zero.type_signature.result)
+  def report(table):
+    return table
+
+  return tff.federated_aggregate(values, zero(), accumulate, merge, report)
+
+
+def _with_table(server_state, table) -> collections.OrderedDict:
+  state = collections.OrderedDict(server_state)
+  state[CLIENT_STATE_UPDATES] = table
+  return state

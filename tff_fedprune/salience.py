@@ -11,7 +11,8 @@ kept). `ChannelStructure.masks` turns one 0/1 vector per gated layer into a
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_fedprune import layers
+from tff_fedprune import gated_conv
+from tff_fedprune import model_state
 
 _PER_OUTPUT_CHANNEL = ('gamma', 'beta', 'moving_mean', 'moving_variance')
 
@@ -20,16 +21,16 @@ class ChannelStructure:
   """Which gated channels own each global weight of a Keras model."""
 
   def __init__(self, model: tf.keras.Model):
-    self._gated = layers.gated_layers(model)
+    self._gated = gated_conv.gated_layers(model)
     position = {id(l): i for i, l in enumerate(self._gated)}
     owners = {}
     for layer in self._gated:
-      feeder = layers.feeding_gate(layer)
+      feeder = gated_conv.feeding_gate(layer)
       in_index = position[id(feeder)] if feeder is not None else None
       owners[layer.kernel.ref()] = (in_index, position[id(layer)])
       for name in _PER_OUTPUT_CHANNEL:
         owners[getattr(layer, name).ref()] = (None, position[id(layer)])
-    weights = layers.global_weights(model)
+    weights = model_state.global_weights(model)
     self._owners = tf.nest.map_structure(
         lambda v: owners.get(v.ref()), weights
     )

@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from tff_fedprune import layers
+from tff_fedprune import gated_conv
 
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
@@ -59,7 +59,7 @@ def _full(x):
 class _FoldedConv:
   """A GatedConv2D's inference constants: BN folded into kernel and bias."""
 
-  def __init__(self, layer: layers.GatedConv2D):
+  def __init__(self, layer: gated_conv.GatedConv2D):
     scale = layer.gamma.numpy() / np.sqrt(
         layer.moving_variance.numpy() + layer.epsilon
     )
@@ -142,11 +142,11 @@ def inference_function(
     raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
   folded, kept = {}, {}
   for layer in model.layers:
-    if isinstance(layer, layers.GatedConv2D):
+    if isinstance(layer, gated_conv.GatedConv2D):
       folded[layer.name] = _FoldedConv(layer)
       if layer.gated and not dense:
         rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
-        kept[layer.name] = int(layers.num_kept(rho, layer.filters))
+        kept[layer.name] = int(gated_conv.num_kept(rho, layer.filters))
   mean = np.asarray(mean, np.float32)
   inv_std = 1.0 / np.asarray(std, np.float32)
   shape = [1] + list(model.input_shape[1:])
@@ -163,7 +163,7 @@ def inference_function(
         y = folded[layer.name].gated(inputs[0], kept[layer.name])
       elif layer.name in folded:
         y = folded[layer.name].dense(inputs[0])
-      elif isinstance(layer, layers.CHANNEL_PRESERVING) and isinstance(
+      elif isinstance(layer, gated_conv.CHANNEL_PRESERVING) and isinstance(
           inputs[0], _Compact
       ):
         x = inputs[0]

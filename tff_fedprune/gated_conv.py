@@ -1,4 +1,4 @@
-"""The gated convolution block of FedDP (DESIGN.md section 1.1).
+"""The gated convolution block of FedDP (docs/design.md, section 1).
 
 `GatedConv2D` is conv -> BatchNorm -> (gate) -> ReLU in one Keras layer. With
 `gated=True` a saliency predictor on the input's global average pool scores
@@ -18,13 +18,12 @@ values of pi).
 
 The keep ratio rho is a variable read at run time (one traced model serves any
 ratio) and, with the per-channel kept counts, is client-local state: it is not
-part of the model weights the federation exchanges (`global_weights`).
+part of the model weights the federation exchanges (`model_state`).
 With `gated=False` the layer is the dense conv-BN-ReLU baseline with the same
 parameter names.
 """
 
 import tensorflow as tf
-import tensorflow_federated as tff
 
 
 def num_kept(keep_ratio, channels):
@@ -306,37 +305,3 @@ def feeding_gate(layer: tf.keras.layers.Layer):
       return source if source.gated else None
     if not isinstance(source, CHANNEL_PRESERVING):
       return None
-
-
-def local_variables(model: tf.keras.Model) -> list[tf.Variable]:
-  return [v for layer in gated_layers(model) for v in layer.local_variables]
-
-
-def global_weights(model: tf.keras.Model) -> tff.learning.models.ModelWeights:
-  """The weights a federation exchanges: all but client-local state."""
-  local = {v.ref() for v in local_variables(model)}
-  return tff.learning.models.ModelWeights(
-      tuple(model.trainable_weights),
-      tuple(v for v in model.non_trainable_weights if v.ref() not in local),
-  )
-
-
-def set_keep_ratio(model: tf.keras.Model, keep_ratio) -> None:
-  """Sets rho of every gated layer (a float or a scalar tensor)."""
-  for layer in gated_layers(model):
-    layer.keep_ratio.assign(keep_ratio)
-
-
-def reset_channel_counts(model: tf.keras.Model) -> None:
-  for layer in gated_layers(model):
-    layer.kept_count.assign(tf.zeros_like(layer.kept_count))
-    layer.samples_seen.assign(0.0)
-
-
-def assign_weights(
-    model: tf.keras.Model, weights: tff.learning.models.ModelWeights
-) -> None:
-  """Assigns `global_weights`-shaped values to the model."""
-  tf.nest.map_structure(
-      lambda v, t: v.assign(t), global_weights(model), weights
-  )

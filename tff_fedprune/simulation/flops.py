@@ -11,14 +11,14 @@ full-width. The gate itself costs its average pool and its matrix product.
 import numpy as np
 import tensorflow as tf
 
-from tff_fedprune import layers
+from tff_fedprune import gated_conv
 
-def _conv_flops(layer: layers.GatedConv2D, cin, cout):
+def _conv_flops(layer: gated_conv.GatedConv2D, cin, cout):
   _, h, w, _ = layer.output_shape
   return 2.0 * h * w * layer.kernel_size**2 * cin * cout
 
 
-def _gate_flops(layer: layers.GatedConv2D):
+def _gate_flops(layer: gated_conv.GatedConv2D):
   _, h, w, cin = layer.input_shape
   return float(h * w * cin + 2 * cin * layer.filters)
 
@@ -27,7 +27,7 @@ def dense_flops(model: tf.keras.Model) -> float:
   """FLOPs of one sample through every channel, without gate costs."""
   total = 0.0
   for layer in model.layers:
-    if isinstance(layer, layers.GatedConv2D):
+    if isinstance(layer, gated_conv.GatedConv2D):
       total += _conv_flops(layer, layer.input_shape[-1], layer.filters)
     elif isinstance(layer, tf.keras.layers.Dense):
       total += 2.0 * layer.input_shape[-1] * layer.units
@@ -43,11 +43,11 @@ def top_k_flops(model: tf.keras.Model, keep_ratio: float) -> float:
   kept channel of zero saliency as skipped.
   """
   total = dense_flops(model)
-  for layer in layers.gated_layers(model):
-    feeder = layers.feeding_gate(layer)
+  for layer in gated_conv.gated_layers(model):
+    feeder = gated_conv.feeding_gate(layer)
     cin = layer.input_shape[-1]
-    kept_in = int(layers.num_kept(keep_ratio, cin)) if feeder else cin
-    kept_out = int(layers.num_kept(keep_ratio, layer.filters))
+    kept_in = int(gated_conv.num_kept(keep_ratio, cin)) if feeder else cin
+    kept_out = int(gated_conv.num_kept(keep_ratio, layer.filters))
     total += (_conv_flops(layer, kept_in, kept_out) + _gate_flops(layer)
               - _conv_flops(layer, cin, layer.filters))
   return total
@@ -59,7 +59,7 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
   `dataset` yields image batches or `(images, labels)` batches, already
   preprocessed as the model expects.
   """
-  gated = layers.gated_layers(model)
+  gated = gated_conv.gated_layers(model)
   static = dense_flops(model) - sum(
       _conv_flops(l, l.input_shape[-1], l.filters) for l in gated
   )
@@ -67,7 +67,7 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
     total = sum(int(tf.shape(_images(b))[0]) for b in dataset)
     return np.full(total, static)
   probe = tf.keras.Model(model.inputs, [l.input for l in gated])
-  feeders = [layers.feeding_gate(l) for l in gated]
+  feeders = [gated_conv.feeding_gate(l) for l in gated]
   index = {id(l): i for i, l in enumerate(gated)}
 
   @tf.function
@@ -95,7 +95,7 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
 
 def dynamic_flops_ratio(model: tf.keras.Model, dataset) -> float:
   """Mean dynamic FLOPs over the dense FLOPs of the same model (1 if ungated)."""
-  if not layers.gated_layers(model):
+  if not gated_conv.gated_layers(model):
     return 1.0
   return float(np.mean(dynamic_flops(model, dataset)) / dense_flops(model))
 

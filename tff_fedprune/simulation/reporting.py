@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from tff_fedprune.simulation import config as config_lib
+
 _IGNORED_FOR_GROUPING = (
     'seed', 'experiment_name', 'root_output_dir', 'total_rounds',
     'eval_every', 'workers',
@@ -69,7 +71,7 @@ def load_run(path: str) -> Run:
     raise ValueError(f'{path} is not a run directory: {e}') from e
   if not rows:
     raise ValueError(f'{path} has no completed round')
-  return Run(path, config, rows)
+  return Run(path, config_lib.with_defaults(config), rows)
 
 
 def _group_key(config: dict) -> tuple:

@@ -1,23 +1,18 @@
-"""TFF's C++ runtime, with the `worker_binary` process owned by this process.
+"""The TFF `worker_binary` process, owned by this process.
 
 TFF's default local context starts `worker_binary` with the parent's stdout and
 stderr and never reaps it when Python exits, so `cmd | tail` and CI hang on the
 orphan. Here the project starts that binary itself: its lifetime is tied to the
 parent's (`PR_SET_PDEATHSIG`, so even SIGKILL of the parent ends it), it does
-not inherit the parent's output, and it is stopped on exit. Execution goes
-through TFF's own `RemoteExecutor` in a `SyncExecutionContext`, the same path
-that serves workers started on other machines (`host:port` addresses).
+not inherit the parent's output, and it is stopped on exit.
 """
 
 import atexit
-import contextlib
 import ctypes
 import os
 import signal
 import socket
 import subprocess
-import threading
-from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import grpc
@@ -25,23 +20,11 @@ import tensorflow_federated as tff
 
 _PR_SET_PDEATHSIG = 1
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
-_GRPC_OPTIONS = [
+GRPC_OPTIONS = [
     ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
     ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
     ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
 ]
-
-
-def disable_default_context() -> None:
-  """Replaces TFF's default context (which would start a leaky worker).
-
-  Invoking a computation outside `local_runtime` (or another installed
-  context) then raises a clear error instead of spawning an orphan process.
-  """
-  tff.test.set_no_default_context()
-
-
-disable_default_context()
 
 
 class WorkerError(RuntimeError):
@@ -161,7 +144,7 @@ def wait_until_ready(
     process: Optional[subprocess.Popen] = None,
 ) -> None:
   """Blocks until a TFF executor service answers at `address`."""
-  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  channel = grpc.insecure_channel(address, GRPC_OPTIONS)
   try:
     grpc.channel_ready_future(channel).result(timeout=timeout_s)
   except grpc.FutureTimeoutError as e:
@@ -172,57 +155,6 @@ def wait_until_ready(
     channel.close()
 
 
-def _remote_executor_factory(
-    address: str, default_num_clients: int
-) -> tff.framework.ResourceManagingExecutorFactory:
-  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
-  stub = tff.framework.RemoteExecutorGrpcStub(channel)
-
-  def stack_fn(cardinalities):
-    if cardinalities.get(tff.CLIENTS) is None:
-      cardinalities[tff.CLIENTS] = default_num_clients
-    executor = tff.framework.RemoteExecutor(stub)
-    executor.set_cardinalities(cardinalities)
-    return executor
-
-  return tff.framework.ResourceManagingExecutorFactory(
-      executor_stack_fn=stack_fn
-  )
-
-
-def _context_args(address: str, default_num_clients: int) -> dict:
-  return dict(
-      executor_fn=_remote_executor_factory(address, default_num_clients),
-      compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-      transform_args=tff.tensorflow.transform_args,
-      transform_result=tff.tensorflow.transform_result,
-  )
-
-
-def create_remote_context(
-    address: str, default_num_clients: int = 0
-) -> tff.framework.SyncExecutionContext:
-  """A synchronous TFF context executing on the worker at `address`."""
-  return tff.framework.SyncExecutionContext(
-      **_context_args(address, default_num_clients)
-  )
-
-
-def create_distributed_context(
-    addresses: Sequence[str],
-) -> tff.framework.MergeableCompExecutionContext:
-  """A context splitting each round's clients across the given workers.
-
-  TFF's mergeable-computation runtime compiles a computation into per-worker
-  parts whose partial aggregates the driver merges, one asynchronous remote
-  context per `host:port` worker.
-  """
-  return tff.backends.native.create_mergeable_comp_execution_context(
-      [tff.framework.AsyncExecutionContext(**_context_args(a, 0))
-       for a in addresses]
-  )
-
-
 def is_serving(address: str, timeout_s: float = 1.0) -> bool:
   """Whether a TFF executor service answers at `address` within the timeout."""
   try:
@@ -230,39 +162,6 @@ def is_serving(address: str, timeout_s: float = 1.0) -> bool:
     return True
   except WorkerError:
     return False
-
-
-def call_watched(fn, addresses: Sequence[str], poll_s: float = 1.0):
-  """Calls `fn()` while checking that every worker in `addresses` answers.
-
-  TFF's remote executor retries a worker that stopped answering forever, so a
-  dead worker would hang the call. `fn` runs in a daemon thread; if a worker
-  stops answering first, a `WorkerError` naming it is raised here and the
-  abandoned call is left to die with the process.
-  """
-  outcome = {}
-  context_stack = tff.framework.get_context_stack()
-  context = context_stack.current  # TFF's context stack is thread-local.
-
-  def target():
-    try:
-      with context_stack.install(context):
-        outcome['value'] = fn()
-    except BaseException as e:  # pylint: disable=broad-except
-      outcome['error'] = e
-
-  thread = threading.Thread(target=target, daemon=True)
-  thread.start()
-  while True:
-    thread.join(poll_s)
-    if not thread.is_alive():
-      break
-    dead = [a for a in addresses if not is_serving(a)]
-    if dead and thread.is_alive():
-      raise WorkerError(f'TFF worker at {", ".join(dead)} stopped answering')
-  if 'error' in outcome:
-    raise outcome['error']
-  return outcome['value']
 
 
 def parse_addresses(spec: str) -> list[str]:
@@ -275,21 +174,3 @@ def parse_addresses(spec: str) -> list[str]:
   return addresses
 
 
-@contextlib.contextmanager
-def local_runtime(
-    log_path: Optional[str] = None, default_num_clients: int = 0
-) -> Iterator[OwnedWorker]:
-  """Starts an owned worker and installs it as TFF's default context.
-
-  On exit the worker is stopped and no default context remains, so nothing
-  can silently start TFF's leaky default one.
-  """
-  worker = OwnedWorker(log_path=log_path).start()
-  try:
-    tff.framework.set_default_context(
-        create_remote_context(worker.address, default_num_clients)
-    )
-    yield worker
-  finally:
-    disable_default_context()
-    worker.stop()

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tff_fedprune import layers
+from tff_fedprune import model_state
 
 
 class Evaluator:
@@ -36,7 +36,7 @@ class Evaluator:
 
   def __call__(self, weights, dataset) -> tuple[float, float, np.ndarray]:
     """Returns (accuracy, mean loss, per-example correctness in order)."""
-    layers.assign_weights(self._model, weights)
+    model_state.assign_weights(self._model, weights)
     total_loss = 0.0
     correct = []
     for images, labels in dataset:

@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import time
-from typing import Optional
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -24,15 +24,18 @@ import tensorflow_federated as tff
 import tensorflow_model_optimization as tfmot
 import tqdm
 
-import keras_models
 from tff_fedprune import client_work
 from tff_fedprune import data as data_lib
-from tff_fedprune import evaluation
-from tff_fedprune import flops
-from tff_fedprune import layers
 from tff_fedprune import learning_process
-from tff_fedprune import reporting
+from tff_fedprune import model_state
 from tff_fedprune import runtime
+from tff_fedprune.simulation import client_states
+from tff_fedprune.simulation import config as config_lib
+from tff_fedprune.simulation import evaluation
+from tff_fedprune.simulation import flops
+from tff_fedprune.simulation import reporting
+from tff_fedprune.simulation.config import ConfigError
+from tff_fedprune.simulation.config import ExperimentConfig
 
 METRIC_COLUMNS = (
     'test_accuracy',
@@ -49,170 +52,6 @@ METRIC_COLUMNS = (
     'clients_completed',
     'clients_dropped',
 )
-# Fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = (
-    'total_rounds', 'eval_every', 'root_output_dir', 'workers'
-)
-
-
-class ConfigError(ValueError):
-  """An experiment configuration is invalid."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-  """Everything that defines a run (DESIGN.md section 3)."""
-
-  experiment_name: str = 'quickstart'
-  root_output_dir: str = '/tmp/tff_fedprune'
-  dataset: str = 'digits'
-  data_dir: Optional[str] = None
-  model: str = 'cnn'
-  algorithm: str = 'fedavg'
-  dynamic_pruning: bool = False
-  keep_ratio: float = 0.7
-  client_keep_ratios: str = ''
-  salience_threshold: float = 0.0
-  prox_mu: float = 0.01
-  client_failure_rate: float = 0.0
-  workers: str = ''
-  num_clients: int = 10
-  clients_per_round: int = 10
-  partition: str = 'dirichlet'
-  dirichlet_alpha: float = 0.5
-  classes_per_client: int = 2
-  server_optimizer: str = 'sgd'
-  server_learning_rate: float = 1.0
-  client_learning_rate: float = 0.05
-  client_momentum: float = 0.9
-  weight_decay: float = 5e-4
-  local_epochs: int = 1
-  batch_size: int = 32
-  total_rounds: int = 10
-  eval_every: int = 1
-  seed: int = 0
-
-  @property
-  def run_dir(self) -> str:
-    return os.path.join(self.root_output_dir, self.experiment_name)
-
-  def keep_ratio_of(self, client_id: int) -> float:
-    """Client `client_id`'s keep ratio (DESIGN.md 1.4)."""
-    ratios = parse_ratios(self.client_keep_ratios) or [self.keep_ratio]
-    return ratios[client_id % len(ratios)]
-
-
-def parse_ratios(spec: str) -> list[float]:
-  """'0.5,0.7,1.0' -> [0.5, 0.7, 1.0]; raises ConfigError when malformed."""
-  try:
-    return [float(r) for r in spec.split(',') if r.strip()]
-  except ValueError as e:
-    raise ConfigError(
-        f'--client_keep_ratios={spec!r} is not a list of numbers'
-    ) from e
-
-
-def validate(config: ExperimentConfig) -> None:
-  """Raises `ConfigError` with a one-line reason if `config` is unusable."""
-
-  def require(ok, message):
-    if not ok:
-      raise ConfigError(message)
-
-  require(
-      config.dataset in data_lib.SOURCES,
-      f'unknown dataset {config.dataset!r}; choose from {data_lib.SOURCES}',
-  )
-  require(
-      config.model in keras_models.MODELS,
-      f'unknown model {config.model!r}; choose from {keras_models.MODELS}',
-  )
-  require(
-      config.partition in data_lib.PARTITIONS,
-      f'unknown partition {config.partition!r}; choose from'
-      f' {data_lib.PARTITIONS}',
-  )
-  require(
-      config.server_optimizer in learning_process.SERVER_OPTIMIZERS,
-      f'unknown server optimizer {config.server_optimizer!r}; choose from'
-      f' {learning_process.SERVER_OPTIMIZERS}',
-  )
-  for name in ('num_clients', 'clients_per_round', 'local_epochs',
-               'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):
-    value = getattr(config, name)
-    require(value >= 1, f'--{name} must be >= 1, got {value}')
-  require(
-      config.algorithm in client_work.ALGORITHMS,
-      f'unknown algorithm {config.algorithm!r}; choose from'
-      f' {client_work.ALGORITHMS}',
-  )
-  for ratio in [config.keep_ratio] + parse_ratios(config.client_keep_ratios):
-    require(0 < ratio <= 1, f'keep ratio must be in (0, 1], got {ratio}')
-  require(
-      0 <= config.salience_threshold < 1,
-      f'--salience_threshold must be in [0, 1), got'
-      f' {config.salience_threshold}',
-  )
-  require(config.prox_mu >= 0, f'--prox_mu must be >= 0, got {config.prox_mu}')
-  require(
-      0 <= config.client_failure_rate < 1,
-      f'--client_failure_rate must be in [0, 1), got'
-      f' {config.client_failure_rate}',
-  )
-  require(
-      config.clients_per_round <= config.num_clients,
-      f'--clients_per_round={config.clients_per_round} exceeds'
-      f' --num_clients={config.num_clients}',
-  )
-  require(
-      config.dirichlet_alpha > 0,
-      f'--dirichlet_alpha must be > 0, got {config.dirichlet_alpha}',
-  )
-  for name in ('client_learning_rate', 'server_learning_rate'):
-    value = getattr(config, name)
-    require(value > 0, f'--{name} must be > 0, got {value}')
-  require(
-      0 <= config.client_momentum < 1,
-      f'--client_momentum must be in [0, 1), got {config.client_momentum}',
-  )
-  require(
-      config.weight_decay >= 0,
-      f'--weight_decay must be >= 0, got {config.weight_decay}',
-  )
-  try:
-    runtime.parse_addresses(config.workers)
-  except ValueError as e:
-    raise ConfigError(f'--workers: {e}') from e
-  require(config.experiment_name, '--experiment_name must not be empty')
-  require(
-      os.sep not in config.experiment_name,
-      f'--experiment_name must not contain {os.sep!r}',
-  )
-  for path in (config.root_output_dir, config.run_dir):
-    require(
-        not os.path.exists(path) or os.path.isdir(path),
-        f'output path {path} exists and is not a directory',
-    )
-
-
-def _check_resumable(config: ExperimentConfig) -> None:
-  """Refuses to resume a run directory that holds another configuration."""
-  path = os.path.join(config.run_dir, 'config.json')
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  current = dataclasses.asdict(config)
-  changed = sorted(
-      k
-      for k in set(saved) | set(current)
-      if k not in _RESUMABLE_FIELDS and saved.get(k) != current.get(k)
-  )
-  if changed:
-    raise ConfigError(
-        f'{config.run_dir} holds a run with different {", ".join(changed)};'
-        ' use another --experiment_name or --root_output_dir'
-    )
 
 
 def _write_json(path: str, value) -> None:
@@ -265,14 +104,24 @@ def load_data(config: ExperimentConfig) -> data_lib.FederatedData:
   )
 
 
-def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
+ModelBuilder = Callable[..., tf.keras.Model]
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    models: Mapping[str, ModelBuilder],
+    progress: bool = True,
+) -> dict:
   """Runs (or resumes) `config` to `total_rounds`; returns the summary.
 
-  Raises `ConfigError`, `data.DataSourceError` or `data.PartitionError`
-  before anything is written if the configuration or data is unusable.
+  `models` maps each architecture name to its builder
+  `(input_shape=..., num_classes=..., gated=..., keep_ratio=...) -> Model`
+  (e.g. `keras_models.BUILDERS`). Raises `ConfigError`,
+  `data.DataSourceError` or `data.PartitionError` before anything is written
+  if the configuration or data is unusable.
   """
-  validate(config)
-  _check_resumable(config)
+  config_lib.validate(config, tuple(models))
+  config_lib.check_resumable(config)
   fed_data = load_data(config)
   workers = runtime.parse_addresses(config.workers)
   for address in workers:
@@ -289,27 +138,28 @@ def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
     with tff.framework.get_context_stack().install(
         runtime.create_distributed_context(workers)
     ):
-      summary = _train(config, fed_data, progress, workers)
+      summary = _train(config, models[config.model], fed_data, progress,
+                       workers)
   else:
     with runtime.local_runtime(
         log_path=os.path.join(config.run_dir, 'worker.log')
     ) as worker:
-      summary = _train(config, fed_data, progress, [worker.address])
+      summary = _train(config, models[config.model], fed_data, progress,
+                       [worker.address])
   summary['wall_seconds_this_invocation'] = time.time() - started
   _write_json(os.path.join(config.run_dir, 'summary.json'), summary)
   return summary
 
 
-def _train(config, fed_data, progress, worker_addresses) -> dict:
+def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
   source = fed_data.source
 
-  def model_fn():
-    return keras_models.build_model(
-        config.model,
-        source.image_shape,
-        source.num_classes,
+  def model_fn(keep_ratio=config.keep_ratio):
+    return build_model(
+        input_shape=source.image_shape,
+        num_classes=source.num_classes,
         gated=config.dynamic_pruning,
-        keep_ratio=config.keep_ratio,
+        keep_ratio=keep_ratio,
     )
 
   tf.keras.utils.set_random_seed(config.seed)
@@ -323,6 +173,7 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
       prox_mu=config.prox_mu,
       salience_threshold=config.salience_threshold,
       num_clients=config.num_clients,
+      clients_per_round=config.clients_per_round,
       server_optimizer=config.server_optimizer,
       server_learning_rate=config.server_learning_rate,
   )
@@ -336,18 +187,32 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
   tensorboard_manager = tff.program.TensorBoardReleaseManager(
       os.path.join(run_dir, 'tensorboard')
   )
+  data_type = process.next.type_signature.parameter[1].member
+  table = (
+      client_states.ClientStateTable(
+          tff.types.type_to_tf_tensor_specs(data_type.client_state.element)
+      )
+      if 'client_state' in tff.structure.name_list(data_type)
+      else None
+  )
   initial_state = runtime.call_watched(process.initialize, worker_addresses)
-  state, last_round = asyncio.run(state_manager.load_latest(initial_state))
-  if state is None:
+  saved, last_round = asyncio.run(state_manager.load_latest(
+      _program_state(initial_state, table)
+  ))
+  if saved is None:
     state, last_round = initial_state, 0
+  elif table is None:
+    state = saved
+  else:
+    state = saved['process']
+    table.load_program_state(saved['client_states'])
 
-  eval_model = model_fn()
+  eval_model = model_fn(config.evaluation_keep_ratio)
   evaluate = evaluation.Evaluator(eval_model)
   weights = process.get_model_weights(state)
   weight_bytes = _num_bytes(weights)
-  control_size = (
-      _num_bytes(weights.trainable) if config.algorithm == 'scaffold' else 0
-  )
+  # Per-client state (SCAFFOLD's variates) travels too: c down, dc_k up.
+  control_size = _num_bytes(table.get(0)) if table is not None else 0
   history = _read_history(os.path.join(run_dir, 'metrics.csv'), last_round)
 
   rounds = range(last_round + 1, config.total_rounds + 1)
@@ -366,9 +231,10 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
                   round_num,
               ),
               config.keep_ratio_of(c),
-              client_id=c,
+              slot=slot,
+              client_state=table.get(c) if table is not None else None,
           )
-          for c in clients
+          for slot, c in enumerate(clients)
       ]
       try:
         output = runtime.call_watched(
@@ -380,6 +246,10 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
             ' checkpointed: rerun with live workers to resume'
         ) from e
       state = output.state
+      if table is not None:
+        table.apply(
+            clients, state.client_work[client_work.CLIENT_STATE_UPDATES]
+        )
       weights = process.get_model_weights(state)
       client_metrics = output.metrics['client_work']
       upload = output.metrics['aggregator']
@@ -397,7 +267,6 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
         test_accuracy = test_loss = flops_ratio = float('nan')
         personal_mean = personal_worst = float('nan')
       dense_bytes = len(clients) * weight_bytes
-      # SCAFFOLD's control variates travel too: c down, dc_k up (encoded).
       control_bytes = len(clients) * control_size
       metrics = collections.OrderedDict(
           test_accuracy=test_accuracy,
@@ -417,7 +286,9 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
           clients_dropped=len(dropped),
       )
       asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))
-      asyncio.run(state_manager.save(state, round_num))
+      asyncio.run(
+          state_manager.save(_program_state(state, table), round_num)
+      )
       history.append(dict(metrics, round=round_num))
       bar.set_postfix(
           acc=f'{test_accuracy:.3f}',
@@ -426,7 +297,7 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
       bar.update(1)
 
   model_dir = os.path.join(run_dir, 'model')
-  layers.assign_weights(eval_model, weights)
+  model_state.assign_weights(eval_model, weights)
   os.makedirs(model_dir, exist_ok=True)
   eval_model.save(os.path.join(model_dir, 'model.keras'))
   _write_json(
@@ -442,6 +313,13 @@ def _train(config, fed_data, progress, worker_addresses) -> dict:
       [reporting.load_run(run_dir)], os.path.join(run_dir, 'plots')
   )
   return _summary(config, fed_data, history)
+
+
+def _program_state(state, table):
+  """The process state, with the client state table if there is one."""
+  if table is None:
+    return state
+  return {'process': state, 'client_states': table.to_program_state()}
 
 
 async def _release(metrics, round_num, *managers):

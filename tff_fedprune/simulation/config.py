@@ -1,0 +1,241 @@
+"""The configuration of a simulated run: fields, help text and validation.
+
+`ExperimentConfig` is everything that defines a run; each field carries its
+command-line help (`help_text`), so the flags of `experiments.cifar` are made
+from it. A run directory stores its configuration in config.json; a key that
+an older config.json lacks takes the field's default, which is the behaviour
+runs had before that field existed (`with_defaults`).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from tff_fedprune import data as data_lib
+from tff_fedprune import learning_process
+from tff_fedprune.runtime import worker_process
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_FIELDS = ('total_rounds', 'eval_every', 'root_output_dir', 'workers')
+
+
+class ConfigError(ValueError):
+  """An experiment configuration is invalid."""
+
+
+def _field(default, help_text: str, choices: tuple = ()):
+  return dataclasses.field(
+      default=default, metadata={'help': help_text, 'choices': choices}
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything that defines a run (docs/design.md, section 5)."""
+
+  experiment_name: str = _field(
+      'quickstart', 'Run directory name under --root_output_dir.'
+  )
+  root_output_dir: str = _field(
+      '/tmp/tff_fedprune', 'Where run directories are written.'
+  )
+  dataset: str = _field('digits', 'Image dataset.', data_lib.SOURCES)
+  data_dir: Optional[str] = _field(
+      None, 'Directory (or archive) holding the dataset files.'
+  )
+  model: str = _field('cnn', 'Model architecture (keras_models).')
+  algorithm: str = _field(
+      'fedavg', 'Federated algorithm.', learning_process.ALGORITHMS
+  )
+  dynamic_pruning: bool = _field(
+      False, 'Gate every conv layer (FedDP) instead of dense.'
+  )
+  keep_ratio: float = _field(
+      0.7, 'Share of output channels each gated layer keeps, in training'
+      ' (unless --client_keep_ratios is set) and by default in evaluation.'
+  )
+  client_keep_ratios: str = _field(
+      '', 'Comma-separated keep ratios for training, client id modulo the'
+      ' list (heterogeneous devices); replaces --keep_ratio in training only:'
+      ' evaluation, FLOPs and the saved model use --eval_keep_ratio.'
+  )
+  eval_keep_ratio: Optional[float] = _field(
+      None, 'Keep ratio of the evaluated, measured and saved global model'
+      ' (default: --keep_ratio).'
+  )
+  salience_threshold: float = _field(
+      0.0, "A channel is uploaded iff kept in more than this share of the"
+      " client's samples."
+  )
+  prox_mu: float = _field(0.01, 'FedProx proximal coefficient.')
+  client_failure_rate: float = _field(
+      0.0, "Share of each round's sampled clients that drop out (simulated"
+      ' device loss).'
+  )
+  workers: str = _field(
+      '', 'host:port,... of TFF workers (python -m tff_fedprune.worker) to'
+      ' run the clients on; default: a local worker owned by this process.'
+  )
+  num_clients: int = _field(
+      10, 'Number of clients the training set is split into.'
+  )
+  clients_per_round: int = _field(10, 'Clients sampled each round.')
+  partition: str = _field(
+      'dirichlet', 'How the training set is split.', data_lib.PARTITIONS
+  )
+  dirichlet_alpha: float = _field(
+      0.5, 'Concentration of the Dirichlet label skew.'
+  )
+  classes_per_client: int = _field(
+      2, 'Classes per client for --partition=shards.'
+  )
+  server_optimizer: str = _field(
+      'sgd', 'Server optimizer.', learning_process.SERVER_OPTIMIZERS
+  )
+  server_learning_rate: float = _field(1.0, 'Server optimizer learning rate.')
+  client_learning_rate: float = _field(0.05, 'Client SGD learning rate.')
+  client_momentum: float = _field(0.9, 'Client SGD momentum.')
+  weight_decay: float = _field(5e-4, 'Client L2 weight decay.')
+  local_epochs: int = _field(1, 'Local epochs per round.')
+  batch_size: int = _field(32, 'Client batch size.')
+  total_rounds: int = _field(10, 'Number of federated rounds.')
+  eval_every: int = _field(
+      1, 'Evaluate the global model every N rounds (and the last).'
+  )
+  seed: int = _field(
+      0, 'Seed of partition, sampling, initial weights and shuffling.'
+  )
+
+  @property
+  def run_dir(self) -> str:
+    return os.path.join(self.root_output_dir, self.experiment_name)
+
+  def keep_ratio_of(self, client_id: int) -> float:
+    """Client `client_id`'s keep ratio in training (heterogeneous devices)."""
+    ratios = parse_ratios(self.client_keep_ratios) or [self.keep_ratio]
+    return ratios[client_id % len(ratios)]
+
+  @property
+  def evaluation_keep_ratio(self) -> float:
+    """The keep ratio of the evaluated, measured and saved global model."""
+    if self.eval_keep_ratio is None:
+      return self.keep_ratio
+    return self.eval_keep_ratio
+
+
+def help_text(field: dataclasses.Field) -> str:
+  return field.metadata['help']
+
+
+def choices(field: dataclasses.Field) -> tuple:
+  return field.metadata['choices']
+
+
+def with_defaults(saved: dict) -> dict:
+  """A stored configuration with the defaults of the keys it lacks."""
+  defaults = dataclasses.asdict(ExperimentConfig())
+  return {**defaults, **saved}
+
+
+def parse_ratios(spec: str) -> list[float]:
+  """'0.5,0.7,1.0' -> [0.5, 0.7, 1.0]; raises ConfigError when malformed."""
+  try:
+    return [float(r) for r in spec.split(',') if r.strip()]
+  except ValueError as e:
+    raise ConfigError(
+        f'--client_keep_ratios={spec!r} is not a list of numbers'
+    ) from e
+
+
+def validate(config: ExperimentConfig, model_names=()) -> None:
+  """Raises `ConfigError` with a one-line reason if `config` is unusable.
+
+  `model_names` are the architectures the caller can build (all if empty).
+  """
+
+  def require(ok, message):
+    if not ok:
+      raise ConfigError(message)
+
+  for field in dataclasses.fields(config):
+    options = choices(field) or (
+        tuple(model_names) if field.name == 'model' else ()
+    )
+    value = getattr(config, field.name)
+    require(
+        not options or value in options,
+        f'unknown {field.name} {value!r}; choose from {options}',
+    )
+  for name in ('num_clients', 'clients_per_round', 'local_epochs',
+               'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):
+    value = getattr(config, name)
+    require(value >= 1, f'--{name} must be >= 1, got {value}')
+  ratios = [config.keep_ratio, config.evaluation_keep_ratio]
+  for ratio in ratios + parse_ratios(config.client_keep_ratios):
+    require(0 < ratio <= 1, f'keep ratio must be in (0, 1], got {ratio}')
+  require(
+      0 <= config.salience_threshold < 1,
+      f'--salience_threshold must be in [0, 1), got'
+      f' {config.salience_threshold}',
+  )
+  require(config.prox_mu >= 0, f'--prox_mu must be >= 0, got {config.prox_mu}')
+  require(
+      0 <= config.client_failure_rate < 1,
+      f'--client_failure_rate must be in [0, 1), got'
+      f' {config.client_failure_rate}',
+  )
+  require(
+      config.clients_per_round <= config.num_clients,
+      f'--clients_per_round={config.clients_per_round} exceeds'
+      f' --num_clients={config.num_clients}',
+  )
+  require(
+      config.dirichlet_alpha > 0,
+      f'--dirichlet_alpha must be > 0, got {config.dirichlet_alpha}',
+  )
+  for name in ('client_learning_rate', 'server_learning_rate'):
+    value = getattr(config, name)
+    require(value > 0, f'--{name} must be > 0, got {value}')
+  require(
+      0 <= config.client_momentum < 1,
+      f'--client_momentum must be in [0, 1), got {config.client_momentum}',
+  )
+  require(
+      config.weight_decay >= 0,
+      f'--weight_decay must be >= 0, got {config.weight_decay}',
+  )
+  try:
+    worker_process.parse_addresses(config.workers)
+  except ValueError as e:
+    raise ConfigError(f'--workers: {e}') from e
+  require(config.experiment_name, '--experiment_name must not be empty')
+  require(
+      os.sep not in config.experiment_name,
+      f'--experiment_name must not contain {os.sep!r}',
+  )
+  for path in (config.root_output_dir, config.run_dir):
+    require(
+        not os.path.exists(path) or os.path.isdir(path),
+        f'output path {path} exists and is not a directory',
+    )
+
+
+def check_resumable(config: ExperimentConfig) -> None:
+  """Refuses to resume a run directory that holds another configuration."""
+  path = os.path.join(config.run_dir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = with_defaults(json.load(f))
+  current = dataclasses.asdict(config)
+  changed = sorted(
+      k
+      for k in set(saved) | set(current)
+      if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+  )
+  if changed:
+    raise ConfigError(
+        f'{config.run_dir} holds a run with different {", ".join(changed)};'
+        ' use another --experiment_name or --root_output_dir'
+    )

@@ -1,31 +1,51 @@
 """A federation split across two TFF workers on loopback."""
 
+import collections
+
 from absl.testing import absltest
+from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tests import learning_process_test as lpt
+from tests import testing
 from tff_fedprune import client_work
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
 
 
-class DistributedTest(absltest.TestCase):
+class DistributedTest(parameterized.TestCase):
 
-  def test_two_workers_give_the_local_round_result(self):
-    fn = lpt.model_fn(gated=True)
-    weights = lpt.initial_weights(fn)
-    datasets = [client_work.client_data(d, 0.5, client_id=i)
-                for i, d in enumerate(lpt.client_datasets(num_clients=4))]
-    spec = lpt.client_datasets()[0].element_spec
+  @parameterized.parameters('fedavg', 'scaffold')
+  def test_two_workers_give_the_local_round_result(self, algorithm):
+    fn = testing.model_fn(gated=True)
+    weights = testing.initial_weights(fn)
+    rng = np.random.default_rng(0)
+
+    def client_state():
+      # Non-zero control variates c_k, so the correction and its return
+      # through the per-slot table are exercised.
+      if algorithm != 'scaffold':
+        return None
+      return collections.OrderedDict(c_k=tuple(
+          0.01 * rng.normal(size=w.shape).astype(np.float32)
+          for w in weights.trainable))
+
+    datasets = [
+        client_work.client_data(d, 0.5, slot=i, client_state=client_state())
+        for i, d in enumerate(testing.client_datasets(num_clients=4))]
+    spec = testing.client_datasets()[0].element_spec
 
     def one_round():
       process = learning_process.build_learning_process(
           fn, spec, client_learning_rate=0.1, client_momentum=0.9,
+          algorithm=algorithm, num_clients=6, clients_per_round=4,
           initial_weights=weights)
       output = process.next(process.initialize(), datasets)
-      return process.get_model_weights(output.state), output.metrics
+      return (
+          (process.get_model_weights(output.state), output.state.client_work),
+          output.metrics,
+      )
 
     with runtime.local_runtime():
       local_weights, local_metrics = one_round()

@@ -10,24 +10,21 @@ import time
 
 from absl.testing import absltest
 
-from tests import runtime_test
+from tests import testing
 from tff_fedprune import runtime
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.cfg')
+ROOT = testing.ROOT
+QUICKSTART = testing.QUICKSTART
 
 
 def run_cli(*args, timeout=600):
-  return subprocess.run(
-      [sys.executable, '-m', 'experiments.cifar', *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-      stdin=subprocess.DEVNULL)
+  return testing.run_module('experiments.cifar', *args, timeout=timeout)
 
 
 class CliTest(absltest.TestCase):
 
   def test_quickstart_through_a_pipe_leaves_no_worker(self):
-    before = runtime_test.worker_pids()
+    before = testing.worker_pids()
     out_dir = self.create_tempdir().full_path
     command = (f'{sys.executable} -m experiments.cifar --flagfile={QUICKSTART}'
                f' --total_rounds=2 --root_output_dir={out_dir} 2>&1 | tail -n 3')
@@ -40,8 +37,8 @@ class CliTest(absltest.TestCase):
       self.assertLen(list(csv.DictReader(f)), 2)
     with open(os.path.join(run_dir, 'summary.json')) as f:
       self.assertEqual(json.load(f)['rounds_completed'], 2)
-    leaked = runtime_test.worker_pids() - before
-    self.assertFalse([p for p in leaked if runtime_test.is_alive(p)])
+    leaked = testing.worker_pids() - before
+    self.assertFalse([p for p in leaked if testing.is_alive(p)])
 
   def test_bad_flags_fail_in_one_line_and_write_nothing(self):
     out_dir = self.create_tempdir().full_path

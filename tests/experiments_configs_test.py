@@ -8,9 +8,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from experiments import cifar
-from tff_fedprune.simulation import loop
+import keras_models
+from tests import testing
+from tff_fedprune import learning_process
+from tff_fedprune.simulation import config as config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testing.ROOT
 CONFIGS = sorted(glob.glob(
     os.path.join(ROOT, 'experiments', 'configs', '**', '*.cfg'),
     recursive=True))
@@ -34,11 +37,11 @@ class ConfigsTest(parameterized.TestCase):
 
   @parameterized.parameters(*CONFIGS)
   def test_flagfile_is_a_valid_configuration(self, path):
-    loop.validate(parse(path))
+    config_lib.validate(parse(path), keras_models.MODELS)
 
   def test_paper_cells_set_their_algorithm_and_pruning(self):
     for model in ('resnet32', 'vgg11'):
-      for algorithm in loop.client_work.ALGORITHMS:
+      for algorithm in learning_process.ALGORITHMS:
         for mode in ('dense', 'gated'):
           config = parse(os.path.join(
               ROOT, 'experiments', 'configs', f'cifar10_{model}',

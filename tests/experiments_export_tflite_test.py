@@ -10,17 +10,16 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
+from tests import testing
 from tff_fedprune import data
 from tff_fedprune import model_state
 from tff_fedprune.export import tflite
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testing.ROOT
 
 
 def export_cli(*args):
-  return subprocess.run(
-      [sys.executable, '-m', 'experiments.export_tflite', *args], cwd=ROOT,
-      capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+  return testing.run_module('experiments.export_tflite', *args)
 
 
 class ExportCliTest(absltest.TestCase):

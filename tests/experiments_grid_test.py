@@ -9,8 +9,10 @@ import time
 
 from absl.testing import absltest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.cfg')
+from tests import testing
+
+ROOT = testing.ROOT
+QUICKSTART = testing.QUICKSTART
 ARGS = (f'--flagfile={QUICKSTART}', '--total_rounds=2', '--local_epochs=1',
         '--algorithms=fedavg', '--pruning=on,off', '--seeds=0')
 CELLS = ('fedavg_gated_seed0', 'fedavg_dense_seed0')
@@ -22,9 +24,8 @@ def grid_command(root):
 
 
 def run_grid(root, *extra):
-  return subprocess.run(
-      grid_command(root) + list(extra), cwd=ROOT, capture_output=True,
-      text=True, timeout=600, stdin=subprocess.DEVNULL)
+  return testing.run_module(
+      'experiments.grid', *ARGS, f'--root_output_dir={root}', *extra)
 
 
 def rows(root, cell):

@@ -6,36 +6,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-import keras_models
+from tests import testing
 from tff_fedprune import client_work
 from tff_fedprune import model_state
+from tff_fedprune import finalizer
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
-
-
-def model_fn(gated=False):
-  return lambda: keras_models.build_model('cnn', (8, 8, 1), 10, gated=gated,
-                                          keep_ratio=0.5)
-
-
-def client_datasets(num_clients=3, n=12, seed=0, poison=None):
-  """`num_clients` datasets of `n` examples each (or `n[k]` for client k)."""
-  rng = np.random.default_rng(seed)
-  sizes = n if isinstance(n, list) else [n] * num_clients
-  out = []
-  for k, size in enumerate(sizes):
-    x = rng.normal(size=(size, 8, 8, 1)).astype(np.float32)
-    if k == poison:
-      x[0, 0, 0, 0] = np.nan
-    y = rng.integers(0, 10, size).astype(np.int32)
-    out.append(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
-  return out
-
-
-def initial_weights(fn):
-  tf.keras.utils.set_random_seed(1)
-  return tf.nest.map_structure(lambda v: v.numpy(),
-                               model_state.global_weights(fn()))
 
 
 class LearningProcessTest(parameterized.TestCase):
@@ -45,7 +21,7 @@ class LearningProcessTest(parameterized.TestCase):
     super().setUpClass()
     cls._runtime = runtime.local_runtime()
     cls._runtime.__enter__()
-    cls.spec = client_datasets()[0].element_spec
+    cls.spec = testing.client_datasets()[0].element_spec
 
   @classmethod
   def tearDownClass(cls):
@@ -53,19 +29,19 @@ class LearningProcessTest(parameterized.TestCase):
     super().tearDownClass()
 
   def test_pruning_off_sgd_one_round_equals_tff_fed_avg(self):
-    weights = initial_weights(model_fn())
+    weights = testing.initial_weights(testing.model_fn())
     ours = learning_process.build_learning_process(
-        model_fn(), self.spec, client_learning_rate=0.1,
+        testing.model_fn(), self.spec, client_learning_rate=0.1,
         server_optimizer='sgd', server_learning_rate=1.0,
         initial_weights=weights)
     stock = tff.learning.algorithms.build_weighted_fed_avg(
         lambda: tff.learning.models.from_keras_model(
-            model_fn()(), input_spec=self.spec,
+            testing.model_fn()(), input_spec=self.spec,
             loss=tf.keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True)),
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
-    datasets = client_datasets()
+    datasets = testing.client_datasets()
     stock_state = stock.set_model_weights(stock.initialize(), weights)
     stock_out = stock.next(stock_state, datasets)
     our_out = ours.next(ours.initialize(),
@@ -88,12 +64,12 @@ class LearningProcessTest(parameterized.TestCase):
 
   def test_gated_round_uploads_less_and_stays_finite(self):
     process = learning_process.build_learning_process(
-        model_fn(gated=True), self.spec, client_learning_rate=0.05,
+        testing.model_fn(gated=True), self.spec, client_learning_rate=0.05,
         client_momentum=0.9, weight_decay=1e-3, server_optimizer='adam',
         server_learning_rate=0.01)
     output = process.next(process.initialize(), [
         client_work.client_data(d, r)
-        for d, r in zip(client_datasets(), (0.3, 0.5, 1.0))])
+        for d, r in zip(testing.client_datasets(), (0.3, 0.5, 1.0))])
     agg = output.metrics['aggregator']
     self.assertLess(agg['upload_bytes'],
                     3 * 4 * agg['coordinates_per_client'])
@@ -104,11 +80,11 @@ class LearningProcessTest(parameterized.TestCase):
                         for w in tf.nest.flatten(weights)))
 
   def test_non_finite_client_is_rejected_and_counted(self):
-    weights = initial_weights(model_fn(gated=True))
+    weights = testing.initial_weights(testing.model_fn(gated=True))
     process = learning_process.build_learning_process(
-        model_fn(gated=True), self.spec, client_learning_rate=0.1,
+        testing.model_fn(gated=True), self.spec, client_learning_rate=0.1,
         initial_weights=weights)
-    datasets = client_datasets(poison=1)
+    datasets = testing.client_datasets(poison=1)
     with_bad = process.next(process.initialize(), [
         client_work.client_data(d, 0.5) for d in datasets])
     without = process.next(process.initialize(), [
@@ -122,10 +98,10 @@ class LearningProcessTest(parameterized.TestCase):
   @parameterized.parameters('fedprox', 'fednova')
   def test_algorithms_run_a_gated_round(self, algorithm):
     process = learning_process.build_learning_process(
-        model_fn(gated=True), self.spec, client_learning_rate=0.05,
+        testing.model_fn(gated=True), self.spec, client_learning_rate=0.05,
         client_momentum=0.9, algorithm=algorithm, prox_mu=0.1)
     output = process.next(process.initialize(), [
-        client_work.client_data(d, 0.5) for d in client_datasets()])
+        client_work.client_data(d, 0.5) for d in testing.client_datasets()])
     weights = process.get_model_weights(output.state)
     self.assertTrue(all(np.all(np.isfinite(w))
                         for w in tf.nest.flatten(weights)))
@@ -134,9 +110,9 @@ class LearningProcessTest(parameterized.TestCase):
   def test_fednova_averages_moving_statistics_as_fedavg_does(self):
     # Clients train alike under both (no proximal term); FedNova rescales
     # the trainable update only, so the statistics are the same mean.
-    fn = model_fn(gated=True)
-    weights = initial_weights(fn)
-    datasets = client_datasets(n=[4, 12, 20])
+    fn = testing.model_fn(gated=True)
+    weights = testing.initial_weights(fn)
+    datasets = testing.client_datasets(n=[4, 12, 20])
     results = {}
     for algorithm in ('fedavg', 'fednova'):
       process = learning_process.build_learning_process(
@@ -152,56 +128,18 @@ class LearningProcessTest(parameterized.TestCase):
         np.allclose(a, b) for a, b in zip(results['fedavg'].trainable,
                                           results['fednova'].trainable)))
 
-  @parameterized.parameters(0.0, 0.9)
-  def test_scaffold_control_variates_match_local_reference(self, momentum):
-    fn = model_fn(gated=True)
-    weights = initial_weights(fn)
-    lr, num_clients = 0.1, 3
-    process = learning_process.build_learning_process(
-        fn, self.spec, client_learning_rate=lr, client_momentum=momentum,
-        algorithm='scaffold', num_clients=num_clients,
-        initial_weights=weights)
-    datasets = client_datasets(num_clients=2)
-    ids = (0, 2)
-    output = process.next(process.initialize(), [
-        client_work.client_data(d, 0.5, client_id=i)
-        for d, i in zip(datasets, ids)])
-    state = output.state.client_work
-    expected_rows = {}
-    for d, i in zip(datasets, ids):
-      train = client_work.build_local_training(
-          fn(), tff.learning.optimizers.build_sgdm(lr, momentum or None))
-      delta, mask, _, _, steps = train(
-          weights, d, tf.data.Dataset.from_tensors(np.float32(0.5)))
-      # Momentum steps j = 1..K move the weights by lr (1 - m^j) / (1 - m).
-      a_k = sum((1 - momentum**j) / (1 - momentum)
-                for j in range(1, int(steps) + 1))
-      expected_rows[i] = [m.numpy() * d_.numpy() / (a_k * lr)
-                          for m, d_ in zip(mask.trainable, delta.trainable)]
-    for j, table in enumerate(state['c_clients']):
-      np.testing.assert_allclose(table[0], expected_rows[0][j], atol=1e-5)
-      np.testing.assert_allclose(table[1], np.zeros_like(table[1]))
-      np.testing.assert_allclose(table[2], expected_rows[2][j], atol=1e-5)
-      np.testing.assert_allclose(
-          state['c'][j], (expected_rows[0][j] + expected_rows[2][j]) / 3,
-          atol=1e-5)
-    self.assertGreater(output.metrics['client_work']['control_upload_bytes'],
-                       0)
-    # The next round applies the correction and still trains finitely.
-    second = process.next(output.state, [
-        client_work.client_data(d, 0.5, client_id=i)
-        for d, i in zip(datasets, ids)])
-    self.assertTrue(all(np.all(np.isfinite(w)) for w in tf.nest.flatten(
-        process.get_model_weights(second.state))))
-
   @parameterized.parameters(*learning_process.SERVER_OPTIMIZERS)
   def test_server_optimizer_builds(self, name):
-    optimizer = learning_process.build_server_optimizer(name, 0.1)
+    optimizer = finalizer.build_server_optimizer(name, 0.1)
     self.assertIsInstance(optimizer, tff.learning.optimizers.Optimizer)
+
+  def test_unknown_algorithm(self):
+    with self.assertRaisesRegex(ValueError, 'unknown algorithm'):
+      learning_process.build_algorithm('fedsgd')
 
   def test_unknown_server_optimizer(self):
     with self.assertRaisesRegex(ValueError, 'unknown server optimizer'):
-      learning_process.build_server_optimizer('lamb', 0.1)
+      finalizer.build_server_optimizer('lamb', 0.1)
 
 
 if __name__ == '__main__':

@@ -11,30 +11,9 @@ from absl.testing import absltest
 import numpy as np
 import tensorflow_federated as tff
 
+from tests import testing
 from tff_fedprune import runtime
-
-
-def is_alive(pid):
-  try:
-    with open(f'/proc/{pid}/status') as f:
-      return 'State:\tZ' not in f.read()
-  except FileNotFoundError:
-    return False
-
-
-def wait_dead(pid, timeout_s=15):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    if not is_alive(pid):
-      return True
-    time.sleep(0.1)
-  return False
-
-
-def worker_pids():
-  out = subprocess.run(['pgrep', '-f', 'data/worker_binary'],
-                       capture_output=True, text=True).stdout
-  return {int(p) for p in out.split()}
+from tff_fedprune.runtime import worker_process
 
 
 class OwnedWorkerTest(absltest.TestCase):
@@ -42,14 +21,14 @@ class OwnedWorkerTest(absltest.TestCase):
   def test_serves_federated_computation_then_stops(self):
     with runtime.local_runtime() as worker:
       pid = worker.pid
-      self.assertTrue(is_alive(pid))
+      self.assertTrue(testing.is_alive(pid))
 
       @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
       def total(x):
         return tff.federated_sum(x)
 
       self.assertEqual(total([1.0, 2.0, 3.5]), 6.5)
-    self.assertTrue(wait_dead(pid))
+    self.assertTrue(testing.wait_dead(pid))
 
   def test_dies_with_a_sigkilled_parent(self):
     script = textwrap.dedent("""
@@ -63,10 +42,11 @@ class OwnedWorkerTest(absltest.TestCase):
                               stdout=subprocess.PIPE, text=True)
     try:
       worker_pid = int(parent.stdout.readline())
-      self.assertTrue(is_alive(worker_pid))
+      self.assertTrue(testing.is_alive(worker_pid))
       os.kill(parent.pid, signal.SIGKILL)
       parent.wait()
-      self.assertTrue(wait_dead(worker_pid), 'worker outlived its parent')
+      self.assertTrue(testing.wait_dead(worker_pid),
+                      'worker outlived its parent')
     finally:
       parent.kill()
       parent.stdout.close()
@@ -76,13 +56,13 @@ class OwnedWorkerTest(absltest.TestCase):
     def add_one(x):
       return x + 1.0
 
-    before = worker_pids()
+    before = testing.worker_pids()
     with self.assertRaisesRegex(RuntimeError, 'context'):
       add_one(1.0)
-    self.assertEqual(worker_pids() - before, set())
+    self.assertEqual(testing.worker_pids() - before, set())
 
   def test_foreground_worker_module_serves_a_remote_context(self):
-    port = runtime._pick_free_port()
+    port = worker_process._pick_free_port()
     worker = subprocess.Popen(
         [sys.executable, '-m', 'tff_fedprune.worker', f'--port={port}'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

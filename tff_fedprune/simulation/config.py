@@ -165,7 +165,8 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
     value = getattr(config, field.name)
     require(
         not options or value in options,
-        f'unknown {field.name} {value!r}; choose from {options}',
+        f'unknown {field.name.replace("_", " ")} {value!r}; choose from'
+        f' {options}',
     )
   for name in ('num_clients', 'clients_per_round', 'local_epochs',
                'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):

@@ -7,9 +7,10 @@ import os
 from absl.testing import absltest
 import numpy as np
 
+from tests import testing
 from tff_fedprune.simulation import reporting
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = testing.ROOT
 RESULTS = os.path.join(ROOT, 'results', 'fmnist_comparison')
 GRID = os.path.join(ROOT, 'results', 'fmnist_grid')
 

@@ -1,4 +1,4 @@
-"""Tests of the FedDP local training and client work."""
+"""Tests of the FedDP local training: masked updates, salience masks."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -7,8 +7,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import keras_models
-from tff_fedprune import client_work
 from tff_fedprune import gated_conv
+from tff_fedprune import local_training
 from tff_fedprune import model_state
 
 
@@ -31,7 +31,7 @@ class LocalTrainingTest(parameterized.TestCase):
     initial = tf.nest.map_structure(lambda v: v.numpy(),
                                     model_state.global_weights(model))
     optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
-    train = client_work.build_local_training(
+    train = local_training.build_local_training(
         model, optimizer, salience_threshold=threshold, **kwargs)
     args = [initial, batches(), keep(ratio)]
     if correction:
@@ -85,25 +85,10 @@ class LocalTrainingTest(parameterized.TestCase):
     model = keras_models.build_model('cnn', (8, 8, 1), 10)
     initial = tf.nest.map_structure(lambda v: v.numpy(),
                                     model_state.global_weights(model))
-    train = client_work.build_local_training(
+    train = local_training.build_local_training(
         model, tff.learning.optimizers.build_sgdm(0.1), weight_decay=1e-3)
     _, mask, *_ = train(initial, batches(), keep(0.3))
     self.assertTrue(all(np.all(m.numpy() == 1) for m in tf.nest.flatten(mask)))
-
-  @parameterized.parameters((5, 0.0), (5, 0.9), (1, 0.9), (40, 0.5))
-  def test_fednova_normalizer_matches_numpy(self, steps, momentum):
-    # Accumulated coefficients of t momentum steps: sum_j (1 - m^(t-j)) / (1-m).
-    expected = sum((1 - momentum**(steps - j)) / (1 - momentum)
-                   for j in range(steps))
-    self.assertAlmostEqual(
-        float(client_work.fednova_normalizer(steps, momentum)), expected,
-        places=4)
-
-  def test_rejects_unknown_algorithm(self):
-    with self.assertRaisesRegex(ValueError, 'unknown algorithm'):
-      client_work.build_client_work(
-          lambda: keras_models.build_model('cnn', (8, 8, 1), 10),
-          batches().element_spec, learning_rate=0.1, algorithm='fedsgd')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,83 @@
+"""Tests of the run configuration: validation, defaults, resumption."""
+
+import dataclasses
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+import keras_models
+from tests import testing
+from tff_fedprune.simulation import config as config_lib
+
+
+class ValidateTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ({'dataset': 'imagenet'}, 'unknown dataset'),
+      ({'model': 'alexnet'}, 'unknown model'),
+      ({'partition': 'random'}, 'unknown partition'),
+      ({'server_optimizer': 'lamb'}, 'unknown server optimizer'),
+      ({'clients_per_round': 11}, 'exceeds --num_clients=10'),
+      ({'keep_ratio': 0.0}, r'keep ratio must be in \(0, 1\], got 0.0'),
+      ({'keep_ratio': 1.2}, r'keep ratio must be in \(0, 1\], got 1.2'),
+      ({'client_keep_ratios': '0.5,0'}, r'keep ratio must be in \(0, 1\]'),
+      ({'client_keep_ratios': '0.5,x'}, 'not a list of numbers'),
+      ({'algorithm': 'fedsgd'}, 'unknown algorithm'),
+      ({'salience_threshold': 1.0}, 'salience_threshold'),
+      ({'prox_mu': -1.0}, 'prox_mu'),
+      ({'client_failure_rate': 1.0}, 'client_failure_rate'),
+      ({'workers': 'localhost'}, 'not host:port'),
+      ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
+      ({'dirichlet_alpha': -1.0}, 'dirichlet_alpha must be > 0'),
+      ({'total_rounds': 0}, 'total_rounds must be >= 1'),
+      ({'client_momentum': 1.0}, 'client_momentum'),
+      ({'client_learning_rate': 0.0}, 'client_learning_rate must be > 0'),
+      ({'experiment_name': 'a/b'}, 'must not contain'),
+  )
+  def test_rejects(self, overrides, message):
+    config = testing.small_config('/tmp/unused', num_clients=10, clients_per_round=5)
+    with self.assertRaisesRegex(config_lib.ConfigError, message):
+      config_lib.validate(dataclasses.replace(config, **overrides),
+                          keras_models.MODELS)
+
+  def test_client_keep_ratios_cycle_over_clients(self):
+    config = testing.small_config('/tmp/unused', client_keep_ratios='0.5,0.7,1.0')
+    self.assertEqual([config.keep_ratio_of(c) for c in range(5)],
+                     [0.5, 0.7, 1.0, 0.5, 0.7])
+    self.assertEqual(testing.small_config('/tmp/unused').keep_ratio_of(3), 0.5)
+
+  def test_eval_keep_ratio_defaults_to_keep_ratio(self):
+    config = testing.small_config('/tmp/unused', client_keep_ratios='0.3,1.0')
+    self.assertEqual(config.evaluation_keep_ratio, 0.5)
+    self.assertEqual(
+        dataclasses.replace(config, eval_keep_ratio=0.9).evaluation_keep_ratio,
+        0.9)
+    with self.assertRaisesRegex(config_lib.ConfigError, 'keep ratio'):
+      config_lib.validate(dataclasses.replace(config, eval_keep_ratio=0.0))
+
+  def test_old_config_without_new_keys_resumes(self):
+    config = testing.small_config(self.create_tempdir().full_path)
+    os.makedirs(config.run_dir)
+    old = dataclasses.asdict(config)
+    del old['eval_keep_ratio']
+    with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
+      json.dump(old, f)
+    config_lib.check_resumable(config)
+    with self.assertRaisesRegex(config_lib.ConfigError, 'eval_keep_ratio'):
+      config_lib.check_resumable(
+          dataclasses.replace(config, eval_keep_ratio=0.9))
+
+  def test_every_field_has_help(self):
+    for field in dataclasses.fields(config_lib.ExperimentConfig):
+      self.assertTrue(config_lib.help_text(field), field.name)
+
+  def test_output_dir_that_is_a_file(self):
+    path = self.create_tempfile().full_path
+    with self.assertRaisesRegex(config_lib.ConfigError, 'not a directory'):
+      config_lib.validate(testing.small_config(path))
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,135 @@
+"""Tests of the experiment driver: outputs, resume, validation."""
+
+import csv
+import dataclasses
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+import numpy as np
+import tensorflow as tf
+
+import keras_models
+from tests import testing
+from tff_fedprune import gated_conv
+from tff_fedprune.simulation import config as config_lib
+from tff_fedprune.simulation import flops
+from tff_fedprune.simulation import loop
+
+
+def read_rows(run_dir):
+  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+    return list(csv.DictReader(f))
+
+
+def run(config):
+  return loop.run_experiment(config, keras_models.BUILDERS, progress=False)
+
+
+class RunExperimentTest(parameterized.TestCase):
+
+  # SCAFFOLD resumes its driver-held control variates from the checkpoint.
+  @parameterized.parameters('fedavg', 'scaffold')
+  def test_outputs_and_resume_reproduce_an_uninterrupted_run(self, algorithm):
+    root = self.create_tempdir().full_path
+    straight = testing.small_config(os.path.join(root, 'a'),
+                                    algorithm=algorithm)
+    run(straight)
+    interrupted = testing.small_config(os.path.join(root, 'b'), total_rounds=2,
+                                       algorithm=algorithm)
+    run(interrupted)
+    self.assertLen(read_rows(interrupted.run_dir), 2)
+    summary = run(dataclasses.replace(interrupted, total_rounds=3))
+
+    a, b = read_rows(straight.run_dir), read_rows(interrupted.run_dir)
+    self.assertEqual([r['round'] for r in b], ['1', '2', '3'])
+    self.assertContainsSubset(
+        ['round'] + list(loop.METRIC_COLUMNS), list(b[0]))
+    for row_a, row_b in zip(a, b):
+      row_a.pop('round_seconds')
+      row_b.pop('round_seconds')
+      self.assertEqual(row_a, row_b)
+    self.assertEqual(summary['rounds_completed'], 3)
+    self.assertEqual(summary['final']['round'], 3)
+    with open(os.path.join(interrupted.run_dir, 'summary.json')) as f:
+      self.assertEqual(json.load(f)['config']['total_rounds'], 3)
+    for name in ('tensorboard', 'checkpoints', 'model/model.keras',
+                 'model/preprocessing.json'):
+      self.assertTrue(os.path.exists(os.path.join(interrupted.run_dir, name)),
+                      name)
+    # A finished run reruns as a no-op with the same rows.
+    run(
+        dataclasses.replace(interrupted, total_rounds=3))
+    self.assertLen(read_rows(interrupted.run_dir), 3)
+
+  def test_scaffold_counts_control_variate_traffic(self):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(root, total_rounds=1, algorithm='scaffold')
+    run(config)
+    dense = testing.small_config(os.path.join(root, 'dense'), total_rounds=1)
+    run(dense)
+    row, dense_row = read_rows(config.run_dir)[0], read_rows(dense.run_dir)[0]
+    # c travels down and dc_k up: dense-equivalent traffic grows by the
+    # trainable weights per client, the measured upload by encoded dc_k.
+    self.assertGreater(int(row['dense_upload_bytes']),
+                       int(dense_row['dense_upload_bytes']))
+    self.assertEqual(row['download_bytes'], row['dense_upload_bytes'])
+    self.assertGreater(int(row['upload_bytes']), 0)
+    self.assertLess(int(row['upload_bytes']), int(row['dense_upload_bytes']))
+
+  def test_evaluation_and_saved_model_use_the_eval_keep_ratio(self):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(root, total_rounds=1,
+                                  client_keep_ratios='0.3,1.0',
+                                  eval_keep_ratio=0.8)
+    run(config)
+    model = tf.keras.models.load_model(
+        os.path.join(config.run_dir, 'model', 'model.keras'))
+    self.assertEqual(
+        {float(l.keep_ratio.numpy()) for l in gated_conv.gated_layers(model)},
+        {np.float32(0.8)})
+    flops_ratio = float(read_rows(config.run_dir)[0]['flops_ratio'])
+    dense = flops.dense_flops(model)
+    self.assertAlmostEqual(
+        flops_ratio, flops.top_k_flops(model, 0.8) / dense, delta=0.05)
+
+  def test_client_failures_are_dropped_and_measured(self):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(root, num_clients=10, clients_per_round=10,
+                          client_failure_rate=0.3, total_rounds=2)
+    run(config)
+    for row in read_rows(config.run_dir):
+      self.assertEqual(row['clients_dropped'], '3')
+      self.assertEqual(row['clients_completed'], '7')
+      self.assertNotEqual(row['test_accuracy'], 'nan')
+    completing, dropped = loop.sample_clients(config, 1)
+    self.assertLen(set(completing) | set(dropped), 10)
+    self.assertEqual(loop.sample_clients(config, 1),
+                     (completing, dropped))
+
+  def test_refuses_to_resume_a_different_configuration(self):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(root, total_rounds=1)
+    run(config)
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                'different client_learning_rate'):
+      run(
+          dataclasses.replace(config, client_learning_rate=0.1),
+          progress=False)
+
+
+class WorkersTest(absltest.TestCase):
+
+  def test_unreachable_worker_is_a_clear_error_writing_nothing(self):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(os.path.join(root, 'out'), workers='localhost:1')
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                'localhost:1 did not answer'):
+      run(config)
+    self.assertFalse(os.path.exists(config.root_output_dir))
+
+
+if __name__ == '__main__':
+  absltest.main()

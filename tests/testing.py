@@ -1,0 +1,117 @@
+"""Helpers shared by the test suites: small models, client data, processes."""
+
+import collections
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import keras_models
+from tff_fedprune import model_state
+from tff_fedprune.simulation import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.cfg')
+
+
+def model_fn(gated=False):
+  """A builder of the small CNN on 8x8x1 inputs (keep ratio 0.5 if gated)."""
+  return lambda: keras_models.build_model('cnn', (8, 8, 1), 10, gated=gated,
+                                          keep_ratio=0.5)
+
+
+def client_datasets(num_clients=3, n=12, seed=0, poison=None):
+  """`num_clients` datasets of `n` examples each (or `n[k]` for client k)."""
+  rng = np.random.default_rng(seed)
+  sizes = n if isinstance(n, list) else [n] * num_clients
+  out = []
+  for k, size in enumerate(sizes):
+    x = rng.normal(size=(size, 8, 8, 1)).astype(np.float32)
+    if k == poison:
+      x[0, 0, 0, 0] = np.nan
+    y = rng.integers(0, 10, size).astype(np.int32)
+    out.append(tf.data.Dataset.from_tensor_slices((x, y)).batch(4))
+  return out
+
+
+def initial_weights(fn):
+  """The global weights of `fn()` built under seed 1, as numpy arrays."""
+  tf.keras.utils.set_random_seed(1)
+  return tf.nest.map_structure(lambda v: v.numpy(),
+                               model_state.global_weights(fn()))
+
+
+def small_config(root, **overrides):
+  """A 3-round gated run on synthetic data in 4 clients, 2 per round."""
+  return dataclasses.replace(
+      config_lib.ExperimentConfig(
+          experiment_name='run', root_output_dir=root, dataset='synthetic',
+          num_clients=4, clients_per_round=2, partition='iid', batch_size=16,
+          total_rounds=3, client_learning_rate=0.05, seed=7,
+          dynamic_pruning=True, keep_ratio=0.5),
+      **overrides)
+
+
+def is_alive(pid):
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      return 'State:\tZ' not in f.read()
+  except FileNotFoundError:
+    return False
+
+
+def wait_dead(pid, timeout_s=15):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if not is_alive(pid):
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def worker_pids():
+  out = subprocess.run(['pgrep', '-f', 'data/worker_binary'],
+                       capture_output=True, text=True).stdout
+  return {int(p) for p in out.split()}
+
+
+def run_module(module, *args, timeout=600):
+  """Runs `python -m module args...` from the repository root."""
+  return subprocess.run(
+      [sys.executable, '-m', module, *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+      stdin=subprocess.DEVNULL)
+
+
+# A small ModelWeights-shaped update: two trainable tensors, one statistic.
+UPDATE_SPECS = tff.learning.models.ModelWeights(
+    (tf.TensorSpec([4, 3], tf.float32), tf.TensorSpec([5], tf.float32)),
+    (tf.TensorSpec([2], tf.float32),))
+
+
+def masked_updates(seed=0):
+  """Three clients' `OrderedDict(update, mask)` shaped like UPDATE_SPECS."""
+  rng = np.random.default_rng(seed)
+  values = []
+  for k in range(3):
+    mask = tff.learning.models.ModelWeights(
+        (rng.random((4, 3)) < 0.5, np.full(5, float(k != 1))),
+        (np.array([1.0, 0.0]) if k else np.zeros(2),))
+    mask = tf.nest.map_structure(lambda a: np.asarray(a, np.float32), mask)
+    update = tf.nest.map_structure(
+        lambda m: rng.normal(size=m.shape).astype(np.float32) * m, mask)
+    values.append(collections.OrderedDict(update=update, mask=mask))
+  return values
+
+
+def update_value_type(extra=()):
+  """The TFF type of `OrderedDict(update, mask, *extra)` for UPDATE_SPECS."""
+  update_type = tff.types.tensorflow_to_type(UPDATE_SPECS)
+  return tff.types.StructWithPythonType(
+      [('update', update_type), ('mask', update_type), *extra],
+      collections.OrderedDict)

@@ -9,12 +9,16 @@ import sys
 import time
 
 from absl.testing import absltest
+import pytest
 
 from tests import testing
 from tff_fedprune import runtime
 
 ROOT = testing.ROOT
 QUICKSTART = testing.QUICKSTART
+
+# End-to-end: subprocesses, real rounds (`uv run pytest -m 'not slow'` skips).
+pytestmark = pytest.mark.slow
 
 
 def run_cli(*args, timeout=600):

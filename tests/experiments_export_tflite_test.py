@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 import numpy as np
 import tensorflow as tf
 
@@ -16,6 +17,9 @@ from tff_fedprune import model_state
 from tff_fedprune.export import tflite
 
 ROOT = testing.ROOT
+
+# End-to-end: subprocesses, real rounds (`uv run pytest -m 'not slow'` skips).
+pytestmark = pytest.mark.slow
 
 
 def export_cli(*args):

@@ -8,6 +8,7 @@ import sys
 import time
 
 from absl.testing import absltest
+import pytest
 
 from tests import testing
 
@@ -16,6 +17,9 @@ QUICKSTART = testing.QUICKSTART
 ARGS = (f'--flagfile={QUICKSTART}', '--total_rounds=2', '--local_epochs=1',
         '--algorithms=fedavg', '--pruning=on,off', '--seeds=0')
 CELLS = ('fedavg_gated_seed0', 'fedavg_dense_seed0')
+
+# End-to-end: subprocesses, real rounds (`uv run pytest -m 'not slow'` skips).
+pytestmark = pytest.mark.slow
 
 
 def grid_command(root):

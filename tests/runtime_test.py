@@ -77,9 +77,12 @@ class OwnedWorkerTest(absltest.TestCase):
           return tff.federated_sum(x)
 
         self.assertEqual(total([1.0, 2.0]), 3.0)
+      # The module replaced itself with TFF's binary (signals reach it).
+      self.assertEqual(os.readlink(f'/proc/{worker.pid}/exe'),
+                       os.path.realpath(runtime.worker_binary_path()))
     finally:
       worker.terminate()
-      self.assertIsNotNone(worker.wait(timeout=15))
+      worker.wait(timeout=15)
 
   def test_unreachable_address_is_a_clear_error(self):
     with self.assertRaisesRegex(runtime.WorkerError, 'localhost:1 did not'):

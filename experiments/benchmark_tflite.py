@@ -5,7 +5,7 @@
 
 For each model (ResNet-32 at CIFAR shape, the CNN at Fashion-MNIST shape) the
 dense model and the gated model at each keep ratio are exported with
-tff_fedprune.tflite_export from the same weights, then timed in the TFLite
+tff_fedprune.export.tflite from the same weights, then timed in the TFLite
 interpreter: median of --invokes invokes after --warmup, per thread count,
 with XNNPACK (the interpreter's default delegate) and without. Also printed:
 flatbuffer size and FLOPs per image (for the gated model what the export

@@ -5,7 +5,7 @@
       [--quantize=none|float16|dynamic_int8]
 
 Writes --output, in which every gated layer computes only its top-k channels
-(tff_fedprune.tflite_export), and --dense_output (default: OUTPUT_dense.tflite),
+(tff_fedprune.export.tflite), and --dense_output (default: OUTPUT_dense.tflite),
 the same weights without gates. Both take raw pixels of shape (1, H, W, C) as
 input `images` and return `logits` through the `serving_default` signature.
 

@@ -1,4 +1,4 @@
-"""Sparse encoding of masked client updates (DESIGN.md 1.3).
+"""Sparse encoding of masked client updates (docs/design.md, section 3).
 
 Each tensor of a masked update travels in the smallest of three forms:
 

@@ -1,4 +1,6 @@
-"""Channel-structured masks over a model's global weights (DESIGN.md 1.2).
+"""Channel-structured masks over a model's global weights.
+
+docs/design.md, section 2.
 
 Each global weight is owned by the channels that gate it: a gated layer's
 kernel entry (.., i, j) by input channel i (when a gated layer feeds it) and
@@ -14,6 +16,10 @@ import tensorflow_federated as tff
 from tff_fedprune import gated_conv
 from tff_fedprune import model_state
 
+# Plain graph code, called from tf.functions: AutoGraph need not convert it
+# (converting these bound methods failed now and then in long test runs,
+# calling them without `self`).
+_NOT_CONVERTED = tf.autograph.experimental.do_not_convert
 _PER_OUTPUT_CHANNEL = ('gamma', 'beta', 'moving_mean', 'moving_variance')
 
 
@@ -36,6 +42,7 @@ class ChannelStructure:
     )
     self._shapes = tf.nest.map_structure(lambda v: v.shape, weights)
 
+  @_NOT_CONVERTED
   def masks(self, channel_masks) -> tff.learning.models.ModelWeights:
     """Weight masks from one (C_out,) 0/1 float vector per gated layer."""
 
@@ -58,6 +65,7 @@ class ChannelStructure:
                                          self._shapes.non_trainable)),
     )
 
+  @_NOT_CONVERTED
   def salient_channels(self, threshold: float):
     """Per gated layer, 1.0 where count / samples > threshold, from counters."""
     return [
@@ -68,10 +76,12 @@ class ChannelStructure:
         for l in self._gated
     ]
 
+  @_NOT_CONVERTED
   def salience_masks(self, threshold: float) -> tff.learning.models.ModelWeights:
     """Masks of the weights whose channels were salient this round."""
     return self.masks(self.salient_channels(threshold))
 
+  @_NOT_CONVERTED
   def touched_masks(self) -> tff.learning.models.ModelWeights:
     """Masks of the weights whose channels have been kept at least once."""
     return self.salience_masks(0.0)

@@ -1,4 +1,4 @@
-"""Inference FLOPs of dense and dynamically pruned models (DESIGN.md 1.5).
+"""Inference FLOPs of dense and dynamically pruned models (docs/design.md 5).
 
 A convolution costs 2 * H_out * W_out * k_h * k_w * C_in * C_out FLOPs and a
 dense layer 2 * in * out. For a gated model each sample's cost uses its active
@@ -37,7 +37,7 @@ def dense_flops(model: tf.keras.Model) -> float:
 def top_k_flops(model: tf.keras.Model, keep_ratio: float) -> float:
   """FLOPs of one sample when every gated layer computes exactly its k channels.
 
-  This is what the TFLite export computes (`tflite_export`): k output channels
+  This is what the TFLite export computes (`export.tflite`): k output channels
   per gated layer whatever their saliency, k input channels where the input
   comes from a gated layer, plus the gates. `dynamic_flops` instead counts a
   kept channel of zero saliency as skipped.

@@ -75,21 +75,26 @@ def quiet_logs():
 def run(config) -> int:
   """Runs or resumes `config`; returns the process exit code.
 
-  Unusable configurations or data print one `error:` line (exit 2). A worker
-  that dies mid-round ends the process at once (exit 3).
+  Unusable configurations or data, or a run directory another run is
+  writing, print one `error:` line (exit 2). A worker that dies mid-round or
+  a round that makes the model non-finite ends the process (exit 3).
   """
   import keras_models  # pylint: disable=g-import-not-at-top
   from tff_fedprune import data  # pylint: disable=g-import-not-at-top
   from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
   from tff_fedprune.simulation import config as config_lib  # pylint: disable=g-import-not-at-top
   from tff_fedprune.simulation import loop  # pylint: disable=g-import-not-at-top
+  from tff_fedprune.simulation import run_directory  # pylint: disable=g-import-not-at-top
 
   try:
     summary = loop.run_experiment(config, keras_models.BUILDERS)
   except (config_lib.ConfigError, data.DataSourceError,
-          data.PartitionError) as e:
+          data.PartitionError, run_directory.RunDirectoryError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except loop.NonFiniteModelError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 3
   except runtime.WorkerError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.stderr.flush()

@@ -74,9 +74,16 @@ def load(model_dir):
     if not os.path.exists(path):
       raise ExportError(f'{path} not found: --model_dir must be the model/'
                         ' directory of a finished run')
-  with open(paths[1]) as f:
-    preprocessing = json.load(f)
-  return tf.keras.models.load_model(paths[0]), preprocessing
+  try:
+    with open(paths[1]) as f:
+      preprocessing = json.load(f)
+    model = tf.keras.models.load_model(paths[0])
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExportError(
+        f'cannot read the model in {model_dir} ({type(e).__name__}: {e})'
+        .splitlines()[0]
+    ) from e
+  return model, preprocessing
 
 
 def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
@@ -109,32 +116,55 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
     if flex:
       raise ExportError(f'non-builtin ops in the export: {flex}')
     contents.append(content)
-  if not gated_conv.gated_layers(model):
-    return contents[0], contents[1], ['the model has no gated layers']
-  ratios = sorted({round(float(l.keep_ratio.numpy()), 4)
-                   for l in gated_conv.gated_layers(model)})
-  lines.append(f'gated export: keep ratio {ratios}, {len(contents[0])} bytes;'
-               f' dense export: {len(contents[1])} bytes')
-  on_random = tflite.compare(model, contents[0], random, mean, std)
-  on_real = tflite.compare(model, contents[0], real, mean, std, labels)
-  lines.append(
-      f'random inputs ({on_random["images"]}): max |logit diff|'
-      f' {on_random["max_abs_diff"]:.2e}, top-1 agreement'
-      f' {on_random["top1_agreement"]:.2%}')
-  lines.append(
-      f'real test images ({on_real["images"]}): max |logit diff|'
-      f' {on_real["max_abs_diff"]:.2e}, top-1 agreement'
-      f' {on_real["top1_agreement"]:.2%}, accuracy Keras'
-      f' {on_real["keras_accuracy"]:.2%} vs TFLite'
-      f' {on_real["tflite_accuracy"]:.2%}'
-      f' ({100 * (on_real["tflite_accuracy"] - on_real["keras_accuracy"]):+.2f}'
-      ' points)')
-  if quantize == 'none' and (
-      on_random['max_abs_diff'] > MAX_ABS_DIFF
-      or on_real['top1_agreement'] < MIN_TOP1_AGREEMENT):
-    raise ExportError(
-        'the export does not match the Keras model: ' + '; '.join(lines[1:]))
+  gated = gated_conv.gated_layers(model)
+  if gated:
+    ratios = sorted({round(float(l.keep_ratio.numpy()), 4) for l in gated})
+    lines.append(f'gated export: keep ratio {ratios}, {len(contents[0])}'
+                 f' bytes; dense export: {len(contents[1])} bytes')
+  else:
+    lines.append('the model has no gated layers')
+  references = [('gated', model, contents[0])] if gated else []
+  references.append(('dense', tflite.ungated_copy(model), contents[1]))
+  for name, reference, content in references:
+    on_random = tflite.compare(reference, content, random, mean, std)
+    on_real = tflite.compare(reference, content, real, mean, std, labels)
+    check = [
+        f'{name}: random inputs ({on_random["images"]}): max |logit diff|'
+        f' {on_random["max_abs_diff"]:.2e}, top-1 agreement'
+        f' {on_random["top1_agreement"]:.2%}',
+        f'{name}: real test images ({on_real["images"]}): max |logit diff|'
+        f' {on_real["max_abs_diff"]:.2e}, top-1 agreement'
+        f' {on_real["top1_agreement"]:.2%}, accuracy Keras'
+        f' {on_real["keras_accuracy"]:.2%} vs TFLite'
+        f' {on_real["tflite_accuracy"]:.2%} ({100 * (on_real["tflite_accuracy"]'
+        f' - on_real["keras_accuracy"]):+.2f} points)',
+    ]
+    lines += check
+    if quantize == 'none' and (
+        on_random['max_abs_diff'] > MAX_ABS_DIFF
+        or on_real['top1_agreement'] < MIN_TOP1_AGREEMENT):
+      raise ExportError(
+          f'the {name} export does not match its Keras model: '
+          + '; '.join(check))
   return contents[0], contents[1], lines
+
+
+def write_both(files) -> None:
+  """Writes every (path, content) or none: temporary files, then renames."""
+  temporaries = []
+  try:
+    for path, content in files:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      tmp = f'{path}.tmp{os.getpid()}'
+      temporaries.append(tmp)
+      with open(tmp, 'wb') as f:
+        f.write(content)
+    for (path, _), tmp in zip(files, temporaries):
+      os.replace(tmp, path)
+  finally:
+    for tmp in temporaries:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def main(argv):
@@ -152,9 +182,11 @@ def main(argv):
   except ExportError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  for path, content in ((_OUTPUT.value, gated), (dense_output, dense)):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tflite.write(path, content)
+  try:
+    write_both(((_OUTPUT.value, gated), (dense_output, dense)))
+  except OSError as e:
+    print(f'error: cannot write {e.filename}: {e.strerror}', file=sys.stderr)
+    return 1
   for line in lines:
     print(line)
   print(f'wrote {_OUTPUT.value} and {dense_output}')

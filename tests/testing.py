@@ -115,3 +115,62 @@ def update_value_type(extra=()):
   return tff.types.StructWithPythonType(
       [('update', update_type), ('mask', update_type), *extra],
       collections.OrderedDict)
+
+
+def make_certificates(directory, ca_name='ca'):
+  """A CA and, signed by it, a worker (localhost) and a driver certificate.
+
+  Returns {'ca', 'worker', 'worker_key', 'driver', 'driver_key'}: PEM paths
+  made with the openssl commands of the README's Security section.
+  """
+  def openssl(*args):
+    subprocess.run(['openssl', *args], cwd=directory, check=True,
+                   capture_output=True)
+
+  ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes']
+  openssl('req', '-x509', *ec, '-days', '2', '-subj', f'/CN={ca_name}',
+          '-keyout', f'{ca_name}.key', '-out', f'{ca_name}.pem')
+  san = os.path.join(directory, 'san.ext')
+  with open(san, 'w') as f:
+    f.write('subjectAltName=DNS:localhost,IP:127.0.0.1\n')
+  paths = {'ca': os.path.join(directory, f'{ca_name}.pem')}
+  for name, extra in (('worker', ['-extfile', san]), ('driver', [])):
+    prefix = f'{ca_name}_{name}'
+    openssl('req', *ec, '-subj', f'/CN={name}', '-keyout', f'{prefix}.key',
+            '-out', f'{prefix}.csr')
+    openssl('x509', '-req', '-in', f'{prefix}.csr', '-CA', f'{ca_name}.pem',
+            '-CAkey', f'{ca_name}.key', '-CAcreateserial', '-days', '2',
+            *extra, '-out', f'{prefix}.pem')
+    paths[name] = os.path.join(directory, f'{prefix}.pem')
+    paths[f'{name}_key'] = os.path.join(directory, f'{prefix}.key')
+  return paths
+
+
+def start_tls_worker(certificates, port):
+  """`python -m tff_fedprune.worker` with mutual TLS on 127.0.0.1:port."""
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'tff_fedprune.worker', f'--port={port}',
+       '--host=127.0.0.1', f'--tls_cert={certificates["worker"]}',
+       f'--tls_key={certificates["worker_key"]}',
+       f'--tls_client_ca={certificates["ca"]}'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+      stdin=subprocess.DEVNULL)
+  line = process.stdout.readline().strip()
+  if line != 'ready':
+    process.kill()
+    raise RuntimeError(f'TLS worker did not start: {line!r}')
+  return process
+
+
+def listening_tcp_sockets():
+  """(local address, process info) of every TCP listener (`ss -ltnp`)."""
+  out = subprocess.run(['ss', '-Hltnp'], capture_output=True, text=True,
+                       check=True).stdout
+  return [(line.split()[3], ' '.join(line.split()[5:]))
+          for line in out.splitlines() if line.strip()]
+
+
+def children(pid):
+  """Pids of the direct children of `pid`."""
+  with open(f'/proc/{pid}/task/{pid}/children') as f:
+    return [int(c) for c in f.read().split()]

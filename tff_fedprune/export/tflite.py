@@ -180,6 +180,22 @@ def inference_function(
   return module
 
 
+def ungated_copy(model: tf.keras.Model) -> tf.keras.Model:
+  """The same architecture and weights with every gate off (dense reference).
+
+  It computes what `inference_function(..., dense=True)` exports.
+  """
+  config = model.get_config()
+  for layer in config['layers']:
+    if layer['class_name'].endswith('GatedConv2D'):
+      layer['config']['gated'] = False
+  dense = tf.keras.Model.from_config(config)
+  values = {v.name: v for v in model.weights}
+  for variable in dense.weights:
+    variable.assign(values[variable.name])
+  return dense
+
+
 def convert(inference: tf.Module, quantize: str = 'none') -> bytes:
   """A TFLite flatbuffer of `inference_function`'s module: builtin ops only."""
   if quantize not in QUANTIZATIONS:
@@ -228,14 +244,6 @@ def op_names(model_content: bytes) -> set[str]:
   """The names of the operators the TFLite model uses."""
   details = interpreter(model_content, xnnpack=False)._get_ops_details()  # pylint: disable=protected-access
   return {d['op_name'] for d in details}
-
-
-def write(path: str, model_content: bytes) -> None:
-  """Writes the flatbuffer atomically."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(model_content)
-  os.replace(tmp, path)
 
 
 def compare(

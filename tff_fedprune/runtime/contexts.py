@@ -28,9 +28,9 @@ def disable_default_context() -> None:
 
 
 def _remote_executor_factory(
-    address: str, default_num_clients: int
+    address: str, default_num_clients: int, credentials
 ) -> tff.framework.ResourceManagingExecutorFactory:
-  channel = grpc.insecure_channel(address, worker_process.GRPC_OPTIONS)
+  channel = worker_process.open_channel(address, credentials)
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
 
   def stack_fn(cardinalities):
@@ -45,9 +45,11 @@ def _remote_executor_factory(
   )
 
 
-def _context_args(address: str, default_num_clients: int) -> dict:
+def _context_args(address: str, default_num_clients: int, credentials) -> dict:
   return dict(
-      executor_fn=_remote_executor_factory(address, default_num_clients),
+      executor_fn=_remote_executor_factory(
+          address, default_num_clients, credentials
+      ),
       compiler_fn=tff.backends.native.desugar_and_transform_to_native,
       transform_args=tff.tensorflow.transform_args,
       transform_result=tff.tensorflow.transform_result,
@@ -55,30 +57,38 @@ def _context_args(address: str, default_num_clients: int) -> dict:
 
 
 def create_remote_context(
-    address: str, default_num_clients: int = 0
+    address: str,
+    default_num_clients: int = 0,
+    credentials: Optional[grpc.ChannelCredentials] = None,
 ) -> tff.framework.SyncExecutionContext:
   """A synchronous TFF context executing on the worker at `address`."""
   return tff.framework.SyncExecutionContext(
-      **_context_args(address, default_num_clients)
+      **_context_args(address, default_num_clients, credentials)
   )
 
 
 def create_distributed_context(
     addresses: Sequence[str],
+    credentials: Optional[grpc.ChannelCredentials] = None,
 ) -> tff.framework.MergeableCompExecutionContext:
   """A context splitting each round's clients across the given workers.
 
   TFF's mergeable-computation runtime compiles a computation into per-worker
   parts whose partial aggregates the driver merges, one asynchronous remote
-  context per `host:port` worker.
+  context per `host:port` worker (mutual TLS with `credentials`).
   """
   return tff.backends.native.create_mergeable_comp_execution_context(
-      [tff.framework.AsyncExecutionContext(**_context_args(a, 0))
+      [tff.framework.AsyncExecutionContext(**_context_args(a, 0, credentials))
        for a in addresses]
   )
 
 
-def call_watched(fn, addresses: Sequence[str], poll_s: float = 1.0):
+def call_watched(
+    fn,
+    addresses: Sequence[str],
+    poll_s: float = 1.0,
+    credentials: Optional[grpc.ChannelCredentials] = None,
+):
   """Calls `fn()` while checking that every worker in `addresses` answers.
 
   TFF's remote executor retries a worker that stopped answering forever, so a
@@ -103,7 +113,8 @@ def call_watched(fn, addresses: Sequence[str], poll_s: float = 1.0):
     thread.join(poll_s)
     if not thread.is_alive():
       break
-    dead = [a for a in addresses if not worker_process.is_serving(a)]
+    dead = [a for a in addresses
+            if not worker_process.is_serving(a, credentials=credentials)]
     if dead and thread.is_alive():
       raise worker_process.WorkerError(
           f'TFF worker at {", ".join(dead)} stopped answering'

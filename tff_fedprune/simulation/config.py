@@ -9,6 +9,7 @@ runs had before that field existed (`with_defaults`).
 
 import dataclasses
 import json
+import math
 import os
 from typing import Optional
 
@@ -17,7 +18,11 @@ from tff_fedprune import learning_process
 from tff_fedprune.runtime import worker_process
 
 # Fields that may change between a run and its resumption.
-RESUMABLE_FIELDS = ('total_rounds', 'eval_every', 'root_output_dir', 'workers')
+RESUMABLE_FIELDS = (
+    'total_rounds', 'eval_every', 'root_output_dir', 'workers',
+    'worker_ca_cert', 'worker_client_cert', 'worker_client_key',
+    'insecure_workers',
+)
 
 
 class ConfigError(ValueError):
@@ -77,6 +82,20 @@ class ExperimentConfig:
       '', 'host:port,... of TFF workers (python -m tff_fedprune.worker) to'
       ' run the clients on; default: a local worker owned by this process.'
   )
+  worker_ca_cert: str = _field(
+      '', 'PEM CA certificate that signed the --workers\' TLS certificates.'
+  )
+  worker_client_cert: str = _field(
+      '', "PEM certificate of this driver, signed by the workers'"
+      ' --tls_client_ca.'
+  )
+  worker_client_key: str = _field(
+      '', 'PEM private key of --worker_client_cert.'
+  )
+  insecure_workers: bool = _field(
+      False, 'Talk to --workers in plaintext without authentication (workers'
+      ' started with --insecure_plaintext_no_auth, on a trusted network).'
+  )
   num_clients: int = _field(
       10, 'Number of clients the training set is split into.'
   )
@@ -115,6 +134,14 @@ class ExperimentConfig:
     """Client `client_id`'s keep ratio in training (heterogeneous devices)."""
     ratios = parse_ratios(self.client_keep_ratios) or [self.keep_ratio]
     return ratios[client_id % len(ratios)]
+
+  def worker_credentials(self):
+    """TLS credentials for --workers, or None (plaintext)."""
+    if self.insecure_workers or not self.worker_ca_cert:
+      return None
+    return worker_process.tls_credentials(
+        self.worker_ca_cert, self.worker_client_cert, self.worker_client_key
+    )
 
   @property
   def evaluation_keep_ratio(self) -> float:
@@ -168,6 +195,15 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
         f'unknown {field.name.replace("_", " ")} {value!r}; choose from'
         f' {options}',
     )
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    require(
+        not isinstance(value, float) or math.isfinite(value),
+        f'--{field.name} must be finite, got {value}',
+    )
+  require(
+      0 <= config.seed < 2**32, f'--seed must be in [0, 2^32), got {config.seed}'
+  )
   for name in ('num_clients', 'clients_per_round', 'local_epochs',
                'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):
     value = getattr(config, name)
@@ -207,13 +243,24 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
       f'--weight_decay must be >= 0, got {config.weight_decay}',
   )
   try:
-    worker_process.parse_addresses(config.workers)
+    workers = worker_process.parse_addresses(config.workers)
   except ValueError as e:
     raise ConfigError(f'--workers: {e}') from e
-  require(config.experiment_name, '--experiment_name must not be empty')
+  tls_files = (config.worker_ca_cert, config.worker_client_cert,
+               config.worker_client_key)
   require(
-      os.sep not in config.experiment_name,
-      f'--experiment_name must not contain {os.sep!r}',
+      not workers or config.insecure_workers or all(tls_files),
+      '--workers needs --worker_ca_cert, --worker_client_cert and'
+      ' --worker_client_key (mutual TLS), or --insecure_workers',
+  )
+  for path in filter(None, tls_files):
+    require(os.path.isfile(path), f'no such file: {path}')
+  require(
+      config.experiment_name not in ('', '.', '..')
+      and not any(s and s in config.experiment_name
+                  for s in (os.sep, os.altsep)),
+      f'--experiment_name={config.experiment_name!r} must name a directory'
+      ' inside --root_output_dir (not empty, ., .. or a path)',
   )
   for path in (config.root_output_dir, config.run_dir):
     require(

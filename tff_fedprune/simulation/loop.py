@@ -34,6 +34,7 @@ from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import evaluation
 from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import reporting
+from tff_fedprune.simulation import run_directory
 from tff_fedprune.simulation.config import ConfigError
 from tff_fedprune.simulation.config import ExperimentConfig
 
@@ -51,23 +52,12 @@ METRIC_COLUMNS = (
     'round_seconds',
     'clients_completed',
     'clients_dropped',
+    'non_finite_updates',
 )
 
 
-def _write_json(path: str, value) -> None:
-  """Writes JSON atomically (temporary file, then rename)."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f'not JSON serialisable: {type(value)}')
+class NonFiniteModelError(RuntimeError):
+  """A round left a model that cannot be trained; its state was not saved."""
 
 
 def sample_clients(
@@ -124,34 +114,44 @@ def run_experiment(
   config_lib.check_resumable(config)
   fed_data = load_data(config)
   workers = runtime.parse_addresses(config.workers)
-  for address in workers:
-    try:
-      runtime.wait_until_ready(address, timeout_s=10)
-    except runtime.WorkerError as e:
-      raise ConfigError(f'--workers: {e}') from e
-  os.makedirs(config.run_dir, exist_ok=True)
-  _write_json(
-      os.path.join(config.run_dir, 'config.json'), dataclasses.asdict(config)
-  )
-  started = time.time()
-  if workers:
-    with tff.framework.get_context_stack().install(
-        runtime.create_distributed_context(workers)
-    ):
-      summary = _train(config, models[config.model], fed_data, progress,
-                       workers)
-  else:
-    with runtime.local_runtime(
-        log_path=os.path.join(config.run_dir, 'worker.log')
-    ) as worker:
-      summary = _train(config, models[config.model], fed_data, progress,
-                       [worker.address])
-  summary['wall_seconds_this_invocation'] = time.time() - started
-  _write_json(os.path.join(config.run_dir, 'summary.json'), summary)
+  try:
+    credentials = config.worker_credentials()
+    for address in workers:
+      runtime.wait_until_ready(address, timeout_s=10, credentials=credentials)
+  except runtime.WorkerError as e:
+    raise ConfigError(f'--workers: {e}') from e
+  try:
+    os.makedirs(config.run_dir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'cannot create {config.run_dir}: {e.strerror}') from e
+  with run_directory.exclusive_writer(config.run_dir):
+    config_lib.check_resumable(config)
+    run_directory.write_json(
+        os.path.join(config.run_dir, 'config.json'),
+        dataclasses.asdict(config),
+    )
+    started = time.time()
+    if workers:
+      with tff.framework.get_context_stack().install(
+          runtime.create_distributed_context(workers, credentials)
+      ):
+        summary = _train(config, models[config.model], fed_data, progress,
+                         workers, credentials)
+    else:
+      with runtime.local_runtime(
+          log_path=os.path.join(config.run_dir, 'worker.log')
+      ) as worker:
+        summary = _train(config, models[config.model], fed_data, progress,
+                         [worker.address], None)
+    summary['wall_seconds_this_invocation'] = time.time() - started
+    run_directory.write_json(
+        os.path.join(config.run_dir, 'summary.json'), summary
+    )
   return summary
 
 
-def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
+def _train(config, build_model, fed_data, progress, worker_addresses,
+           credentials) -> dict:
   source = fed_data.source
 
   def model_fn(keep_ratio=config.keep_ratio):
@@ -178,8 +178,10 @@ def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
       server_learning_rate=config.server_learning_rate,
   )
   run_dir = config.run_dir
+  checkpoint_dir = os.path.join(run_dir, 'checkpoints')
+  run_directory.remove_stale_temporaries(checkpoint_dir)
   state_manager = tff.program.FileProgramStateManager(
-      os.path.join(run_dir, 'checkpoints'), keep_total=3
+      checkpoint_dir, keep_total=3
   )
   csv_manager = tff.program.CSVFileReleaseManager(
       os.path.join(run_dir, 'metrics.csv'), key_fieldname='round'
@@ -195,9 +197,11 @@ def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
       if 'client_state' in tff.structure.name_list(data_type)
       else None
   )
-  initial_state = runtime.call_watched(process.initialize, worker_addresses)
-  saved, last_round = asyncio.run(state_manager.load_latest(
-      _program_state(initial_state, table)
+  initial_state = runtime.call_watched(
+      process.initialize, worker_addresses, credentials=credentials
+  )
+  saved, last_round = asyncio.run(run_directory.load_latest_intact(
+      state_manager, _program_state(initial_state, table), checkpoint_dir
   ))
   if saved is None:
     state, last_round = initial_state, 0
@@ -238,7 +242,8 @@ def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
       ]
       try:
         output = runtime.call_watched(
-            lambda: process.next(state, datasets), worker_addresses
+            lambda: process.next(state, datasets), worker_addresses,
+            credentials=credentials,
         )
       except runtime.WorkerError as e:
         raise runtime.WorkerError(
@@ -284,8 +289,16 @@ def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
           round_seconds=time.time() - start,
           clients_completed=len(clients),
           clients_dropped=len(dropped),
+          non_finite_updates=int(client_metrics['non_finite_updates']),
       )
       asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))
+      failure = _training_failure(weights, metrics)
+      if failure:
+        raise NonFiniteModelError(
+            f'round {round_num}: {failure} (its metrics are in metrics.csv,'
+            f' its state was not saved; rounds up to {round_num - 1} are'
+            ' checkpointed): lower the learning rates in a new run'
+        )
       asyncio.run(
           state_manager.save(_program_state(state, table), round_num)
       )
@@ -299,8 +312,10 @@ def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
   model_dir = os.path.join(run_dir, 'model')
   model_state.assign_weights(eval_model, weights)
   os.makedirs(model_dir, exist_ok=True)
-  eval_model.save(os.path.join(model_dir, 'model.keras'))
-  _write_json(
+  run_directory.save_keras_model(
+      eval_model, os.path.join(model_dir, 'model.keras')
+  )
+  run_directory.write_json(
       os.path.join(model_dir, 'preprocessing.json'),
       {
           'dataset': source.name,
@@ -313,6 +328,15 @@ def _train(config, build_model, fed_data, progress, worker_addresses) -> dict:
       [reporting.load_run(run_dir)], os.path.join(run_dir, 'plots')
   )
   return _summary(config, fed_data, history)
+
+
+def _training_failure(weights, metrics) -> str:
+  """Why training cannot go on after a round, or '' if it can."""
+  if not all(np.all(np.isfinite(w)) for w in tf.nest.flatten(weights)):
+    return 'the global model is not finite'
+  if metrics['non_finite_updates'] == metrics['clients_completed']:
+    return "every client's update was non-finite"
+  return ''
 
 
 def _program_state(state, table):
@@ -357,6 +381,9 @@ def _summary(config, fed_data, history) -> dict:
       'total_dense_upload_bytes': sum(h['dense_upload_bytes'] for h in history),
       'total_download_bytes': sum(h['download_bytes'] for h in history),
       'total_round_seconds': sum(h['round_seconds'] for h in history),
+      'total_non_finite_updates': sum(
+          h.get('non_finite_updates', 0) for h in history
+      ),
       'versions': {
           'python': platform.python_version(),
           'tensorflow': tf.__version__,

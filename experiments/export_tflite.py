@@ -128,6 +128,7 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
   for name, reference, content in references:
     on_random = tflite.compare(reference, content, random, mean, std)
     on_real = tflite.compare(reference, content, real, mean, std, labels)
+    change = 100 * (on_real['tflite_accuracy'] - on_real['keras_accuracy'])
     check = [
         f'{name}: random inputs ({on_random["images"]}): max |logit diff|'
         f' {on_random["max_abs_diff"]:.2e}, top-1 agreement'
@@ -136,8 +137,7 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
         f' {on_real["max_abs_diff"]:.2e}, top-1 agreement'
         f' {on_real["top1_agreement"]:.2%}, accuracy Keras'
         f' {on_real["keras_accuracy"]:.2%} vs TFLite'
-        f' {on_real["tflite_accuracy"]:.2%} ({100 * (on_real["tflite_accuracy"]'
-        f' - on_real["keras_accuracy"]):+.2f} points)',
+        f' {on_real["tflite_accuracy"]:.2%} ({change:+.2f} points)',
     ]
     lines += check
     if quantize == 'none' and (

@@ -46,10 +46,18 @@ class CliTest(absltest.TestCase):
 
   def test_bad_flags_fail_in_one_line_and_write_nothing(self):
     out_dir = self.create_tempdir().full_path
+    a_file = self.create_tempfile().full_path
     cases = [
         (['--clients_per_round=20', '--num_clients=10'], 'exceeds'),
         (['--dataset=cifar10', '--data_dir=/no/such/dir'],
          'no cifar10 data found at /no/such/dir'),
+        (['--model=alexnet'], 'alexnet'),
+        (['--total_rounds=many'], 'many'),
+        (['--seed=-1'], '--seed must be in'),
+        (['--seed=99999999999999'], '--seed must be in'),
+        (['--server_learning_rate=inf'], 'must be finite'),
+        (['--experiment_name=..'], 'inside --root_output_dir'),
+        ([f'--root_output_dir={a_file}/runs'], f'cannot create {a_file}'),
     ]
     for args, message in cases:
       result = run_cli(f'--flagfile={QUICKSTART}',
@@ -59,6 +67,33 @@ class CliTest(absltest.TestCase):
       self.assertLen(errors, 1, result.stderr)
       self.assertIn(message, errors[0])
       self.assertEqual(os.listdir(out_dir), [], args)
+
+  def test_a_second_run_on_the_same_directory_is_refused(self):
+    out_dir = self.create_tempdir().full_path
+    args = [f'--flagfile={QUICKSTART}', '--total_rounds=5', '--local_epochs=1',
+            f'--root_output_dir={out_dir}']
+    first = subprocess.Popen(
+        [sys.executable, '-m', 'experiments.cifar', *args], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL)
+    lock = os.path.join(out_dir, 'quickstart', 'lock')
+    try:
+      deadline = time.monotonic() + 300
+      while time.monotonic() < deadline and not (
+          os.path.exists(lock) and open(lock).read().strip()):
+        time.sleep(0.2)
+      second = run_cli(*args)
+      self.assertEqual(second.returncode, 2, second.stderr)
+      errors = [l for l in second.stderr.splitlines()
+                if l.startswith('error:')]
+      self.assertLen(errors, 1, second.stderr)
+      self.assertIn(f'another run (pid {first.pid})', errors[0])
+      self.assertEqual(first.wait(timeout=600), 0)
+    finally:
+      first.kill()
+    with open(os.path.join(out_dir, 'quickstart', 'metrics.csv')) as f:
+      self.assertEqual([r['round'] for r in csv.DictReader(f)],
+                       ['1', '2', '3', '4', '5'])
 
   def test_sigkill_then_rerun_reproduces_an_uninterrupted_run(self):
     out_dir = self.create_tempdir().full_path

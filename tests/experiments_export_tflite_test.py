@@ -46,6 +46,8 @@ class ExportCliTest(absltest.TestCase):
     self.assertIn('keep ratio [0.5]', result.stdout)
     self.assertIn('real test images (359)', result.stdout)
     self.assertIn('top-1 agreement 100.00%', result.stdout)
+    # The dense file is checked against the same weights without gates.
+    self.assertIn('dense: real test images (359)', result.stdout)
     dense_output = output.replace('m.tflite', 'm_dense.tflite')
     images = source.test.images[:20].astype(np.float32)
     with open(output, 'rb') as f:
@@ -71,6 +73,24 @@ class ExportCliTest(absltest.TestCase):
     errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
     self.assertLen(errors, 1)
     self.assertIn('model.keras not found', errors[0])
+    self.assertEqual(os.listdir(out_dir), [])
+
+  def test_truncated_model_is_one_error_line_and_writes_nothing(self):
+    model_dir = self.create_tempdir().full_path
+    keras_models.build_model('cnn', (8, 8, 1), 10).save(
+        os.path.join(model_dir, 'model.keras'))
+    with open(os.path.join(model_dir, 'model.keras'), 'r+b') as f:
+      f.truncate(1000)
+    with open(os.path.join(model_dir, 'preprocessing.json'), 'w') as f:
+      json.dump({'dataset': 'digits', 'mean': [7.0], 'std': [6.0]}, f)
+    out_dir = self.create_tempdir().full_path
+    result = export_cli(f'--model_dir={model_dir}',
+                        f'--output={out_dir}/m.tflite')
+    self.assertEqual(result.returncode, 1)
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+    self.assertLen(errors, 1, result.stderr)
+    self.assertIn(f'cannot read the model in {model_dir}', errors[0])
+    self.assertNotIn('Traceback', result.stderr)
     self.assertEqual(os.listdir(out_dir), [])
 
 

@@ -98,6 +98,10 @@ class ExportTest(absltest.TestCase):
       self.assertNotIn('GATHER', ops)
       np.testing.assert_allclose(tflite.run(content, images),
                                  keras_logits(dense, images), atol=1e-4)
+    # The reference the export command checks the dense file against.
+    np.testing.assert_allclose(
+        keras_logits(tflite.ungated_copy(gated), images),
+        keras_logits(dense, images), atol=1e-5)
 
   def test_quantized_exports_run_and_shrink(self):
     model = trained_looking_model('cnn')

@@ -34,7 +34,20 @@ class ValidateTest(parameterized.TestCase):
       ({'total_rounds': 0}, 'total_rounds must be >= 1'),
       ({'client_momentum': 1.0}, 'client_momentum'),
       ({'client_learning_rate': 0.0}, 'client_learning_rate must be > 0'),
-      ({'experiment_name': 'a/b'}, 'must not contain'),
+      ({'experiment_name': 'a/b'}, 'must name a directory inside'),
+      ({'experiment_name': '..'}, 'must name a directory inside'),
+      ({'experiment_name': '.'}, 'must name a directory inside'),
+      ({'experiment_name': ''}, 'must name a directory inside'),
+      ({'server_learning_rate': float('inf')}, 'must be finite'),
+      ({'client_learning_rate': float('inf')}, 'must be finite'),
+      ({'weight_decay': float('inf')}, 'must be finite'),
+      ({'prox_mu': float('nan')}, 'must be finite'),
+      ({'seed': -1}, r'--seed must be in \[0, 2\^32\)'),
+      ({'seed': 2**40}, r'--seed must be in \[0, 2\^32\)'),
+      ({'workers': 'host:8000'}, 'mutual TLS'),
+      ({'workers': 'host:8000', 'worker_ca_cert': '/no/ca.pem',
+        'worker_client_cert': '/no/c.pem', 'worker_client_key': '/no/k'},
+       'no such file: /no/ca.pem'),
   )
   def test_rejects(self, overrides, message):
     config = testing.small_config('/tmp/unused', num_clients=10, clients_per_round=5)
@@ -47,6 +60,12 @@ class ValidateTest(parameterized.TestCase):
     self.assertEqual([config.keep_ratio_of(c) for c in range(5)],
                      [0.5, 0.7, 1.0, 0.5, 0.7])
     self.assertEqual(testing.small_config('/tmp/unused').keep_ratio_of(3), 0.5)
+
+  def test_workers_in_plaintext_only_when_asked(self):
+    config = testing.small_config('/tmp/unused', workers='host:8000',
+                                  insecure_workers=True)
+    config_lib.validate(config)
+    self.assertIsNone(config.worker_credentials())
 
   def test_eval_keep_ratio_defaults_to_keep_ratio(self):
     config = testing.small_config('/tmp/unused', client_keep_ratios='0.3,1.0')

@@ -1,7 +1,9 @@
 """Tests of the experiment driver: outputs, resume, validation."""
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
 
@@ -17,6 +19,7 @@ from tff_fedprune import gated_conv
 from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import loop
+from tff_fedprune.simulation import run_directory
 
 
 def read_rows(run_dir):
@@ -92,8 +95,10 @@ class RunExperimentTest(parameterized.TestCase):
         {np.float32(0.8)})
     flops_ratio = float(read_rows(config.run_dir)[0]['flops_ratio'])
     dense = flops.dense_flops(model)
-    self.assertAlmostEqual(
-        flops_ratio, flops.top_k_flops(model, 0.8) / dense, delta=0.05)
+    # Measured at 0.8, not at --keep_ratio 0.5 (zero saliencies may prune
+    # more than the top-k count).
+    self.assertGreater(flops_ratio, flops.top_k_flops(model, 0.5) / dense)
+    self.assertLessEqual(flops_ratio, flops.top_k_flops(model, 0.8) / dense)
 
   def test_client_failures_are_dropped_and_measured(self):
     root = self.create_tempdir().full_path
@@ -115,9 +120,79 @@ class RunExperimentTest(parameterized.TestCase):
     run(config)
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 'different client_learning_rate'):
-      run(
-          dataclasses.replace(config, client_learning_rate=0.1),
-          progress=False)
+      run(dataclasses.replace(config, client_learning_rate=0.1))
+
+
+class RunDirectoryTest(absltest.TestCase):
+
+  def test_untrainable_model_stops_before_its_state_is_saved(self):
+    # A server step of 3e38 leaves weights no client can train from: every
+    # update of round 2 is non-finite.
+    config = testing.small_config(self.create_tempdir().full_path,
+                                  dynamic_pruning=False,
+                                  server_learning_rate=3e38)
+    with self.assertRaisesRegex(loop.NonFiniteModelError,
+                                "round 2: every client's update"):
+      run(config)
+    rows = read_rows(config.run_dir)
+    self.assertEqual([r['round'] for r in rows], ['1', '2'])
+    self.assertEqual([r['non_finite_updates'] for r in rows], ['0', '2'])
+    self.assertEqual(
+        os.listdir(os.path.join(config.run_dir, 'checkpoints')),
+        ['program_state_1'])
+
+  def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(self):
+    root = self.create_tempdir().full_path
+    straight = testing.small_config(os.path.join(root, 'a'))
+    run(straight)
+    broken = testing.small_config(os.path.join(root, 'b'), total_rounds=2)
+    run(broken)
+    checkpoints = os.path.join(broken.run_dir, 'checkpoints')
+    data = os.path.join(checkpoints, 'program_state_2', 'variables',
+                        'variables.data-00000-of-00001')
+    with open(data, 'r+b') as f:
+      f.truncate(10)
+    stale = os.path.join(checkpoints, 'program_state_3_temp1234')
+    os.makedirs(stale)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+      run(dataclasses.replace(broken, total_rounds=3))
+    self.assertIn(f'checkpoint {os.path.dirname(os.path.dirname(data))} is'
+                  ' unreadable', stderr.getvalue())
+    self.assertFalse(os.path.exists(stale))
+    for a, b in zip(read_rows(straight.run_dir), read_rows(broken.run_dir)):
+      a.pop('round_seconds')
+      b.pop('round_seconds')
+      self.assertEqual(a, b)
+
+  def test_a_second_writer_is_refused_naming_the_first(self):
+    config = testing.small_config(self.create_tempdir().full_path)
+    os.makedirs(config.run_dir)
+    with run_directory.exclusive_writer(config.run_dir):
+      with self.assertRaisesRegex(run_directory.RunDirectoryError,
+                                  f'another run \\(pid {os.getpid()}\\)'):
+        run(config)
+    self.assertEqual(os.listdir(config.run_dir), ['lock'])
+
+  def test_model_file_is_replaced_only_when_fully_written(self):
+    directory = self.create_tempdir().full_path
+    path = os.path.join(directory, 'model.keras')
+    model = keras_models.build_model('cnn', (8, 8, 1), 10)
+    run_directory.save_keras_model(model, path)
+    with open(path, 'rb') as f:
+      good = f.read()
+
+    def fail(tmp):
+      with open(tmp, 'wb') as f:
+        f.write(b'partial')
+      raise OSError(28, 'No space left on device')
+
+    model.save = fail
+    with self.assertRaises(OSError):
+      run_directory.save_keras_model(model, path)
+    with open(path, 'rb') as f:
+      self.assertEqual(f.read(), good)
+    self.assertEqual(os.listdir(directory), ['model.keras'])
 
 
 class WorkersTest(absltest.TestCase):

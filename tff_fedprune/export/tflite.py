@@ -190,9 +190,11 @@ def ungated_copy(model: tf.keras.Model) -> tf.keras.Model:
     if layer['class_name'].endswith('GatedConv2D'):
       layer['config']['gated'] = False
   dense = tf.keras.Model.from_config(config)
-  values = {v.name: v for v in model.weights}
-  for variable in dense.weights:
-    variable.assign(values[variable.name])
+  short = lambda v: v.name.rsplit('/', 1)[-1].strip()
+  for layer in dense.layers:
+    values = {short(v): v for v in model.get_layer(layer.name).weights}
+    for variable in layer.weights:
+      variable.assign(values[short(variable)])
   return dense
 
 

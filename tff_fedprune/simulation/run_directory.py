@@ -90,7 +90,9 @@ async def load_latest_intact(state_manager, structure, checkpoint_dir: str):
   """`(state, version)` of the newest checkpoint that loads, or (None, 0).
 
   A version that fails to load is reported on stderr with its path and
-  skipped; if versions exist but none loads, RunDirectoryError.
+  moved aside to `program_state_N_unreadable` (which is no version, so the
+  rerun round can save there); if versions exist but none loads,
+  RunDirectoryError.
   """
   versions = sorted(await state_manager.get_versions() or [], reverse=True)
   for version in versions:
@@ -98,8 +100,11 @@ async def load_latest_intact(state_manager, structure, checkpoint_dir: str):
       return await state_manager.load(version, structure), version
     except Exception as e:  # pylint: disable=broad-except
       path = os.path.join(checkpoint_dir, f'program_state_{version}')
+      aside = f'{path}_unreadable'
+      shutil.rmtree(aside, ignore_errors=True)
+      os.replace(path, aside)
       print(f'warning: checkpoint {path} is unreadable'
-            f' ({type(e).__name__}); trying an older one',
+            f' ({type(e).__name__}), moved to {aside}; trying an older one',
             file=sys.stderr, flush=True)
   if versions:
     raise RunDirectoryError(

@@ -1,6 +1,8 @@
 """A federation split across two TFF workers on loopback."""
 
 import collections
+import contextlib
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -12,12 +14,15 @@ from tests import testing
 from tff_fedprune import client_work
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
+from tff_fedprune.runtime import worker_process
 
 
 class DistributedTest(parameterized.TestCase):
 
-  @parameterized.parameters('fedavg', 'scaffold')
-  def test_two_workers_give_the_local_round_result(self, algorithm):
+  @parameterized.parameters(('fedavg', False), ('scaffold', False),
+                            ('fedavg', True))
+  def test_two_workers_give_the_local_round_result(self, algorithm,
+                                                    mutual_tls):
     fn = testing.model_fn(gated=True)
     weights = testing.initial_weights(fn)
     rng = np.random.default_rng(0)
@@ -49,9 +54,27 @@ class DistributedTest(parameterized.TestCase):
 
     with runtime.local_runtime():
       local_weights, local_metrics = one_round()
-    with runtime.OwnedWorker() as a, runtime.OwnedWorker() as b:
+    with contextlib.ExitStack() as stack:
+      if mutual_tls:
+        # Workers as on other machines: python -m tff_fedprune.worker.
+        certs = testing.make_certificates(stack.enter_context(
+            tempfile.TemporaryDirectory()))
+        credentials = runtime.tls_credentials(
+            certs['ca'], certs['driver'], certs['driver_key'])
+        addresses = []
+        for _ in range(2):
+          port = worker_process._pick_free_port()  # pylint: disable=protected-access
+          worker = testing.start_tls_worker(certs, port)
+          stack.callback(worker.wait)
+          stack.callback(worker.stdout.close)
+          stack.callback(worker.terminate)
+          addresses.append(f'localhost:{port}')
+      else:
+        credentials = None
+        addresses = [stack.enter_context(runtime.OwnedWorker()).address
+                     for _ in range(2)]
       with tff.framework.get_context_stack().install(
-          runtime.create_distributed_context([a.address, b.address])):
+          runtime.create_distributed_context(addresses, credentials)):
         remote_weights, remote_metrics = one_round()
     for x, y in zip(tf.nest.flatten(local_weights),
                     tf.nest.flatten(remote_weights)):

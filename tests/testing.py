@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from experiments import make_certificates as make_certificates_lib
 import keras_models
 from tff_fedprune import model_state
 from tff_fedprune.simulation import config as config_lib
@@ -118,32 +119,8 @@ def update_value_type(extra=()):
 
 
 def make_certificates(directory, ca_name='ca'):
-  """A CA and, signed by it, a worker (localhost) and a driver certificate.
-
-  Returns {'ca', 'worker', 'worker_key', 'driver', 'driver_key'}: PEM paths
-  made with the openssl commands of the README's Security section.
-  """
-  def openssl(*args):
-    subprocess.run(['openssl', *args], cwd=directory, check=True,
-                   capture_output=True)
-
-  ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes']
-  openssl('req', '-x509', *ec, '-days', '2', '-subj', f'/CN={ca_name}',
-          '-keyout', f'{ca_name}.key', '-out', f'{ca_name}.pem')
-  san = os.path.join(directory, 'san.ext')
-  with open(san, 'w') as f:
-    f.write('subjectAltName=DNS:localhost,IP:127.0.0.1\n')
-  paths = {'ca': os.path.join(directory, f'{ca_name}.pem')}
-  for name, extra in (('worker', ['-extfile', san]), ('driver', [])):
-    prefix = f'{ca_name}_{name}'
-    openssl('req', *ec, '-subj', f'/CN={name}', '-keyout', f'{prefix}.key',
-            '-out', f'{prefix}.csr')
-    openssl('x509', '-req', '-in', f'{prefix}.csr', '-CA', f'{ca_name}.pem',
-            '-CAkey', f'{ca_name}.key', '-CAcreateserial', '-days', '2',
-            *extra, '-out', f'{prefix}.pem')
-    paths[name] = os.path.join(directory, f'{prefix}.pem')
-    paths[f'{name}_key'] = os.path.join(directory, f'{prefix}.key')
-  return paths
+  """A CA and, signed by it, localhost worker and driver certificates."""
+  return make_certificates_lib.make(directory, ca_name=ca_name, days=2)
 
 
 def start_tls_worker(certificates, port):

@@ -12,7 +12,9 @@ import os
 import sys
 from typing import Optional
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TensorFlow's C++ start-up lines (cuDNN/cuFFT factories) would come before
+# a one-line error; set the variable to see them.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top

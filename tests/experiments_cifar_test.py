@@ -63,9 +63,11 @@ class CliTest(absltest.TestCase):
       result = run_cli(f'--flagfile={QUICKSTART}',
                        f'--root_output_dir={out_dir}', *args)
       self.assertEqual(result.returncode, 2, args)
-      errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
-      self.assertLen(errors, 1, result.stderr)
-      self.assertIn(message, errors[0])
+      # One line, with no TensorFlow start-up noise before it.
+      self.assertEqual(result.stderr.splitlines()[:1], [
+          l for l in result.stderr.splitlines() if l.startswith('error:')],
+                       result.stderr)
+      self.assertIn(message, result.stderr)
       self.assertEqual(os.listdir(out_dir), [], args)
 
   def test_a_second_run_on_the_same_directory_is_refused(self):

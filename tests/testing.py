@@ -82,11 +82,15 @@ def worker_pids():
 
 
 def run_module(module, *args, timeout=600):
-  """Runs `python -m module args...` from the repository root."""
+  """Runs `python -m module args...` from the repository root.
+
+  The environment is the user's: without the log level this suite sets.
+  """
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
   return subprocess.run(
       [sys.executable, '-m', module, *args],
       cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-      stdin=subprocess.DEVNULL)
+      stdin=subprocess.DEVNULL, env=env)
 
 
 # A small ModelWeights-shaped update: two trainable tensors, one statistic.

@@ -1,6 +1,5 @@
 """Tests of the count-aware sparse mean."""
 
-import collections
 
 from absl.testing import absltest
 import numpy as np
@@ -10,23 +9,15 @@ import tensorflow_federated as tff
 from tests import testing
 from tff_fedprune import aggregation
 from tff_fedprune import encoding
-from tff_fedprune import runtime
 
 
-class CountAwareMeanTest(absltest.TestCase):
+class CountAwareMeanTest(testing.LocalRuntimeTestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls._runtime = runtime.local_runtime()
-    cls._runtime.__enter__()
     cls.process = aggregation.CountAwareMeanFactory().create(
         testing.update_value_type(), tff.TensorType(np.float32))
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._runtime.__exit__(None, None, None)
-    super().tearDownClass()
 
   def test_matches_numpy_count_aware_mean(self):
     clients, weights = testing.masked_updates(), [3.0, 1.0, 2.0]

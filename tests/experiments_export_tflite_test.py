@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 from absl.testing import absltest
 import pytest
@@ -16,7 +14,6 @@ from tff_fedprune import data
 from tff_fedprune import model_state
 from tff_fedprune.export import tflite
 
-ROOT = testing.ROOT
 
 # End-to-end: subprocesses, real rounds (`uv run pytest -m 'not slow'` skips).
 pytestmark = pytest.mark.slow

@@ -11,7 +11,6 @@ import tensorflow_federated as tff
 from tests import testing
 from tff_fedprune import aggregation
 from tff_fedprune import fednova
-from tff_fedprune import runtime
 
 
 class NormalizerTest(parameterized.TestCase):
@@ -26,18 +25,8 @@ class NormalizerTest(parameterized.TestCase):
         places=4)
 
 
-class StepRescaledMeanTest(absltest.TestCase):
+class StepRescaledMeanTest(testing.LocalRuntimeTestCase):
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._runtime = runtime.local_runtime()
-    cls._runtime.__enter__()
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._runtime.__exit__(None, None, None)
-    super().tearDownClass()
 
   def test_fednova_scale_multiplies_trainable_mean_by_mean_steps(self):
     process = fednova.StepRescaledMeanFactory(

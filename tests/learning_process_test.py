@@ -8,25 +8,16 @@ import tensorflow_federated as tff
 
 from tests import testing
 from tff_fedprune import client_work
-from tff_fedprune import model_state
 from tff_fedprune import finalizer
 from tff_fedprune import learning_process
-from tff_fedprune import runtime
 
 
-class LearningProcessTest(parameterized.TestCase):
+class LearningProcessTest(testing.LocalRuntimeTestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls._runtime = runtime.local_runtime()
-    cls._runtime.__enter__()
     cls.spec = testing.client_datasets()[0].element_spec
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._runtime.__exit__(None, None, None)
-    super().tearDownClass()
 
   def test_pruning_off_sgd_one_round_equals_tff_fed_avg(self):
     weights = testing.initial_weights(testing.model_fn())

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 
 from absl.testing import absltest
 import numpy as np

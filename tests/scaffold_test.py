@@ -10,7 +10,6 @@ from tests import testing
 from tff_fedprune import client_work
 from tff_fedprune import learning_process
 from tff_fedprune import local_training
-from tff_fedprune import runtime
 from tff_fedprune.simulation import client_states
 
 
@@ -36,18 +35,8 @@ def run_round(process, state, table, datasets, ids):
   return output
 
 
-class ScaffoldTest(parameterized.TestCase):
+class ScaffoldTest(testing.LocalRuntimeTestCase):
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls._runtime = runtime.local_runtime()
-    cls._runtime.__enter__()
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._runtime.__exit__(None, None, None)
-    super().tearDownClass()
 
   @parameterized.parameters(0.0, 0.9)
   def test_two_rounds_match_local_reference(self, momentum):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -14,10 +15,26 @@ import tensorflow_federated as tff
 from experiments import make_certificates as make_certificates_lib
 import keras_models
 from tff_fedprune import model_state
+from tff_fedprune import runtime
 from tff_fedprune.simulation import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'experiments', 'configs', 'quickstart.cfg')
+
+
+class LocalRuntimeTestCase(parameterized.TestCase):
+  """Runs its tests inside one owned local TFF runtime (shared per class)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._runtime = runtime.local_runtime()
+    cls._runtime.__enter__()
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._runtime.__exit__(None, None, None)
+    super().tearDownClass()
 
 
 def model_fn(gated=False):

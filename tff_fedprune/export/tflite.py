@@ -22,7 +22,6 @@ and the `serving_default` signature (input `images`, output `logits`).
 """
 
 import dataclasses
-import os
 import tempfile
 
 import numpy as np

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import csv
 import dataclasses
-import json
 import os
 import platform
 import time

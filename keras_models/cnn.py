@@ -13,6 +13,7 @@ def build_cnn(
     gated: bool = False,
     keep_ratio: float = 1.0,
     filters=CNN_FILTERS,
+    gate_input: str = 'sigmoid',
 ) -> tf.keras.Model:
   """conv-BN-ReLU blocks with 2x2 max-pooling between them, GAP, linear head.
 
@@ -24,7 +25,7 @@ def build_cnn(
     if i:
       x = tf.keras.layers.MaxPool2D(padding='same', name=f'pool{i}')(x)
     x = GatedConv2D(f, gated=gated, keep_ratio=keep_ratio,
-                    name=f'block{i + 1}')(x)
+                    gate_input=gate_input, name=f'block{i + 1}')(x)
   x = tf.keras.layers.GlobalAveragePooling2D(name='gap')(x)
   outputs = tf.keras.layers.Dense(num_classes, name='logits')(x)
   return tf.keras.Model(inputs, outputs, name='cnn')

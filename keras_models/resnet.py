@@ -43,12 +43,13 @@ def build_resnet(
     num_classes: int = 10,
     gated: bool = False,
     keep_ratio: float = 1.0,
+    gate_input: str = 'sigmoid',
 ) -> tf.keras.Model:
   """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits."""
   if (depth - 2) % 6:
     raise ValueError(f'CIFAR ResNet depth must be 6n + 2, got {depth}')
   blocks = (depth - 2) // 6
-  gate = dict(gated=gated, keep_ratio=keep_ratio)
+  gate = dict(gated=gated, keep_ratio=keep_ratio, gate_input=gate_input)
   inputs = tf.keras.Input(input_shape, name='images')
   x = GatedConv2D(STAGE_FILTERS[0], name='stem', **gate)(inputs)
   for stage, filters in enumerate(STAGE_FILTERS):

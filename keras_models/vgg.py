@@ -12,6 +12,7 @@ def build_vgg11(
     num_classes: int = 10,
     gated: bool = False,
     keep_ratio: float = 1.0,
+    gate_input: str = 'sigmoid',
 ) -> tf.keras.Model:
   """VGG-11 features (every conv a `GatedConv2D`), then a 512-512 MLP head."""
   inputs = tf.keras.Input(input_shape, name='images')
@@ -24,7 +25,7 @@ def build_vgg11(
     else:
       conv += 1
       x = GatedConv2D(item, gated=gated, keep_ratio=keep_ratio,
-                      name=f'conv{conv}')(x)
+                      gate_input=gate_input, name=f'conv{conv}')(x)
   x = tf.keras.layers.Flatten(name='flatten')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc1')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc2')(x)

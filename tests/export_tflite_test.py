@@ -18,10 +18,11 @@ SHAPES = {'cnn': (12, 12, 1), 'resnet20': (16, 16, 3), 'resnet32': (8, 8, 3),
 MEAN, STD = 100.0, 50.0
 
 
-def trained_looking_model(name, gated=True):
+def trained_looking_model(name, gated=True, **kwargs):
   """A zoo model with non-trivial BN statistics, scales and gate biases."""
   tf.keras.utils.set_random_seed(0)
-  model = keras_models.build_model(name, SHAPES[name], 10, gated=gated)
+  model = keras_models.build_model(name, SHAPES[name], 10, gated=gated,
+                                   **kwargs)
   rng = np.random.default_rng(0)
   for layer in model.layers:
     if isinstance(layer, gated_conv.GatedConv2D):
@@ -60,6 +61,16 @@ class ParityTest(parameterized.TestCase):
     self.assertIn('TOPK_V2', ops)
     self.assertIn('GATHER', ops)
     self.assertFalse([o for o in ops if o.startswith('Flex') or o == 'CUSTOM'])
+
+
+  @parameterized.parameters(('cnn', 0.5), ('resnet20', 0.7))
+  def test_identity_gate_input_export_equals_keras(self, name, keep_ratio):
+    model = trained_looking_model(name, gate_input='identity')
+    model_state.set_keep_ratio(model, keep_ratio)
+    content = tflite.convert(tflite.inference_function(model, [MEAN], [STD]))
+    images = raw_images(name, 16)
+    np.testing.assert_allclose(tflite.run(content, images),
+                               keras_logits(model, images), atol=1e-4)
 
 
 class ExportTest(absltest.TestCase):

@@ -46,9 +46,10 @@ class GatedConv2DTest(parameterized.TestCase):
     super().setUp()
     self.x = tf.random.stateless_normal([5, 6, 6, 4], seed=[1, 2])
 
-  @parameterized.parameters(True, False)
-  def test_custom_gradient_matches_autodiff_reference(self, relu):
-    layer = built_layer(relu=relu)
+  @parameterized.product(relu=(True, False),
+                          gate_input=gated_conv.GATE_INPUTS)
+  def test_custom_gradient_matches_autodiff_reference(self, relu, gate_input):
+    layer = built_layer(relu=relu, gate_input=gate_input)
     variables = [layer.kernel, layer.gamma, layer.beta, layer.gate_kernel,
                  layer.gate_bias]
     x = tf.Variable(self.x)
@@ -60,6 +61,20 @@ class GatedConv2DTest(parameterized.TestCase):
       np.testing.assert_allclose(
           tape.gradient(custom, v), tape.gradient(reference, v),
           rtol=1e-4, atol=1e-5, err_msg=v.name)
+
+  def test_identity_gate_input_reads_the_channel_means(self):
+    layer = built_layer(gate_input='identity')
+    z = tf.reduce_mean(self.x, axis=[1, 2])
+    np.testing.assert_allclose(
+        layer.saliency(self.x),
+        tf.nn.relu(z @ layer.gate_kernel + layer.gate_bias), rtol=1e-6)
+    sigmoid = built_layer()
+    np.testing.assert_allclose(
+        sigmoid.saliency(self.x),
+        tf.nn.relu(tf.sigmoid(z) @ sigmoid.gate_kernel + sigmoid.gate_bias),
+        rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, 'gate_input'):
+      gated_conv.GatedConv2D(4, gate_input='tanh')
 
   def test_pruned_channels_get_exactly_zero_gradient_from_each_sample(self):
     layer = built_layer(keep_ratio=0.5)
@@ -265,6 +280,15 @@ class SerializationTest(parameterized.TestCase):
       self.assertEqual(loaded.get_layer('h').get_config()['keep_ratio'], 0.7)
       model_state.set_keep_ratio(loaded, 0.3)
       self.assertFalse(np.array_equal(model(data), loaded(data)))
+
+  def test_gate_input_is_saved_and_old_configs_mean_sigmoid(self):
+    layer = gated_conv.GatedConv2D(4, gate_input='identity')
+    config = layer.get_config()
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gate_input, 'identity')
+    del config['gate_input']  # As written before the option existed.
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gate_input, 'sigmoid')
 
 
 if __name__ == '__main__':

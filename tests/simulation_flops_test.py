@@ -1,4 +1,4 @@
-"""Tests of the FLOPs accounting."""
+"""Tests of the FLOPs accounting and the gate-dynamics measurements."""
 
 from absl.testing import absltest
 import numpy as np
@@ -72,6 +72,44 @@ class FlopsTest(absltest.TestCase):
     self.assertLess(ratios[0], ratios[1])
     self.assertLess(ratios[1], ratios[2])
     self.assertLessEqual(ratios[2], 1.0 + 0.02)
+
+
+
+class GateDynamicsTest(absltest.TestCase):
+
+  def test_mean_pairwise_jaccard_matches_a_loop(self):
+    kept = np.random.default_rng(0).random((7, 9)) < 0.4
+    kept[3] = False  # An empty set against an empty set counts as 1.
+    kept[5] = False
+    values = []
+    for i in range(7):
+      for j in range(i + 1, 7):
+        union = np.sum(kept[i] | kept[j])
+        values.append(np.sum(kept[i] & kept[j]) / union if union else 1.0)
+    self.assertAlmostEqual(flops.mean_pairwise_jaccard(kept),
+                           np.mean(values), places=12)
+
+  def test_input_independent_gates_measure_as_static(self):
+    model = two_block_model(gated=True, keep_ratio=0.5)
+    for layer in gated_conv.gated_layers(model):
+      # Saliency = bias for every input: the same top-k for every sample.
+      layer.gate_kernel.assign(tf.zeros_like(layer.gate_kernel))
+    images = np.random.default_rng(1).normal(size=(10, 8, 8, 2))
+    gates = flops.measure_gates(
+        model, tf.data.Dataset.from_tensor_slices(
+            images.astype(np.float32)).batch(4))
+    self.assertEqual(gates.jaccard, [1.0, 1.0])
+    self.assertEqual(gates.ever_kept, [0.5, 0.5])
+
+  def test_input_dependent_gates_measure_below_one(self):
+    model = two_block_model(gated=True, keep_ratio=0.5)
+    images = np.random.default_rng(1).normal(size=(40, 8, 8, 2)) * 3
+    gates = flops.measure_gates(
+        model, tf.data.Dataset.from_tensor_slices(
+            images.astype(np.float32)).batch(8))
+    self.assertLess(min(gates.jaccard), 1.0)
+    self.assertGreater(max(gates.ever_kept), 0.5)
+    self.assertLen(gates.flops, 40)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,8 @@ and scales the kept channels by their score:
     z = sigmoid(GAP(x)); s = ReLU(z @ W_g + b_g); pi = s on top-k, 0 elsewhere
     y = ReLU(BN(conv(x)) * pi)
 
+(`gate_input='identity'` takes z = GAP(x), as the authors' ResNet gates do.)
+
 A channel that is pruned for a sample is never computed for it, so it takes
 no part in that channel's batch statistics either: in training the BN moments
 of channel j are taken over the samples that keep j. A custom gradient makes
@@ -107,6 +109,9 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
   )
 
 
+GATE_INPUTS = ('sigmoid', 'identity')
+
+
 @tf.keras.utils.register_keras_serializable(package='tff_fedprune')
 class GatedConv2D(tf.keras.layers.Layer):
   """Conv -> BN -> per-sample top-k channel gate -> (ReLU).
@@ -126,11 +131,17 @@ class GatedConv2D(tf.keras.layers.Layer):
       relu: bool = True,
       momentum: float = 0.9,
       epsilon: float = 1e-5,
+      gate_input: str = 'sigmoid',
       **kwargs,
   ):
     super().__init__(**kwargs)
     if not 0 < keep_ratio <= 1:
       raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
+    if gate_input not in GATE_INPUTS:
+      raise ValueError(
+          f'gate_input must be one of {GATE_INPUTS}, got {gate_input!r}'
+      )
+    self.gate_input = gate_input
     self.filters = int(filters)
     self.kernel_size = int(kernel_size)
     self.strides = int(strides)
@@ -181,9 +192,13 @@ class GatedConv2D(tf.keras.layers.Layer):
   def conv(self, x):
     return tf.nn.conv2d(x, self.kernel, self.strides, padding='SAME')
 
+  def subsample(self, pooled):
+    """z from the input's global average pool: sigmoid or identity."""
+    return tf.sigmoid(pooled) if self.gate_input == 'sigmoid' else pooled
+
   def saliency(self, x):
-    """s (B, C_out) = ReLU(sigmoid(GAP(x)) @ W_g + b_g)."""
-    z = tf.sigmoid(tf.reduce_mean(x, axis=[1, 2]))
+    """s (B, C_out) = ReLU(z @ W_g + b_g), z = subsample(GAP(x))."""
+    z = self.subsample(tf.reduce_mean(x, axis=[1, 2]))
     return tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
 
   def top_k(self, s):
@@ -259,6 +274,7 @@ class GatedConv2D(tf.keras.layers.Layer):
         relu=self.relu,
         momentum=self.momentum,
         epsilon=self.epsilon,
+        gate_input=self.gate_input,
     )
     return config
 

@@ -1,12 +1,15 @@
-"""TFLite export of gated models that really skip pruned channels (DESIGN 1.6).
+"""TFLite export of gated models that really skip pruned channels.
+
+docs/design.md, section 7.
 
 `inference_function` rebuilds a trained Keras model as a batch-1 graph in
 which every gated layer computes only its k = max(1, round(rho * C_out))
 kept channels:
 
 * the gate reads the input's global average pool (for an input that is itself
-  compact, the pruned channels' pool is 0, so their sigmoid is 0.5 and their
-  share of the gate's pre-activation is a constant folded at export);
+  compact, the pruned channels' pool is 0, so their subsample is sigmoid(0) =
+  0.5 or 0 and their share of the gate's pre-activation is a constant folded
+  at export);
 * TOPK_V2 picks the kept output channels; GATHER takes their slices of the
   BN-folded kernel, and only the kept input rows when the input is compact;
 * a convolution of k_in inputs and k_out outputs runs; its output stays
@@ -77,8 +80,11 @@ class _FoldedConv:
       # (C_out, C_in), as FULLY_CONNECTED takes its weights.
       self.gate_kernel_t = np.ascontiguousarray(gate_kernel.T)
       self.gate_bias = layer.gate_bias.numpy()
-      # Pruned inputs pool to 0 and score sigmoid(0) = 0.5.
-      self.gate_half = 0.5 * gate_kernel.sum(axis=0) + self.gate_bias
+      # Pruned inputs pool to 0 and score subsample(0): 0.5 or 0.
+      self.zero_point = float(layer.subsample(tf.constant(0.0)))
+      self.gate_pruned = (
+          self.zero_point * gate_kernel.sum(axis=0) + self.gate_bias
+      )
 
   def activate(self, x):
     return tf.nn.relu(x) if self.layer.relu else x
@@ -89,14 +95,15 @@ class _FoldedConv:
 
   def gated(self, x, k: int) -> _Compact:
     if isinstance(x, _Compact):
-      pooled = tf.sigmoid(tf.reduce_mean(x.values, axis=[1, 2])) - 0.5
-      pre = self.gate_half + tf.matmul(
+      pooled = self.layer.subsample(
+          tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
+      pre = self.gate_pruned + tf.matmul(
           pooled, tf.gather(self.gate_kernel_t, x.indices, axis=1),
           transpose_b=True,
       )
       inputs = x.values
     else:
-      pooled = tf.sigmoid(tf.reduce_mean(x, axis=[1, 2]))
+      pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
       pre = tf.matmul(pooled, self.gate_kernel) + self.gate_bias
       inputs = x
     saliency, kept = tf.math.top_k(tf.nn.relu(pre)[0], k=k)

@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from tff_fedprune import data as data_lib
+from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune.runtime import worker_process
 
@@ -55,6 +56,11 @@ class ExperimentConfig:
   )
   dynamic_pruning: bool = _field(
       False, 'Gate every conv layer (FedDP) instead of dense.'
+  )
+  gate_input: str = _field(
+      'sigmoid', "What a gate reads: sigmoid of the input's channel means"
+      ' (the authors\' VGG) or the means themselves (identity, their ResNet).',
+      gated_conv.GATE_INPUTS,
   )
   keep_ratio: float = _field(
       0.7, 'Share of output channels each gated layer keeps, in training'

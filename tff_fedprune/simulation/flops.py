@@ -6,7 +6,13 @@ channels: a gated layer computes only the output channels whose gate is
 non-zero, and reads only the input channels that the gated layer feeding it
 (through pooling or a ReLU) kept; an input behind a residual addition is
 full-width. The gate itself costs its average pool and its matrix product.
+
+The same pass measures how input-dependent the gates are (`measure_gates`):
+per gated layer, the mean pairwise Jaccard index of the samples' kept channel
+sets, and the share of channels that any sample keeps.
 """
+
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
@@ -53,11 +59,46 @@ def top_k_flops(model: tf.keras.Model, keep_ratio: float) -> float:
   return total
 
 
-def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
-  """Per-sample FLOPs of a (gated) Keras functional model over `dataset`.
+@dataclasses.dataclass(frozen=True)
+class GateMeasurements:
+  """What the gates did on a dataset, per sample and per gated layer.
 
-  `dataset` yields image batches or `(images, labels)` batches, already
-  preprocessed as the model expects.
+  Attributes:
+    flops: per-sample dynamic FLOPs.
+    jaccard: per gated layer, the mean over pairs of samples of the Jaccard
+      index of their kept channel sets (1: every sample keeps the same
+      channels, static pruning), over the first `JACCARD_SAMPLES` samples.
+    ever_kept: per gated layer, the share of channels kept by at least one
+      sample.
+  """
+
+  flops: np.ndarray
+  jaccard: list
+  ever_kept: list
+
+
+JACCARD_SAMPLES = 512
+
+
+def mean_pairwise_jaccard(kept: np.ndarray) -> float:
+  """Mean Jaccard index over all pairs of rows of a 0/1 (samples, C) array."""
+  kept = kept.astype(np.float64)
+  n = len(kept)
+  if n < 2:
+    return float('nan')
+  inter = kept @ kept.T
+  sizes = kept.sum(axis=1)
+  union = sizes[:, None] + sizes[None, :] - inter
+  jaccard = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+  upper = np.triu_indices(n, k=1)
+  return float(jaccard[upper].mean())
+
+
+def measure_gates(model: tf.keras.Model, dataset) -> GateMeasurements:
+  """Per-sample FLOPs and gate dynamics of a Keras functional model.
+
+  One pass over `dataset` (image batches or `(images, labels)` batches,
+  preprocessed as the model expects), gates in inference mode.
   """
   gated = gated_conv.gated_layers(model)
   static = dense_flops(model) - sum(
@@ -65,32 +106,41 @@ def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
   )
   if not gated:
     total = sum(int(tf.shape(_images(b))[0]) for b in dataset)
-    return np.full(total, static)
+    return GateMeasurements(np.full(total, static), [], [])
   probe = tf.keras.Model(model.inputs, [l.input for l in gated])
   feeders = [gated_conv.feeding_gate(l) for l in gated]
   index = {id(l): i for i, l in enumerate(gated)}
 
   @tf.function
-  def active_counts(images):
+  def kept_channels(images):
     inputs = probe(images, training=False)
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    return [
-        tf.reduce_sum(
-            tf.cast(tf.not_equal(l.channel_gates(x), 0.0), tf.float32), axis=1
-        )
-        for l, x in zip(gated, inputs)
-    ]
+    return [tf.not_equal(l.channel_gates(x), 0.0)
+            for l, x in zip(gated, inputs)]
 
-  per_sample = []
+  per_sample, kept_sets = [], [[] for _ in gated]
   for batch in dataset:
-    outs = [c.numpy() for c in active_counts(_images(batch))]
-    flops = np.full(len(outs[0]), static)
-    for layer, feeder, cout in zip(gated, feeders, outs):
-      cin = (outs[index[id(feeder)]] if feeder is not None
+    kept = [k.numpy() for k in kept_channels(_images(batch))]
+    counts = [k.sum(axis=1) for k in kept]
+    flops = np.full(len(counts[0]), static)
+    for layer, feeder, cout in zip(gated, feeders, counts):
+      cin = (counts[index[id(feeder)]] if feeder is not None
              else layer.input_shape[-1])
       flops += _conv_flops(layer, cin, cout) + _gate_flops(layer)
     per_sample.append(flops)
-  return np.concatenate(per_sample)
+    for sets, k in zip(kept_sets, kept):
+      sets.append(k)
+  kept_sets = [np.concatenate(sets) for sets in kept_sets]
+  return GateMeasurements(
+      flops=np.concatenate(per_sample),
+      jaccard=[mean_pairwise_jaccard(k[:JACCARD_SAMPLES]) for k in kept_sets],
+      ever_kept=[float(k.any(axis=0).mean()) for k in kept_sets],
+  )
+
+
+def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:
+  """Per-sample FLOPs of a (gated) Keras functional model over `dataset`."""
+  return measure_gates(model, dataset).flops
 
 
 def dynamic_flops_ratio(model: tf.keras.Model, dataset) -> float:

@@ -25,6 +25,7 @@ import tqdm
 
 from tff_fedprune import client_work
 from tff_fedprune import data as data_lib
+from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune import model_state
 from tff_fedprune import runtime
@@ -48,6 +49,8 @@ METRIC_COLUMNS = (
     'download_bytes',
     'update_density',
     'flops_ratio',
+    'gate_jaccard',
+    'channels_ever_kept',
     'round_seconds',
     'clients_completed',
     'clients_dropped',
@@ -104,7 +107,7 @@ def run_experiment(
   """Runs (or resumes) `config` to `total_rounds`; returns the summary.
 
   `models` maps each architecture name to its builder
-  `(input_shape=..., num_classes=..., gated=..., keep_ratio=...) -> Model`
+  `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=) -> Model`
   (e.g. `keras_models.BUILDERS`). Raises `ConfigError`,
   `data.DataSourceError` or `data.PartitionError` before anything is written
   if the configuration or data is unusable.
@@ -159,6 +162,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
         num_classes=source.num_classes,
         gated=config.dynamic_pruning,
         keep_ratio=keep_ratio,
+        gate_input=config.gate_input,
     )
 
   tf.keras.utils.set_random_seed(config.seed)
@@ -212,6 +216,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
 
   eval_model = model_fn(config.evaluation_keep_ratio)
   evaluate = evaluation.Evaluator(eval_model)
+  dense_flops = flops.dense_flops(eval_model)
   weights = process.get_model_weights(state)
   weight_bytes = _num_bytes(weights)
   # Per-client state (SCAFFOLD's variates) travels too: c down, dc_k up.
@@ -264,12 +269,14 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
         personal_mean, personal_worst = evaluation.personalised_accuracy(
             correct, fed_data.client_test
         )
-        flops_ratio = flops.dynamic_flops_ratio(
-            eval_model, fed_data.test_dataset()
-        )
+        gates = flops.measure_gates(eval_model, fed_data.test_dataset())
+        flops_ratio = float(np.mean(gates.flops) / dense_flops)
+        gate_jaccard = _mean_or_nan(gates.jaccard)
+        ever_kept = _mean_or_nan(gates.ever_kept)
       else:
         test_accuracy = test_loss = flops_ratio = float('nan')
         personal_mean = personal_worst = float('nan')
+        gate_jaccard = ever_kept = float('nan')
       dense_bytes = len(clients) * weight_bytes
       control_bytes = len(clients) * control_size
       metrics = collections.OrderedDict(
@@ -285,6 +292,8 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
           update_density=int(upload['kept_coordinates'])
           / (len(clients) * int(upload['coordinates_per_client'])),
           flops_ratio=flops_ratio,
+          gate_jaccard=gate_jaccard,
+          channels_ever_kept=ever_kept,
           round_seconds=time.time() - start,
           clients_completed=len(clients),
           clients_dropped=len(dropped),
@@ -326,7 +335,26 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
   reporting.plot_runs(
       [reporting.load_run(run_dir)], os.path.join(run_dir, 'plots')
   )
-  return _summary(config, fed_data, history)
+  summary = _summary(config, fed_data, history)
+  summary['final_gate_dynamics'] = _gate_dynamics(
+      eval_model, fed_data.test_dataset()
+  )
+  return summary
+
+
+def _mean_or_nan(values) -> float:
+  return float(np.mean(values)) if values else float('nan')
+
+
+def _gate_dynamics(model, dataset) -> dict:
+  """Per gated layer: mean pairwise Jaccard and share of channels ever kept."""
+  gates = flops.measure_gates(model, dataset)
+  return {
+      layer.name: {'jaccard': j, 'channels_ever_kept': e}
+      for layer, j, e in zip(
+          gated_conv.gated_layers(model), gates.jaccard, gates.ever_kept
+      )
+  }
 
 
 def _training_failure(weights, metrics) -> str:

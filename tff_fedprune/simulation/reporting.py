@@ -87,6 +87,8 @@ def _label(config: dict) -> str:
     label += f' gated keep {ratios}'
     if config.get('salience_threshold'):
       label += f' tau {config["salience_threshold"]}'
+    if config.get('gate_input', 'sigmoid') != 'sigmoid':
+      label += f' gate {config["gate_input"]}'
   else:
     label += ' dense'
   return label
@@ -167,6 +169,10 @@ def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
       ('flops_vs_round.png', 'Inference FLOPs ratio vs round', 'round',
        'dynamic / dense FLOPs', lambda r: (r.column('round'),
                                            r.column('flops_ratio'))),
+      ('gate_jaccard_vs_round.png',
+       'Gate dynamics: kept channel sets of two test images (1 = static)',
+       'round', 'mean pairwise Jaccard (mean over gated layers)',
+       lambda r: (r.column('round'), r.column('gate_jaccard'))),
   ]
   algorithms = sorted({r.config.get('algorithm', 'fedavg') for r in runs})
   colors = plt.get_cmap('tab10')

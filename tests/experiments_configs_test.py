@@ -53,8 +53,8 @@ class ConfigsTest(parameterized.TestCase):
               (config.dataset, config.num_clients, config.dirichlet_alpha,
                config.total_rounds, config.local_epochs,
                config.client_learning_rate, config.client_momentum,
-               config.batch_size, config.keep_ratio),
-              ('cifar10', 10, 0.1, 100, 10, 0.01, 0.9, 64, 0.7))
+               config.batch_size, config.keep_ratio, config.weight_decay),
+              ('cifar10', 10, 0.1, 100, 10, 0.01, 0.9, 64, 0.7, 1e-5))
           self.assertEqual(config.experiment_name,
                            f'cifar10_{model}_{algorithm}_{mode}')
 

@@ -1,7 +1,7 @@
 """Model zoo: architectures only, each with a dense and a gated variant.
 
 `BUILDERS` maps each name to `(input_shape=, num_classes=, gated=,
-keep_ratio=, gate_input=) -> tf.keras.Model`; the gated layer is
+keep_ratio=, gate_input=, gate_stem=) -> tf.keras.Model`; the gated layer is
 `tff_fedprune.gated_conv`.
 """
 
@@ -22,7 +22,7 @@ MODELS = tuple(BUILDERS)
 
 
 def build_model(name: str, input_shape, num_classes: int, **kwargs):
-  """Builds `name` (one of `MODELS`); kwargs: gated, keep_ratio, gate_input."""
+  """Builds `name` (one of `MODELS`); kwargs as `BUILDERS` takes them."""
   if name not in BUILDERS:
     raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
   return BUILDERS[name](

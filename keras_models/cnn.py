@@ -14,18 +14,20 @@ def build_cnn(
     keep_ratio: float = 1.0,
     filters=CNN_FILTERS,
     gate_input: str = 'sigmoid',
+    gate_stem: bool = True,
 ) -> tf.keras.Model:
   """conv-BN-ReLU blocks with 2x2 max-pooling between them, GAP, linear head.
 
-  Returns logits.
+  Returns logits. With `gate_stem=False` the first block is not gated.
   """
   inputs = tf.keras.Input(input_shape, name='images')
   x = inputs
   for i, f in enumerate(filters):
     if i:
       x = tf.keras.layers.MaxPool2D(padding='same', name=f'pool{i}')(x)
-    x = GatedConv2D(f, gated=gated, keep_ratio=keep_ratio,
-                    gate_input=gate_input, name=f'block{i + 1}')(x)
+    x = GatedConv2D(f, gated=gated and (gate_stem or i > 0),
+                    keep_ratio=keep_ratio, gate_input=gate_input,
+                    name=f'block{i + 1}')(x)
   x = tf.keras.layers.GlobalAveragePooling2D(name='gap')(x)
   outputs = tf.keras.layers.Dense(num_classes, name='logits')(x)
   return tf.keras.Model(inputs, outputs, name='cnn')

@@ -44,14 +44,20 @@ def build_resnet(
     gated: bool = False,
     keep_ratio: float = 1.0,
     gate_input: str = 'sigmoid',
+    gate_stem: bool = True,
 ) -> tf.keras.Model:
-  """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits."""
+  """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits.
+
+  With `gate_stem=False` the first convolution is not gated (the authors'
+  ResNet).
+  """
   if (depth - 2) % 6:
     raise ValueError(f'CIFAR ResNet depth must be 6n + 2, got {depth}')
   blocks = (depth - 2) // 6
   gate = dict(gated=gated, keep_ratio=keep_ratio, gate_input=gate_input)
   inputs = tf.keras.Input(input_shape, name='images')
-  x = GatedConv2D(STAGE_FILTERS[0], name='stem', **gate)(inputs)
+  x = GatedConv2D(STAGE_FILTERS[0], name='stem',
+                  **dict(gate, gated=gated and gate_stem))(inputs)
   for stage, filters in enumerate(STAGE_FILTERS):
     for block in range(blocks):
       stride = 2 if stage and not block else 1

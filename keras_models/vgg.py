@@ -13,8 +13,12 @@ def build_vgg11(
     gated: bool = False,
     keep_ratio: float = 1.0,
     gate_input: str = 'sigmoid',
+    gate_stem: bool = True,
 ) -> tf.keras.Model:
-  """VGG-11 features (every conv a `GatedConv2D`), then a 512-512 MLP head."""
+  """VGG-11 features (every conv a `GatedConv2D`), then a 512-512 MLP head.
+
+  With `gate_stem=False` the first convolution is not gated.
+  """
   inputs = tf.keras.Input(input_shape, name='images')
   x = inputs
   conv = pool = 0
@@ -24,8 +28,9 @@ def build_vgg11(
       x = tf.keras.layers.MaxPool2D(padding='same', name=f'pool{pool}')(x)
     else:
       conv += 1
-      x = GatedConv2D(item, gated=gated, keep_ratio=keep_ratio,
-                      gate_input=gate_input, name=f'conv{conv}')(x)
+      x = GatedConv2D(item, gated=gated and (gate_stem or conv > 1),
+                      keep_ratio=keep_ratio, gate_input=gate_input,
+                      name=f'conv{conv}')(x)
   x = tf.keras.layers.Flatten(name='flatten')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc1')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc2')(x)

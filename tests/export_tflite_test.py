@@ -63,9 +63,14 @@ class ParityTest(parameterized.TestCase):
     self.assertFalse([o for o in ops if o.startswith('Flex') or o == 'CUSTOM'])
 
 
-  @parameterized.parameters(('cnn', 0.5), ('resnet20', 0.7))
-  def test_identity_gate_input_export_equals_keras(self, name, keep_ratio):
-    model = trained_looking_model(name, gate_input='identity')
+  @parameterized.parameters(
+      ('cnn', 0.5, dict(gate_input='identity')),
+      ('resnet20', 0.7, dict(gate_input='identity')),
+      ('resnet20', 0.7, dict(gate_stem=False)),
+      ('vgg11', 0.5, dict(gate_stem=False)))
+  def test_authors_variants_export_equal_keras(self, name, keep_ratio,
+                                               variant):
+    model = trained_looking_model(name, **variant)
     model_state.set_keep_ratio(model, keep_ratio)
     content = tflite.convert(tflite.inference_function(model, [MEAN], [STD]))
     images = raw_images(name, 16)

@@ -54,6 +54,20 @@ class ModelZooTest(parameterized.TestCase):
     dense_names = {v.name for v in dense.weights}
     self.assertTrue(dense_names <= {v.name for v in gated.weights})
 
+  @parameterized.parameters(('cnn', (8, 8, 1)), ('resnet20', (16, 16, 3)),
+                            ('vgg11', (16, 16, 3)))
+  def test_dense_stem_leaves_only_the_first_convolution_ungated(self, name,
+                                                                 shape):
+    with_stem = keras_models.build_model(name, shape, 10, gated=True)
+    without = keras_models.build_model(name, shape, 10, gated=True,
+                                       gate_stem=False)
+    convs = [l for l in without.layers
+             if isinstance(l, gated_conv.GatedConv2D)]
+    self.assertFalse(convs[0].gated)
+    self.assertTrue(all(l.gated for l in convs[1:]))
+    self.assertEqual([l.name for l in gated_conv.gated_layers(without)],
+                     [l.name for l in gated_conv.gated_layers(with_stem)][1:])
+
   @parameterized.parameters(20, 32, 56)
   def test_resnet_parameter_counts(self, depth):
     model = keras_models.build_model(f'resnet{depth}', (32, 32, 3), 10)

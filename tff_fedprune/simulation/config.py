@@ -62,6 +62,10 @@ class ExperimentConfig:
       ' (the authors\' VGG) or the means themselves (identity, their ResNet).',
       gated_conv.GATE_INPUTS,
   )
+  gate_stem: bool = _field(
+      True, "Gate the first convolution too (--nogate_stem: leave it dense,"
+      " as the authors' ResNet does)."
+  )
   keep_ratio: float = _field(
       0.7, 'Share of output channels each gated layer keeps, in training'
       ' (unless --client_keep_ratios is set) and by default in evaluation.'

@@ -107,7 +107,8 @@ def run_experiment(
   """Runs (or resumes) `config` to `total_rounds`; returns the summary.
 
   `models` maps each architecture name to its builder
-  `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=) -> Model`
+  `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=,
+  gate_stem=) -> Model`
   (e.g. `keras_models.BUILDERS`). Raises `ConfigError`,
   `data.DataSourceError` or `data.PartitionError` before anything is written
   if the configuration or data is unusable.
@@ -163,6 +164,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
         gated=config.dynamic_pruning,
         keep_ratio=keep_ratio,
         gate_input=config.gate_input,
+        gate_stem=config.gate_stem,
     )
 
   tf.keras.utils.set_random_seed(config.seed)

@@ -1,4 +1,4 @@
-"""Tests of the count-aware sparse mean."""
+"""Tests of the masked sparse means (count-aware and plain)."""
 
 
 from absl.testing import absltest
@@ -16,7 +16,7 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.process = aggregation.CountAwareMeanFactory().create(
+    cls.process = aggregation.MaskedMeanFactory().create(
         testing.update_value_type(), tff.TensorType(np.float32))
 
   def test_matches_numpy_count_aware_mean(self):
@@ -40,6 +40,25 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
     u2 = clients[2]['update'].non_trainable[0][0]
     self.assertAlmostEqual(output.result.non_trainable[0][0],
                            (1.0 * u1 + 2.0 * u2) / 3.0, places=6)
+
+  def test_fedavg_aggregation_divides_by_all_clients_weight(self):
+    process = aggregation.MaskedMeanFactory('fedavg').create(
+        testing.update_value_type(), tff.TensorType(np.float32))
+    clients, weights = testing.masked_updates(), [3.0, 1.0, 2.0]
+    output = process.next(process.initialize(), clients, weights)
+    expected = tf.nest.map_structure(
+        lambda *a: sum(w * x for w, x in zip(weights, a)) / sum(weights),
+        *[c['update'] for c in clients])
+    tf.nest.map_structure(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        output.result, expected)
+    # Sent by clients 1 and 2 only: diluted by client 0's weight.
+    u1 = clients[1]['update'].non_trainable[0][0]
+    u2 = clients[2]['update'].non_trainable[0][0]
+    self.assertAlmostEqual(output.result.non_trainable[0][0],
+                           (1.0 * u1 + 2.0 * u2) / 6.0, places=6)
+    with self.assertRaisesRegex(ValueError, 'unknown aggregation'):
+      aggregation.MaskedMeanFactory('median')
 
   def test_reports_exact_upload_bytes_and_kept_coordinates(self):
     clients = testing.masked_updates(seed=1)

@@ -30,10 +30,10 @@ class StepRescaledMeanTest(testing.LocalRuntimeTestCase):
 
   def test_fednova_scale_multiplies_trainable_mean_by_mean_steps(self):
     process = fednova.StepRescaledMeanFactory(
-        aggregation.CountAwareMeanFactory()).create(
+        aggregation.MaskedMeanFactory()).create(
             testing.update_value_type([('scale', tff.TensorType(np.float32))]),
             tff.TensorType(np.float32))
-    plain_process = aggregation.CountAwareMeanFactory().create(
+    plain_process = aggregation.MaskedMeanFactory().create(
         testing.update_value_type(), tff.TensorType(np.float32))
     clients, weights, steps = testing.masked_updates(seed=3), [3.0, 1.0, 2.0], [
         4.0, 10.0, 7.0]

@@ -1,13 +1,19 @@
-"""Count-aware mean of masked, sparsely encoded client updates.
+"""Mean of masked, sparsely encoded client updates.
 
 docs/design.md, section 3.
 
-Per coordinate i over the round's clients k with weights n_k and masks M_k:
+Per coordinate i over the round's clients k with weights n_k and masks M_k,
+the count-aware mean (the default) is
 
     mean_i = sum_k n_k M_ki delta_ki / sum_k n_k M_ki   (0 where no client sent i)
 
-A plain weighted mean would shrink each coordinate by the share of clients
-that did not send it. Clients encode their update with `encoding.TensorCodec`
+The plain weighted mean of the authors' code (`aggregation='fedavg'`),
+
+    mean_i = sum_k n_k M_ki delta_ki / sum_k n_k,
+
+counts a client that did not send coordinate i as a zero change, shrinking
+the coordinate by the share of clients that did not send it; it is kept for
+ablations. Clients encode their update with `encoding.TensorCodec`
 (the mask travels with it); the server decodes inside `federated_aggregate`,
 so the measured upload is what crossed the wire. A client whose weight is 0
 (a non-finite update, zeroed by the client work) contributes nothing.
@@ -22,8 +28,18 @@ import tensorflow_federated as tff
 from tff_fedprune import encoding
 
 
-class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
+AGGREGATIONS = ('count_aware', 'fedavg')
+
+
+class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
   """Aggregates `OrderedDict(update=W, mask=W)` into a `W`."""
+
+  def __init__(self, aggregation: str = 'count_aware'):
+    if aggregation not in AGGREGATIONS:
+      raise ValueError(
+          f'unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}'
+      )
+    self._count_aware = aggregation == 'count_aware'
 
   def create(
       self,
@@ -81,7 +97,8 @@ class CountAwareMeanFactory(tff.aggregators.WeightedAggregationFactory):
       ):
         update, mask = c.decode(e)
         numerator.append(num + weight * update)
-        denominator.append(den + weight * mask)
+        sent = mask if self._count_aware else tf.ones_like(mask)
+        denominator.append(den + weight * sent)
       return collections.OrderedDict(
           numerator=numerator, denominator=denominator
       )

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_fedprune import aggregation
+from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import client_work as client_work_lib
 from tff_fedprune import fednova
 from tff_fedprune import finalizer as finalizer_lib
@@ -56,6 +56,7 @@ def build_learning_process(
     algorithm: str = 'fedavg',
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
+    aggregation: str = 'count_aware',
     num_clients: int = 0,
     clients_per_round: int = 0,
     server_optimizer: str = 'sgd',
@@ -73,6 +74,8 @@ def build_learning_process(
     algorithm: one of `ALGORITHMS`.
     prox_mu: FedProx proximal coefficient (used by 'fedprox' only).
     salience_threshold: tau of the salience mask (docs/design.md section 2).
+    aggregation: one of `aggregation.AGGREGATIONS`: the count-aware mean or
+      the authors' plain weighted mean.
     num_clients: federation size (SCAFFOLD's 1 / N in the update of c).
     clients_per_round: most clients per round (SCAFFOLD's per-slot table of
       returned control-variate changes).
@@ -114,7 +117,9 @@ def build_learning_process(
       salience_threshold=salience_threshold,
       clients_per_round=clients_per_round,
   )
-  aggregator = hooks.aggregator(aggregation.CountAwareMeanFactory()).create(
+  aggregator = hooks.aggregator(
+      aggregation_lib.MaskedMeanFactory(aggregation)
+  ).create(
       client_work.next.type_signature.result.result.member.update,
       tff.TensorType(np.float32),
   )

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Optional
 
+from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import data as data_lib
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
@@ -84,6 +85,12 @@ class ExperimentConfig:
       " client's samples."
   )
   prox_mu: float = _field(0.01, 'FedProx proximal coefficient.')
+  aggregation: str = _field(
+      'count_aware', 'Server mean of the masked updates: count_aware (each'
+      ' coordinate over the clients that sent it) or fedavg (over all'
+      " clients, unsent coordinates as zero changes: the authors' code).",
+      aggregation_lib.AGGREGATIONS,
+  )
   client_failure_rate: float = _field(
       0.0, "Share of each round's sampled clients that drop out (simulated"
       ' device loss).'

@@ -91,6 +91,8 @@ def _label(config: dict) -> str:
       label += f' gate {config["gate_input"]}'
     if not config.get('gate_stem', True):
       label += ' stem dense'
+    if config.get('aggregation', 'count_aware') != 'count_aware':
+      label += f' {config["aggregation"]} mean'
   else:
     label += ' dense'
   return label

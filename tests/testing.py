@@ -93,7 +93,8 @@ def wait_dead(pid, timeout_s=15):
 
 
 def worker_pids():
-  out = subprocess.run(['pgrep', '-f', 'data/worker_binary'],
+  """Pids of this environment's TFF worker binaries (not other checkouts')."""
+  out = subprocess.run(['pgrep', '-f', runtime.worker_binary_path()],
                        capture_output=True, text=True).stdout
   return {int(p) for p in out.split()}
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 import keras_models
 from tff_fedprune.simulation import evaluation
 from tff_fedprune import model_state
+from tff_fedprune.simulation import flops
 
 
 class PersonalisedAccuracyTest(absltest.TestCase):
@@ -38,8 +39,9 @@ class EvaluatorTest(absltest.TestCase):
     images = images.astype(np.float32)
     labels = np.random.default_rng(1).integers(0, 10, 70).astype(np.int32)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
-    accuracy, loss, correct = evaluation.Evaluator(model)(
-        model_state.global_weights(model), dataset)
+    evaluator = evaluation.Evaluator(model)
+    result = evaluator(model_state.global_weights(model), dataset)
+    accuracy, loss, correct = result.accuracy, result.loss, result.correct
     logits = model(images, training=False).numpy()
     expected = logits.argmax(-1) == labels
     np.testing.assert_array_equal(correct, expected)
@@ -47,6 +49,24 @@ class EvaluatorTest(absltest.TestCase):
     expected_loss = tf.keras.losses.sparse_categorical_crossentropy(
         labels, logits, from_logits=True).numpy().mean()
     self.assertAlmostEqual(loss, expected_loss, places=5)
+    # The same pass measured the gates as the separate FLOPs pass does.
+    separate = flops.measure_gates(model, dataset)
+    np.testing.assert_array_equal(result.gates.flops, separate.flops)
+    self.assertEqual(result.gates.jaccard, separate.jaccard)
+    self.assertEqual(result.gates.ever_kept, separate.ever_kept)
+    self.assertEqual(evaluator.flops_ratio(result),
+                     flops.dynamic_flops_ratio(model, dataset))
+
+  def test_dense_model(self):
+    model = keras_models.build_model('cnn', (8, 8, 1), 10)
+    images = np.zeros((5, 8, 8, 1), np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (images, np.zeros(5, np.int32))).batch(2)
+    evaluator = evaluation.Evaluator(model)
+    result = evaluator(model_state.global_weights(model), dataset)
+    self.assertLen(result.correct, 5)
+    self.assertEqual(evaluator.flops_ratio(result), 1.0)
+    self.assertEqual(result.gates.jaccard, [])
 
 
 if __name__ == '__main__':

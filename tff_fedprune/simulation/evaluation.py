@@ -5,16 +5,28 @@ personalised figures (the paper's point under non-IID data) are the global
 model's accuracy on each client's own test split, which has that client's
 label mix: their mean over clients and the mean of the worst 10% of clients.
 Client test splits are disjoint subsets of the test set, so one pass over the
-test set gives both.
+test set gives both, and the same pass records which channels each gate kept
+(`flops.GateCounter`: the FLOPs ratio and gate dynamics).
 """
 
+import dataclasses
 import math
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tff_fedprune import gated_conv
 from tff_fedprune import model_state
+from tff_fedprune.simulation import flops
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  accuracy: float
+  loss: float
+  correct: np.ndarray  # Per-example correctness, in dataset order.
+  gates: flops.GateMeasurements
 
 
 class Evaluator:
@@ -22,29 +34,47 @@ class Evaluator:
 
   def __init__(self, model: tf.keras.Model):
     self._model = model
+    self._dense_flops = flops.dense_flops(model)
     loss = tf.keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=tf.keras.losses.Reduction.NONE
+    )
+    gated = gated_conv.gated_layers(model)
+    probe = tf.keras.Model(
+        model.inputs, [model.output] + [l.input for l in gated]
     )
 
     @tf.function
     def batch_stats(images, labels):
-      logits = self._model(images, training=False)
+      outputs = probe(images, training=False)
+      logits, inputs = (outputs[0], outputs[1:]) if gated else (outputs, [])
       correct = tf.equal(tf.argmax(logits, -1, tf.int32), labels)
-      return tf.reduce_sum(loss(labels, logits)), correct
+      kept = flops.kept_channels(gated, inputs)
+      return tf.reduce_sum(loss(labels, logits)), correct, kept
 
     self._batch_stats = batch_stats
 
-  def __call__(self, weights, dataset) -> tuple[float, float, np.ndarray]:
-    """Returns (accuracy, mean loss, per-example correctness in order)."""
+  def __call__(self, weights, dataset) -> Evaluation:
+    """Accuracy, mean loss, correctness and gate measurements of `weights`."""
     model_state.assign_weights(self._model, weights)
+    counter = flops.GateCounter(self._model)
     total_loss = 0.0
     correct = []
     for images, labels in dataset:
-      batch_loss, batch_correct = self._batch_stats(images, labels)
+      batch_loss, batch_correct, kept = self._batch_stats(images, labels)
       total_loss += float(batch_loss)
       correct.append(batch_correct.numpy())
+      counter.add([k.numpy() for k in kept], len(correct[-1]))
     correct = np.concatenate(correct)
-    return float(correct.mean()), total_loss / len(correct), correct
+    return Evaluation(
+        float(correct.mean()), total_loss / len(correct), correct,
+        counter.result(),
+    )
+
+  def flops_ratio(self, evaluation: Evaluation) -> float:
+    """Mean dynamic FLOPs over the model's dense FLOPs (1 if ungated)."""
+    if not evaluation.gates.jaccard:
+      return 1.0
+    return float(np.mean(evaluation.gates.flops) / self._dense_flops)
 
 
 def personalised_accuracy(

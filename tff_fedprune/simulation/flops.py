@@ -94,48 +94,72 @@ def mean_pairwise_jaccard(kept: np.ndarray) -> float:
   return float(jaccard[upper].mean())
 
 
+def kept_channels(layers, inputs) -> list:
+  """Per-sample kept-channel masks of gated `layers` given their inputs."""
+  return [tf.not_equal(l.channel_gates(x), 0.0) for l, x in zip(layers, inputs)]
+
+
+class GateCounter:
+  """Accumulates the kept channels of a model's gated layers, batch by batch.
+
+  `add` takes the masks of `kept_channels` for the layers of
+  `gated_conv.gated_layers` (none for an ungated model) and the batch size.
+  """
+
+  def __init__(self, model: tf.keras.Model):
+    self.gated = gated_conv.gated_layers(model)
+    self._static = dense_flops(model) - sum(
+        _conv_flops(l, l.input_shape[-1], l.filters) for l in self.gated
+    )
+    self._feeders = [gated_conv.feeding_gate(l) for l in self.gated]
+    self._index = {id(l): i for i, l in enumerate(self.gated)}
+    self._flops, self._kept = [], [[] for _ in self.gated]
+
+  def add(self, kept, batch_size: int) -> None:
+    counts = [k.sum(axis=1) for k in kept]
+    flops = np.full(batch_size, self._static)
+    for layer, feeder, cout in zip(self.gated, self._feeders, counts):
+      cin = (counts[self._index[id(feeder)]] if feeder is not None
+             else layer.input_shape[-1])
+      flops += _conv_flops(layer, cin, cout) + _gate_flops(layer)
+    self._flops.append(flops)
+    for sets, k in zip(self._kept, kept):
+      sets.append(k)
+
+  def result(self) -> GateMeasurements:
+    kept = [np.concatenate(sets) for sets in self._kept]
+    return GateMeasurements(
+        flops=np.concatenate(self._flops),
+        jaccard=[mean_pairwise_jaccard(k[:JACCARD_SAMPLES]) for k in kept],
+        ever_kept=[float(k.any(axis=0).mean()) for k in kept],
+    )
+
+
 def measure_gates(model: tf.keras.Model, dataset) -> GateMeasurements:
   """Per-sample FLOPs and gate dynamics of a Keras functional model.
 
   One pass over `dataset` (image batches or `(images, labels)` batches,
   preprocessed as the model expects), gates in inference mode.
+  (`evaluation.Evaluator` measures the same in its accuracy pass.)
   """
-  gated = gated_conv.gated_layers(model)
-  static = dense_flops(model) - sum(
-      _conv_flops(l, l.input_shape[-1], l.filters) for l in gated
-  )
-  if not gated:
-    total = sum(int(tf.shape(_images(b))[0]) for b in dataset)
-    return GateMeasurements(np.full(total, static), [], [])
-  probe = tf.keras.Model(model.inputs, [l.input for l in gated])
-  feeders = [gated_conv.feeding_gate(l) for l in gated]
-  index = {id(l): i for i, l in enumerate(gated)}
+  counter = GateCounter(model)
+  if not counter.gated:
+    for batch in dataset:
+      counter.add([], int(tf.shape(_images(batch))[0]))
+    return counter.result()
+  probe = tf.keras.Model(model.inputs, [l.input for l in counter.gated])
 
   @tf.function
-  def kept_channels(images):
+  def kept_masks(images):
     inputs = probe(images, training=False)
-    inputs = inputs if isinstance(inputs, list) else [inputs]
-    return [tf.not_equal(l.channel_gates(x), 0.0)
-            for l, x in zip(gated, inputs)]
+    return kept_channels(
+        counter.gated, inputs if isinstance(inputs, list) else [inputs])
 
-  per_sample, kept_sets = [], [[] for _ in gated]
   for batch in dataset:
-    kept = [k.numpy() for k in kept_channels(_images(batch))]
-    counts = [k.sum(axis=1) for k in kept]
-    flops = np.full(len(counts[0]), static)
-    for layer, feeder, cout in zip(gated, feeders, counts):
-      cin = (counts[index[id(feeder)]] if feeder is not None
-             else layer.input_shape[-1])
-      flops += _conv_flops(layer, cin, cout) + _gate_flops(layer)
-    per_sample.append(flops)
-    for sets, k in zip(kept_sets, kept):
-      sets.append(k)
-  kept_sets = [np.concatenate(sets) for sets in kept_sets]
-  return GateMeasurements(
-      flops=np.concatenate(per_sample),
-      jaccard=[mean_pairwise_jaccard(k[:JACCARD_SAMPLES]) for k in kept_sets],
-      ever_kept=[float(k.any(axis=0).mean()) for k in kept_sets],
-  )
+    images = _images(batch)
+    kept = [k.numpy() for k in kept_masks(images)]
+    counter.add(kept, int(tf.shape(images)[0]))
+  return counter.result()
 
 
 def dynamic_flops(model: tf.keras.Model, dataset) -> np.ndarray:

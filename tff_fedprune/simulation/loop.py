@@ -32,7 +32,6 @@ from tff_fedprune import runtime
 from tff_fedprune.simulation import client_states
 from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import evaluation
-from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import reporting
 from tff_fedprune.simulation import run_directory
 from tff_fedprune.simulation.config import ConfigError
@@ -219,7 +218,6 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
 
   eval_model = model_fn(config.evaluation_keep_ratio)
   evaluate = evaluation.Evaluator(eval_model)
-  dense_flops = flops.dense_flops(eval_model)
   weights = process.get_model_weights(state)
   weight_bytes = _num_bytes(weights)
   # Per-client state (SCAFFOLD's variates) travels too: c down, dc_k up.
@@ -266,16 +264,14 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
       client_metrics = output.metrics['client_work']
       upload = output.metrics['aggregator']
       if round_num % config.eval_every == 0 or round_num == config.total_rounds:
-        test_accuracy, test_loss, correct = evaluate(
-            weights, fed_data.test_dataset()
-        )
+        result = evaluate(weights, fed_data.test_dataset())
+        test_accuracy, test_loss = result.accuracy, result.loss
         personal_mean, personal_worst = evaluation.personalised_accuracy(
-            correct, fed_data.client_test
+            result.correct, fed_data.client_test
         )
-        gates = flops.measure_gates(eval_model, fed_data.test_dataset())
-        flops_ratio = float(np.mean(gates.flops) / dense_flops)
-        gate_jaccard = _mean_or_nan(gates.jaccard)
-        ever_kept = _mean_or_nan(gates.ever_kept)
+        flops_ratio = evaluate.flops_ratio(result)
+        gate_jaccard = _mean_or_nan(result.gates.jaccard)
+        ever_kept = _mean_or_nan(result.gates.ever_kept)
       else:
         test_accuracy = test_loss = flops_ratio = float('nan')
         personal_mean = personal_worst = float('nan')
@@ -339,25 +335,18 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
       [reporting.load_run(run_dir)], os.path.join(run_dir, 'plots')
   )
   summary = _summary(config, fed_data, history)
-  summary['final_gate_dynamics'] = _gate_dynamics(
-      eval_model, fed_data.test_dataset()
-  )
+  gates = evaluate(weights, fed_data.test_dataset()).gates
+  summary['final_gate_dynamics'] = {
+      layer.name: {'jaccard': j, 'channels_ever_kept': e}
+      for layer, j, e in zip(
+          gated_conv.gated_layers(eval_model), gates.jaccard, gates.ever_kept
+      )
+  }
   return summary
 
 
 def _mean_or_nan(values) -> float:
   return float(np.mean(values)) if values else float('nan')
-
-
-def _gate_dynamics(model, dataset) -> dict:
-  """Per gated layer: mean pairwise Jaccard and share of channels ever kept."""
-  gates = flops.measure_gates(model, dataset)
-  return {
-      layer.name: {'jaccard': j, 'channels_ever_kept': e}
-      for layer, j, e in zip(
-          gated_conv.gated_layers(model), gates.jaccard, gates.ever_kept
-      )
-  }
 
 
 def _training_failure(weights, metrics) -> str:

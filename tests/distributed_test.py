@@ -86,6 +86,10 @@ class DistributedTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'not host:port'):
       runtime.parse_addresses('localhost:80,nohost')
     self.assertEqual(runtime.parse_addresses('a:1, b:2'), ['a:1', 'b:2'])
+    self.assertEqual(runtime.parse_addresses('unix:/tmp/w.sock,a:1'),
+                     ['unix:/tmp/w.sock', 'a:1'])
+    with self.assertRaisesRegex(ValueError, 'not unix:/abs/path'):
+      runtime.parse_addresses('unix:w.sock')
 
 
 if __name__ == '__main__':

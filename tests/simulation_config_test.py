@@ -61,6 +61,10 @@ class ValidateTest(parameterized.TestCase):
                      [0.5, 0.7, 1.0, 0.5, 0.7])
     self.assertEqual(testing.small_config('/tmp/unused').keep_ratio_of(3), 0.5)
 
+  def test_local_socket_workers_need_no_certificates(self):
+    config_lib.validate(testing.small_config(
+        '/tmp/unused', workers='unix:/tmp/a.sock,unix:/tmp/b.sock'))
+
   def test_workers_in_plaintext_only_when_asked(self):
     config = testing.small_config('/tmp/unused', workers='host:8000',
                                   insecure_workers=True)

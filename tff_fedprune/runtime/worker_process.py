@@ -224,10 +224,11 @@ def open_channel(
 ) -> grpc.Channel:
   """A gRPC channel to a worker: TLS with `credentials`, else plaintext.
 
-  Plaintext is for `unix:` sockets of owned workers, or remote workers the
-  caller chose to trust (`--insecure_workers`).
+  Plaintext is for `unix:` sockets (owner-only, on this machine: always
+  plaintext), or remote workers the caller chose to trust
+  (`--insecure_workers`).
   """
-  if credentials is None:
+  if credentials is None or is_local_socket(address):
     return grpc.insecure_channel(address, GRPC_OPTIONS)
   return grpc.secure_channel(address, credentials, GRPC_OPTIONS)
 
@@ -264,12 +265,23 @@ def is_serving(
 
 
 def parse_addresses(spec: str) -> list[str]:
-  """'host:port,host:port' -> a list, with a clear error when malformed."""
+  """'host:port,unix:/path' -> a list, with a clear error when malformed.
+
+  `unix:/path` names a worker socket on this machine (an owned worker's).
+  """
   addresses = [a.strip() for a in spec.split(',') if a.strip()]
   for address in addresses:
+    if is_local_socket(address):
+      if not os.path.isabs(address[len('unix:'):]):
+        raise ValueError(f'worker address {address!r} is not unix:/abs/path')
+      continue
     host, _, port = address.rpartition(':')
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-      raise ValueError(f'worker address {address!r} is not host:port')
+      raise ValueError(
+          f'worker address {address!r} is not host:port or unix:/path'
+      )
   return addresses
 
 
+def is_local_socket(address: str) -> bool:
+  return address.startswith('unix:')

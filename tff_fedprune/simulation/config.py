@@ -97,7 +97,8 @@ class ExperimentConfig:
   )
   workers: str = _field(
       '', 'host:port,... of TFF workers (python -m tff_fedprune.worker) to'
-      ' run the clients on; default: a local worker owned by this process.'
+      ' run the clients on, or unix:/path sockets of workers on this machine;'
+      ' default: a local worker owned by this process.'
   )
   worker_ca_cert: str = _field(
       '', 'PEM CA certificate that signed the --workers\' TLS certificates.'
@@ -265,9 +266,10 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
     raise ConfigError(f'--workers: {e}') from e
   tls_files = (config.worker_ca_cert, config.worker_client_cert,
                config.worker_client_key)
+  remote = [a for a in workers if not worker_process.is_local_socket(a)]
   require(
-      not workers or config.insecure_workers or all(tls_files),
-      '--workers needs --worker_ca_cert, --worker_client_cert and'
+      not remote or config.insecure_workers or all(tls_files),
+      '--workers on host:port need --worker_ca_cert, --worker_client_cert and'
       ' --worker_client_key (mutual TLS), or --insecure_workers',
   )
   for path in filter(None, tls_files):

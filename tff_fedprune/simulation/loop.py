@@ -107,10 +107,10 @@ def run_experiment(
 
   `models` maps each architecture name to its builder
   `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=,
-  gate_stem=) -> Model`
-  (e.g. `keras_models.BUILDERS`). Raises `ConfigError`,
-  `data.DataSourceError` or `data.PartitionError` before anything is written
-  if the configuration or data is unusable.
+  gate_stem=) -> Model` (e.g. `keras_models.BUILDERS`). Raises
+  `ConfigError`, `data.DataSourceError` or `data.PartitionError` before
+  anything is written if the configuration or data is unusable, and
+  `run_directory.RunDirectoryError` if another run is writing there.
   """
   config_lib.validate(config, tuple(models))
   config_lib.check_resumable(config)
@@ -127,7 +127,7 @@ def run_experiment(
   except OSError as e:
     raise ConfigError(f'cannot create {config.run_dir}: {e.strerror}') from e
   with run_directory.exclusive_writer(config.run_dir):
-    config_lib.check_resumable(config)
+    config_lib.check_resumable(config)  # Again: another writer may have run.
     run_directory.write_json(
         os.path.join(config.run_dir, 'config.json'),
         dataclasses.asdict(config),

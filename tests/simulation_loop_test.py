@@ -199,7 +199,8 @@ class WorkersTest(absltest.TestCase):
 
   def test_unreachable_worker_is_a_clear_error_writing_nothing(self):
     root = self.create_tempdir().full_path
-    config = testing.small_config(os.path.join(root, 'out'), workers='localhost:1')
+    config = testing.small_config(os.path.join(root, 'out'),
+                                  workers='localhost:1', insecure_workers=True)
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 'localhost:1 did not answer'):
       run(config)

@@ -115,7 +115,11 @@ class ReportingTest(absltest.TestCase):
     out = self.create_tempdir().full_path
     runs = [reporting.load_run(p) for p in committed_runs()]
     paths = reporting.plot_runs(runs, out)
-    self.assertLen(paths, 4)
+    self.assertEqual(
+        [os.path.basename(p) for p in paths],
+        ['accuracy_vs_round.png', 'accuracy_vs_upload.png',
+         'density_vs_round.png', 'flops_vs_round.png',
+         'gate_jaccard_vs_round.png'])
     for path in paths:
       with open(path, 'rb') as f:
         self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')

@@ -1,23 +1,34 @@
-"""TFLite latency of dense vs gated models, batch 1, in one run.
+"""Phone-runtime latency of dense, dynamic and static exports, in one run.
 
-  python -m experiments.benchmark_tflite [--models=resnet32,cnn] \\
-      [--keep_ratios=0.5,0.7,1.0] [--threads=1,4] [--invokes=200]
+  python -m experiments.benchmark_tflite [--models=resnet32,vgg11,cnn] \\
+      [--keep_ratios=0.5,0.7] [--channel_multiples=1,8] [--invokes=100]
 
-For each model (ResNet-32 at CIFAR shape, the CNN at Fashion-MNIST shape) the
-dense model and the gated model at each keep ratio are exported with
-tff_fedprune.export.tflite from the same weights, then timed in the TFLite
-interpreter: median of --invokes invokes after --warmup, per thread count,
-with XNNPACK (the interpreter's default delegate) and without. Also printed:
-flatbuffer size and FLOPs per image (for the gated model what the export
-computes: k channels per gated layer, plus the gates). Weights are random: the cost of a gated layer depends
-on k, not on which channels are kept.
+For each model (ResNet-32 and VGG-11 at CIFAR shape, the CNN at
+Fashion-MNIST shape) the exports of tff_fedprune.export.tflite are built from
+the same random weights and timed at batch 1 on one thread, median of
+--invokes invokes after --warmup (input set once, `invoke` alone timed):
+
+* dense: every channel, constant weights;
+* dynamic: each gated layer keeps its top k per input (TOPK_V2, GATHER);
+* dynamic, --gate_min_flops policy: layers below it keep every channel;
+* static: a fixed channel set per gated layer (what `--mode=static` of
+  experiments.export_tflite writes), k rounded to each --channel_multiples;
+* static inner (ResNets): only each block's first convolution pruned, the
+  residual stream and the convolutions writing to it at full width.
+
+Runtimes, side by side: LiteRT (`ai-edge-litert`, what Android apps ship)
+with its default XNNPACK delegate, the headline; LiteRT without it; and TF's
+own `tf.lite.Interpreter` with XNNPACK. Also printed: flatbuffer size and
+FLOPs per image as the export computes them (kept channels plus the gates).
+Weights are random: the cost of a layer depends on how many channels it
+computes, not on which.
 """
 
 import os
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -25,70 +36,103 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
-from tff_fedprune.simulation import flops  # pylint: disable=g-import-not-at-top
+from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
 from tff_fedprune.export import tflite  # pylint: disable=g-import-not-at-top
+from tff_fedprune.simulation import flops  # pylint: disable=g-import-not-at-top
 
-_MODELS = flags.DEFINE_list('models', ['resnet32', 'cnn'], 'Models to time.')
-_KEEP_RATIOS = flags.DEFINE_list('keep_ratios', ['0.5', '0.7', '1.0'],
+_MODELS = flags.DEFINE_list('models', ['resnet32', 'vgg11', 'cnn'],
+                            'Models to time.')
+_KEEP_RATIOS = flags.DEFINE_list('keep_ratios', ['0.5', '0.7'],
                                  'Keep ratios of the gated exports.')
-_THREADS = flags.DEFINE_list('threads', ['1', '4'], 'Interpreter threads.')
-_INVOKES = flags.DEFINE_integer('invokes', 200, 'Timed invokes per setting.')
+_CHANNEL_MULTIPLES = flags.DEFINE_list(
+    'channel_multiples', ['1', '8'],
+    'Static exports round each layer\'s k to these multiples.')
+_GATE_MIN_FLOPS = flags.DEFINE_float(
+    'gate_min_flops', tflite.DEFAULT_GATE_MIN_FLOPS,
+    'Policy of the second dynamic variant (see experiments.export_tflite).')
+_THREADS = flags.DEFINE_integer('threads', 1, 'Interpreter threads.')
+_INVOKES = flags.DEFINE_integer('invokes', 100, 'Timed invokes per setting.')
 _WARMUP = flags.DEFINE_integer('warmup', 20, 'Untimed invokes first.')
 _SHAPES = {'resnet32': (32, 32, 3), 'resnet20': (32, 32, 3),
            'resnet56': (32, 32, 3), 'vgg11': (32, 32, 3), 'cnn': (28, 28, 1)}
+# (label, runtime, XNNPACK); the first is the headline.
+_RUNTIMES = (('LiteRT XNNPACK', 'litert', True),
+             ('LiteRT builtin', 'litert', False),
+             ('TF 2.14 XNNPACK', 'tensorflow', True))
 
 
-def median_ms(model_content, image, threads, xnnpack):
-  runner = tflite.interpreter(
-      model_content, num_threads=threads, xnnpack=xnnpack
-  ).get_signature_runner(tflite.SIGNATURE)
+def median_ms(model_content, image, runtime, xnnpack):
+  interpreter = tflite.interpreter(model_content, num_threads=_THREADS.value,
+                                   xnnpack=xnnpack, runtime=runtime)
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(interpreter.get_input_details()[0]['index'], image)
   for _ in range(_WARMUP.value):
-    runner(images=image)
+    interpreter.invoke()
   times = []
   for _ in range(_INVOKES.value):
     start = time.perf_counter()
-    runner(images=image)
+    interpreter.invoke()
     times.append(time.perf_counter() - start)
   return 1e3 * float(np.median(times))
+
+
+def variants(model):
+  """(label, inference_function kwargs, kept channels per gated layer)."""
+  gated = gated_conv.gated_layers(model)
+  everything = {l.name: l.filters for l in gated}
+  yield 'dense', dict(dense=True), None
+  for rho in map(float, _KEEP_RATIOS.value):
+    top_k = {l.name: int(gated_conv.num_kept(rho, l.filters)) for l in gated}
+    yield f'dynamic {rho}', dict(keep_ratio=rho), top_k
+    policy = tflite.gate_policy(model, _GATE_MIN_FLOPS.value)
+    if policy:
+      yield (f'dynamic {rho}, policy', dict(keep_ratio=rho, channels=policy),
+             dict(top_k, **{n: everything[n] for n in policy}))
+    for multiple in map(int, _CHANNEL_MULTIPLES.value):
+      kept = {l.name: tflite.rounded_k(rho, l.filters, multiple)
+              for l in gated}
+      suffix = f', k multiple of {multiple}' if multiple > 1 else ''
+      channels = {n: np.arange(k) for n, k in kept.items()}
+      yield f'static {rho}{suffix}', dict(channels=channels), kept
+      if model.name.startswith('resnet'):
+        inner = {n: (c if n.endswith('_conv1') else tflite.ALL_CHANNELS)
+                 for n, c in channels.items()}
+        yield (f'static inner {rho}{suffix}', dict(channels=inner),
+               {n: len(c) if c is not None else everything[n]
+                for n, c in inner.items()})
 
 
 def main(argv):
   del argv
   tf.get_logger().setLevel('ERROR')
-  threads = [int(t) for t in _THREADS.value]
-  print(f'TFLite {tf.__version__}, batch 1, median of {_INVOKES.value}'
+  import ai_edge_litert  # pylint: disable=g-import-not-at-top,unused-import
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  print(f'LiteRT {metadata.version("ai-edge-litert")}, TF {tf.__version__};'
+        f' batch 1, {_THREADS.value} thread(s), median of {_INVOKES.value}'
         f' invokes; {os.cpu_count()} CPU cores')
-  header = ('| model | variant | size KB | MFLOPs | '
-            + ' | '.join(f'{t} thr XNNPACK ms | {t} thr builtin ms'
-                         for t in threads)
-            + ' | speed-up vs dense (1 thr, XNNPACK) |')
+  header = ('| model | export | size KB | MFLOPs | '
+            + ' | '.join(f'{label} ms' for label, _, _ in _RUNTIMES)
+            + ' | speed-up vs dense (LiteRT XNNPACK) |')
   print(header)
   print('|' + ' --- |' * (header.count('|') - 1))
   for name in _MODELS.value:
     shape = _SHAPES[name]
     tf.keras.utils.set_random_seed(0)
-    gated = keras_models.build_model(name, shape, 10, gated=True)
+    model = keras_models.build_model(name, shape, 10, gated=True)
     image = np.random.default_rng(0).uniform(0, 255, (1,) + shape)
     image = image.astype(np.float32)
     mean, std = np.full(shape[-1], 127.5), np.full(shape[-1], 64.0)
-    variants = [('dense', None)] + [
-        (f'gated keep {r}', float(r)) for r in _KEEP_RATIOS.value
-    ]
     dense_ms = None
-    for label, rho in variants:
-      content = tflite.convert(tflite.inference_function(
-          gated, mean, std, keep_ratio=rho, dense=rho is None))
-      mflops = (flops.dense_flops(gated) if rho is None
-                else flops.top_k_flops(gated, rho))
-      cells = []
-      for t in threads:
-        for xnnpack in (True, False):
-          cells.append(median_ms(content, image, t, xnnpack))
-      if dense_ms is None:
-        dense_ms = cells[0]
+    for label, kwargs, kept in variants(model):
+      content = tflite.convert(
+          tflite.inference_function(model, mean, std, **kwargs))
+      mflops = (flops.dense_flops(model) if kept is None
+                else flops.kept_flops(model, kept)) / 1e6
+      cells = [median_ms(content, image, runtime, xnnpack)
+               for _, runtime, xnnpack in _RUNTIMES]
+      dense_ms = dense_ms or cells[0]
       print(f'| {name} | {label} | {len(content) / 1024:.0f} |'
-            f' {mflops / 1e6:.2f} | '
-            + ' | '.join(f'{c:.3f}' for c in cells)
+            f' {mflops:.2f} | ' + ' | '.join(f'{c:.3f}' for c in cells)
             + f' | {dense_ms / cells[0]:.2f}x |', flush=True)
   return 0
 

@@ -1,19 +1,32 @@
 """Exports a trained model to TFLite for phones, and verifies the export.
 
   python -m experiments.export_tflite --model_dir=RUN_DIR/model \\
-      --output=model.tflite [--keep_ratio=0.7] \\
+      --output=model.tflite [--mode=dynamic|static] [--keep_ratio=0.7] \\
       [--quantize=none|float16|dynamic_int8]
 
-Writes --output, in which every gated layer computes only its top-k channels
-(tff_fedprune.export.tflite), and --dense_output (default: OUTPUT_dense.tflite),
-the same weights without gates. Both take raw pixels of shape (1, H, W, C) as
-input `images` and return `logits` through the `serving_default` signature.
+Writes --output and --dense_output (default: OUTPUT_dense.tflite), the same
+weights without gates. Both take raw pixels of shape (1, H, W, C) as input
+`images` and return `logits` through the `serving_default` signature
+(tff_fedprune.export.tflite):
 
-Before writing, the export is checked against the Keras model on random
-inputs and on real test images of the model's dataset: float32 exports must
-agree to 1e-4 on every logit of the random inputs and on top-1 for 99.5% of
-the real images (else nothing is written and the exit code is 1); quantized
-exports report their accuracy change.
+* `--mode=dynamic` (default): every gated layer computes only its top-k
+  channels for each input, as the model trained (`--gate_min_flops` exports
+  smaller layers at full width, still scaled by their saliency);
+* `--mode=static`: a device-specialised model. Each gated layer keeps the k
+  channels its gates select most often on the device's own data (the run's
+  client `--calibration_client`, or `--calibration_images` of the dataset's
+  training set; never the test images it is scored on): constant, smaller
+  convolutions without top-k, gather or scatter, which XNNPACK runs. The
+  federation trains one dynamic model; each device gets the sub-model its
+  data uses.
+
+Before writing, the export is checked against the Keras model (for
+`static`, the Keras model with each top-k replaced by the fixed set) on
+random inputs and on real test images of the model's dataset: float32
+exports must agree to 1e-4 on every logit of the random inputs and on top-1
+for 99.5% of the real images (else nothing is written and the exit code is
+1); quantized exports report their accuracy change. `static` also reports
+the accuracy of the dynamic model on the same images.
 """
 
 import json
@@ -50,6 +63,23 @@ _KEEP_RATIO = flags.DEFINE_float(
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none',
                               ['none', 'float16', 'dynamic_int8'],
                               'Post-training quantization of both files.')
+_MODE = flags.DEFINE_enum('mode', 'dynamic', ['dynamic', 'static'],
+                          'Per-input top-k channels, or a fixed channel set'
+                          ' per layer calibrated on the device\'s data.')
+_CALIBRATION_CLIENT = flags.DEFINE_integer(
+    'calibration_client', None, 'static: calibrate on this client\'s'
+    ' training split of the run (partition read from the run\'s'
+    ' config.json, next to --model_dir).')
+_CALIBRATION_IMAGES = flags.DEFINE_integer(
+    'calibration_images', 2000, 'static: calibrate on this many images of'
+    ' the dataset\'s training set (when no --calibration_client).')
+_CHANNEL_MULTIPLE = flags.DEFINE_integer(
+    'channel_multiple', 1, 'static: round each layer\'s k to the nearest'
+    ' multiple (XNNPACK computes channels in tiles of 8 or 16).')
+_GATE_MIN_FLOPS = flags.DEFINE_float(
+    'gate_min_flops', tflite.DEFAULT_GATE_MIN_FLOPS, 'dynamic: gated layers'
+    ' whose dense convolution costs fewer FLOPs per image are exported with'
+    ' every channel (scaled by their saliency, no top-k).')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'Where the dataset\'s test images are (default: the'
     ' dataset\'s standard location).')
@@ -86,19 +116,61 @@ def load(model_dir):
   return model, preprocessing
 
 
+def calibration_images(model_dir, source, preprocessing, client, count):
+  """Normalised training images of the device: a client's split or a sample."""
+  train = source.train.images
+  if client is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)),
+                        'config.json')
+    try:
+      with open(path) as f:
+        run = json.load(f)
+      federated = data.federate(
+          source, run['num_clients'], run['partition'], run['seed'],
+          dirichlet_alpha=run.get('dirichlet_alpha', 0.5),
+          classes_per_client=run.get('classes_per_client', 2))
+    except (OSError, KeyError, ValueError) as e:
+      raise ExportError(f'--calibration_client needs the run\'s config.json'
+                        f' next to --model_dir: {path} ({e})') from e
+    if not 0 <= client < federated.num_clients:
+      raise ExportError(f'--calibration_client must be in [0,'
+                        f' {federated.num_clients}), got {client}')
+    images = train[federated.client_train[client]]
+  else:
+    if count < 1:
+      raise ExportError(f'--calibration_images must be >= 1, got {count}')
+    order = np.random.default_rng(0).permutation(len(train))[:count]
+    images = train[np.sort(order)]
+  return ((images.astype(np.float32) - np.asarray(preprocessing['mean']))
+          / np.asarray(preprocessing['std'])).astype(np.float32)
+
+
 def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
-           num_random):
-  """(gated bytes, dense bytes, list of report lines); raises ExportError."""
+           num_random, mode='dynamic', calibration=None, channel_multiple=1,
+           gate_min_flops=tflite.DEFAULT_GATE_MIN_FLOPS, model_dir=None):
+  """(gated bytes, dense bytes, list of report lines); raises ExportError.
+
+  `calibration` (static mode): (client or None, image count).
+  """
   if keep_ratio is not None:
     if not 0 < keep_ratio <= 1:
       raise ExportError(f'--keep_ratio must be in (0, 1], got {keep_ratio}')
     model_state.set_keep_ratio(model, keep_ratio)
+  gated = gated_conv.gated_layers(model)
+  if mode == 'static' and not gated:
+    raise ExportError('--mode=static needs a gated model; this one has no'
+                      ' gated layers')
+  if channel_multiple < 1:
+    raise ExportError(
+        f'--channel_multiple must be >= 1, got {channel_multiple}')
   mean = np.asarray(preprocessing['mean'], np.float32)
   std = np.asarray(preprocessing['std'], np.float32)
   try:
     source = data.load_source(preprocessing['dataset'], data_dir)
   except data.DataSourceError as e:
-    raise ExportError(f'real test images are needed to verify: {e}') from e
+    raise ExportError(
+        f'real images are needed to {"calibrate and " * (mode == "static")}'
+        f'verify: {e}') from e
   real = source.test.images[:num_real].astype(np.float32)
   labels = source.test.labels[:num_real]
   rng = np.random.default_rng(0)
@@ -106,28 +178,43 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
   random = (mean + std * rng.uniform(-2, 2, shape)).astype(np.float32)
 
   lines = []
+  if mode == 'static':
+    images = calibration_images(model_dir, source, preprocessing,
+                                *(calibration or (None, 2000)))
+    channels = tflite.static_channels(
+        model, tf.data.Dataset.from_tensor_slices(images).batch(256),
+        channel_multiple=channel_multiple)
+    lines.append(f'static channels from {len(images)} training images: '
+                 + ', '.join(f'{n} {len(c)}/{model.get_layer(n).filters}'
+                             for n, c in channels.items()))
+  else:
+    channels = tflite.gate_policy(model, gate_min_flops)
+    if channels:
+      lines.append('exported at full width (--gate_min_flops): '
+                   + ', '.join(channels))
   contents = []
   for dense in (False, True):
     content = tflite.convert(
-        tflite.inference_function(model, mean, std, dense=dense),
-        quantize)
+        tflite.inference_function(model, mean, std, dense=dense,
+                                  channels=channels), quantize)
     flex = sorted(n for n in tflite.op_names(content)
                   if n.startswith('Flex') or n == 'CUSTOM')
     if flex:
       raise ExportError(f'non-builtin ops in the export: {flex}')
     contents.append(content)
-  gated = gated_conv.gated_layers(model)
   if gated:
     ratios = sorted({round(float(l.keep_ratio.numpy()), 4) for l in gated})
-    lines.append(f'gated export: keep ratio {ratios}, {len(contents[0])}'
+    lines.append(f'{mode} export: keep ratio {ratios}, {len(contents[0])}'
                  f' bytes; dense export: {len(contents[1])} bytes')
   else:
     lines.append('the model has no gated layers')
-  references = [('gated', model, contents[0])] if gated else []
-  references.append(('dense', tflite.ungated_copy(model), contents[1]))
-  for name, reference, content in references:
-    on_random = tflite.compare(reference, content, random, mean, std)
-    on_real = tflite.compare(reference, content, real, mean, std, labels)
+  references = [(mode, model, contents[0], channels)] if gated else []
+  references.append(('dense', tflite.ungated_copy(model), contents[1], None))
+  for name, reference, content, fixed in references:
+    on_random = tflite.compare(reference, content, random, mean, std,
+                               channels=fixed)
+    on_real = tflite.compare(reference, content, real, mean, std, labels,
+                             channels=fixed)
     change = 100 * (on_real['tflite_accuracy'] - on_real['keras_accuracy'])
     check = [
         f'{name}: random inputs ({on_random["images"]}): max |logit diff|'
@@ -146,6 +233,12 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
       raise ExportError(
           f'the {name} export does not match its Keras model: '
           + '; '.join(check))
+    if name == 'static':
+      dynamic = tflite.keras_logits(model, real, mean, std).argmax(-1)
+      lines.append(
+          f'accuracy on {len(real)} real test images: static (TFLite)'
+          f' {on_real["tflite_accuracy"]:.2%}, dynamic model (Keras)'
+          f' {np.mean(dynamic == labels):.2%}')
   return contents[0], contents[1], lines
 
 
@@ -178,7 +271,11 @@ def main(argv):
     model, preprocessing = load(_MODEL_DIR.value)
     gated, dense, lines = export(
         model, preprocessing, _KEEP_RATIO.value, _QUANTIZE.value,
-        _DATA_DIR.value, _NUM_REAL.value, _NUM_RANDOM.value)
+        _DATA_DIR.value, _NUM_REAL.value, _NUM_RANDOM.value,
+        mode=_MODE.value,
+        calibration=(_CALIBRATION_CLIENT.value, _CALIBRATION_IMAGES.value),
+        channel_multiple=_CHANNEL_MULTIPLE.value,
+        gate_min_flops=_GATE_MIN_FLOPS.value, model_dir=_MODEL_DIR.value)
   except ExportError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -11,6 +11,7 @@ import keras_models
 from tff_fedprune import gated_conv
 from tff_fedprune import model_state
 from tff_fedprune.export import tflite
+from tff_fedprune.simulation import flops
 
 # Smaller inputs than the datasets' keep conversion and checks fast.
 SHAPES = {'cnn': (12, 12, 1), 'resnet20': (16, 16, 3), 'resnet32': (8, 8, 3),
@@ -139,6 +140,134 @@ class ExportTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'keep_ratio'):
       tflite.inference_function(
           trained_looking_model('cnn'), [MEAN], [STD], keep_ratio=0.0)
+
+
+def calibration(name, count=32, seed=3):
+  images = (raw_images(name, count, seed) - MEAN) / STD
+  return tf.data.Dataset.from_tensor_slices(images).batch(16)
+
+
+class StaticExportTest(parameterized.TestCase):
+
+  @parameterized.parameters(*itertools.product(
+      ['cnn', 'resnet20', 'vgg11'], [0.5, 0.7]))
+  def test_static_export_equals_keras_with_fixed_channels(self, name,
+                                                          keep_ratio):
+    model = trained_looking_model(name)
+    model_state.set_keep_ratio(model, keep_ratio)
+    channels = tflite.static_channels(model, calibration(name))
+    content = tflite.convert(
+        tflite.inference_function(model, [MEAN], [STD], channels=channels))
+    images = raw_images(name, 8)
+    expected = tflite.keras_logits(model, images, [MEAN], [STD], channels)
+    for runtime in tflite.RUNTIMES:
+      np.testing.assert_allclose(
+          tflite.run(content, images, runtime=runtime), expected, atol=1e-4)
+    ops = tflite.op_names(content)
+    self.assertFalse(ops & {'TOPK_V2', 'GATHER', 'GATHER_ND', 'SCATTER_ND'},
+                     ops)
+    self.assertFalse([o for o in ops if o.startswith('Flex') or o == 'CUSTOM'])
+
+  def test_static_channels_are_the_most_often_kept(self):
+    model = trained_looking_model('cnn')
+    model_state.set_keep_ratio(model, 0.5)
+    frequency = flops.measure_gates(model, calibration('cnn')).frequency
+    channels = tflite.static_channels(model, calibration('cnn'))
+    for layer, share in zip(gated_conv.gated_layers(model), frequency):
+      kept = channels[layer.name]
+      self.assertLen(kept, layer.filters // 2)
+      dropped = np.setdiff1d(np.arange(layer.filters), kept)
+      self.assertGreaterEqual(share[kept].min(), share[dropped].max())
+    # A gate that prefers the same channels for every input: the static
+    # model is the dynamic one.
+    for layer in gated_conv.gated_layers(model):
+      layer.gate_kernel.assign(tf.zeros_like(layer.gate_kernel))
+      layer.gate_bias.assign(np.linspace(0.1, 1.0, layer.filters)[::-1])
+    channels = tflite.static_channels(model, calibration('cnn'))
+    self.assertEqual({n: c.tolist() for n, c in channels.items()},
+                     {'block1': list(range(8)), 'block2': list(range(16)),
+                      'block3': list(range(32))})
+    images = raw_images('cnn', 4)
+    content = tflite.convert(
+        tflite.inference_function(model, [MEAN], [STD], channels=channels))
+    np.testing.assert_allclose(tflite.run(content, images),
+                               keras_logits(model, images), atol=1e-4)
+
+  def test_channel_multiple_rounds_k(self):
+    model = trained_looking_model('cnn')
+    channels = tflite.static_channels(model, calibration('cnn'),
+                                      keep_ratio=0.7, channel_multiple=8)
+    # 0.7 of 16, 32, 64 is 11, 22, 45: nearest multiples of 8.
+    self.assertEqual([len(c) for c in channels.values()], [8, 24, 48])
+    self.assertEqual(tflite.rounded_k(0.1, 16, 8), 8)
+    self.assertEqual(tflite.rounded_k(1.0, 20, 8), 20)
+    with self.assertRaisesRegex(ValueError, 'channel_multiple'):
+      tflite.static_channels(model, calibration('cnn'), channel_multiple=0)
+
+  def test_bad_static_input(self):
+    model = trained_looking_model('cnn')
+    with self.assertRaisesRegex(ValueError, 'no gated layers'):
+      tflite.static_channels(trained_looking_model('cnn', gated=False),
+                             calibration('cnn'))
+    with self.assertRaisesRegex(ValueError, 'no calibration images'):
+      tflite.static_channels(model, calibration('cnn').take(0))
+    with self.assertRaisesRegex(ValueError, 'keep_ratio'):
+      tflite.static_channels(model, calibration('cnn'), keep_ratio=1.5)
+    with self.assertRaisesRegex(ValueError, 'not a gated layer'):
+      tflite.inference_function(model, [MEAN], [STD], channels={'gap': None})
+    with self.assertRaisesRegex(ValueError, 'non-empty subset'):
+      tflite.inference_function(model, [MEAN], [STD],
+                                channels={'block1': [16]})
+
+  def test_fixed_channels_restores_the_dynamic_model(self):
+    model = trained_looking_model('cnn')
+    images = raw_images('cnn', 4)
+    before = keras_logits(model, images)
+    with tflite.fixed_channels(model, {'block2': [0, 1]}):
+      self.assertGreater(np.abs(keras_logits(model, images) - before).max(),
+                         1e-3)
+    np.testing.assert_array_equal(keras_logits(model, images), before)
+
+
+class GatePolicyTest(absltest.TestCase):
+
+  def test_small_layers_export_at_full_width(self):
+    model = trained_looking_model('resnet20')
+    model_state.set_keep_ratio(model, 0.5)
+    sizes = {l.name: flops.layer_flops(l)
+             for l in gated_conv.gated_layers(model)}
+    threshold = sorted(set(sizes.values()))[1]
+    policy = tflite.gate_policy(model, threshold)
+    self.assertEqual(set(policy),
+                     {n for n, f in sizes.items() if f < threshold})
+    self.assertNotEmpty(policy)
+    self.assertLess(len(policy), len(sizes))
+    self.assertEqual(tflite.gate_policy(model, 0.0), {})
+    content = tflite.convert(
+        tflite.inference_function(model, [MEAN], [STD], channels=policy))
+    # Parity: the Keras model with those layers at keep 1.0.
+    for name in policy:
+      model.get_layer(name).keep_ratio.assign(1.0)
+    images = raw_images('resnet20', 8)
+    np.testing.assert_allclose(tflite.run(content, images),
+                               keras_logits(model, images), atol=1e-4)
+    self.assertIn('TOPK_V2', tflite.op_names(content))
+
+
+class LiteRtTest(absltest.TestCase):
+
+  def test_dynamic_export_runs_on_litert_as_on_tensorflow(self):
+    model = trained_looking_model('resnet20')
+    model_state.set_keep_ratio(model, 0.7)
+    content = tflite.convert(tflite.inference_function(model, [MEAN], [STD]))
+    images = raw_images('resnet20', 4)
+    expected = keras_logits(model, images)
+    for xnnpack in (True, False):
+      np.testing.assert_allclose(
+          tflite.run(content, images, runtime='litert', xnnpack=xnnpack),
+          expected, atol=1e-4)
+    with self.assertRaisesRegex(ValueError, 'runtime must be one of'):
+      tflite.interpreter(content, runtime='tflite_micro')
 
 
 if __name__ == '__main__':

@@ -17,6 +17,16 @@ kept channels:
   scattered to full width (a one-hot matmul) only where a full-width tensor
   is needed: residual additions, the classifier head, other layers.
 
+With `channels`, the named gated layers instead keep a fixed channel set for
+every input (`ALL_CHANNELS`: every channel): their kernels, BN and gate are
+sliced at export, so the convolution has constant filters (which XNNPACK
+packs) and only the saliency of the kept channels is computed at run time
+(a pooling and a small constant FULLY_CONNECTED) to scale them. With a set
+for every gated layer (`static_channels` picks the channels a device's own
+data selects most often) the graph has no TOPK_V2, GATHER or SCATTER_ND at
+all: the static, device-specialised export. `fixed_channels` makes the Keras
+model compute the same, for parity checks and accuracy.
+
 Inputs are raw pixels (the dataset's own scale); the normalisation used in
 training is part of the graph. With `dense=True` the same model is exported
 without gates (every channel, constant weights): the baseline a phone would
@@ -24,38 +34,72 @@ otherwise run. `convert` produces a TFLite flatbuffer with builtin ops only
 and the `serving_default` signature (input `images`, output `logits`).
 """
 
+import contextlib
 import dataclasses
 import tempfile
+from typing import Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from tff_fedprune import gated_conv
+from tff_fedprune.simulation import flops
 
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
+RUNTIMES = ('tensorflow', 'litert')
+# A `channels` value: the layer computes every channel (still scaled by s).
+ALL_CHANNELS = None
+# Gate every layer: on LiteRT's XNNPACK no zoo layer measured gains from its
+# top-k (README, "Phones"), but this keeps the export the model as trained.
+DEFAULT_GATE_MIN_FLOPS = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class _Compact:
-  """A channels-last tensor of which only `indices` (of `width`) are non-zero."""
+  """A channels-last tensor of which only `indices` (of `width`) are non-zero.
+
+  `indices` is a tensor (chosen per input) or, for a fixed channel set, a
+  sorted numpy array, whose slicing is done at export.
+  """
 
   values: tf.Tensor
-  indices: tf.Tensor
+  indices: tf.Tensor | np.ndarray
   width: int
+
+  @property
+  def fixed(self) -> bool:
+    return isinstance(self.indices, np.ndarray)
 
   def full(self) -> tf.Tensor:
     shape = tf.shape(self.values)
-    # (width, k) one-hot: a FULLY_CONNECTED with runtime weights, no transpose.
-    scatter = tf.one_hot(self.indices, self.width, axis=0,
-                         dtype=self.values.dtype)
     flat = tf.reshape(self.values, [-1, shape[-1]])
-    full = tf.matmul(flat, scatter, transpose_b=True)
+    if self.fixed:
+      # A constant (k, width) 0/1 matrix: FULLY_CONNECTED with constant weights.
+      scatter = np.eye(self.width, dtype=np.float32)[self.indices]
+      full = tf.matmul(flat, scatter)
+    else:
+      # (width, k) one-hot: a FULLY_CONNECTED with runtime weights.
+      scatter = tf.one_hot(self.indices, self.width, axis=0,
+                           dtype=self.values.dtype)
+      full = tf.matmul(flat, scatter, transpose_b=True)
     return tf.reshape(full, tf.concat([shape[:-1], [self.width]], 0))
+
+  def flatten(self) -> '_Compact':
+    """Keras `Flatten` of the full tensor, kept compact (fixed sets only)."""
+    _, h, w, k = self.values.shape
+    positions = np.arange(h * w)[:, None] * self.width
+    return _Compact(tf.reshape(self.values, [-1, h * w * k]),
+                    (positions + self.indices[None, :]).ravel(),
+                    h * w * self.width)
 
 
 def _full(x):
   return x.full() if isinstance(x, _Compact) else x
+
+
+def _is_fixed(x):
+  return isinstance(x, _Compact) and x.fixed
 
 
 class _FoldedConv:
@@ -93,6 +137,36 @@ class _FoldedConv:
     y = tf.nn.conv2d(_full(x), self.kernel, self.layer.strides, 'SAME')
     return self.activate(y + self.bias)
 
+  def fixed(self, x, kept: Optional[np.ndarray]):
+    """Only the channels `kept` (ALL_CHANNELS: all), scaled by their saliency.
+
+    Everything but the input's pool, the saliency of the kept channels and
+    the convolution with constant filters is sliced here, at export.
+    """
+    kept = np.arange(self.layer.filters) if kept is ALL_CHANNELS else kept
+    if isinstance(x, _Compact) and not x.fixed:
+      x = x.full()
+    if isinstance(x, _Compact):
+      rows = x.indices
+      pooled = self.layer.subsample(
+          tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
+      offset = self.gate_pruned[kept]
+      inputs = x.values
+    else:
+      rows = slice(None)
+      pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
+      offset = self.gate_bias[kept]
+      inputs = x
+    gate = np.ascontiguousarray(self.gate_kernel[rows][:, kept])
+    saliency = tf.nn.relu(tf.matmul(pooled, gate) + offset)
+    kernel = np.ascontiguousarray(self.kernel[:, :, rows][..., kept])
+    y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
+    y = self.activate(
+        (y + self.bias[kept]) * tf.reshape(saliency, [-1, 1, 1, len(kept)]))
+    if len(kept) == self.layer.filters:
+      return y
+    return _Compact(y, kept, self.layer.filters)
+
   def gated(self, x, k: int) -> _Compact:
     if isinstance(x, _Compact):
       pooled = self.layer.subsample(
@@ -125,12 +199,36 @@ def _inbound(layer):
   return inbound if isinstance(inbound, list) else [inbound]
 
 
+def _dense_on_fixed(layer: tf.keras.layers.Dense, weights, x: _Compact):
+  """A Dense layer on a fixed-set input: only the rows of the kept inputs."""
+  y = tf.matmul(x.values, np.ascontiguousarray(weights[0][x.indices]))
+  if layer.use_bias:
+    y += weights[1]
+  return layer.activation(y)
+
+
+def _check_channels(model, channels):
+  gated = {l.name: l for l in gated_conv.gated_layers(model)}
+  checked = {}
+  for name, kept in channels.items():
+    if name not in gated:
+      raise ValueError(f'{name!r} is not a gated layer of {model.name}')
+    if kept is not ALL_CHANNELS:
+      kept = np.unique(np.asarray(kept, np.int64))
+      if not len(kept) or kept[0] < 0 or kept[-1] >= gated[name].filters:
+        raise ValueError(f'channels of {name!r} must be a non-empty subset of'
+                         f' 0..{gated[name].filters - 1}')
+    checked[name] = kept
+  return checked
+
+
 def inference_function(
     model: tf.keras.Model,
     mean,
     std,
     keep_ratio: float | None = None,
     dense: bool = False,
+    channels: Optional[Mapping[str, Optional[np.ndarray]]] = None,
 ) -> tf.Module:
   """The batch-1 inference graph of `model` (raw pixels in, logits out).
 
@@ -143,16 +241,21 @@ def inference_function(
     std: per-channel pixel standard deviation used in training.
     keep_ratio: rho of every gated layer; default: the model's current one.
     dense: ignore the gates and compute every channel.
+    channels: gated layer name -> its fixed channel set (or `ALL_CHANNELS`);
+      the other gated layers keep their top k per input.
   """
   if keep_ratio is not None and not 0 < keep_ratio <= 1:
     raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
+  fixed = {} if dense else _check_channels(model, channels or {})
   folded, kept = {}, {}
   for layer in model.layers:
     if isinstance(layer, gated_conv.GatedConv2D):
       folded[layer.name] = _FoldedConv(layer)
-      if layer.gated and not dense:
+      if layer.gated and not dense and layer.name not in fixed:
         rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
         kept[layer.name] = int(gated_conv.num_kept(rho, layer.filters))
+  weights = {l.name: l.get_weights() for l in model.layers
+             if isinstance(l, tf.keras.layers.Dense)}
   mean = np.asarray(mean, np.float32)
   inv_std = 1.0 / np.asarray(std, np.float32)
   shape = [1] + list(model.input_shape[1:])
@@ -167,6 +270,8 @@ def inference_function(
       inputs = [outputs[l.name] for l in _inbound(layer)]
       if layer.name in kept:
         y = folded[layer.name].gated(inputs[0], kept[layer.name])
+      elif layer.name in fixed:
+        y = folded[layer.name].fixed(inputs[0], fixed[layer.name])
       elif layer.name in folded:
         y = folded[layer.name].dense(inputs[0])
       elif isinstance(layer, gated_conv.CHANNEL_PRESERVING) and isinstance(
@@ -174,6 +279,10 @@ def inference_function(
       ):
         x = inputs[0]
         y = _Compact(layer(x.values, training=False), x.indices, x.width)
+      elif isinstance(layer, tf.keras.layers.Flatten) and _is_fixed(inputs[0]):
+        y = inputs[0].flatten()
+      elif isinstance(layer, tf.keras.layers.Dense) and _is_fixed(inputs[0]):
+        y = _dense_on_fixed(layer, weights[layer.name], inputs[0])
       else:
         args = [_full(x) for x in inputs]
         y = layer(args if len(args) > 1 else args[0], training=False)
@@ -184,6 +293,87 @@ def inference_function(
   module.model = model
   module.serve = serve.get_concrete_function()
   return module
+
+
+def static_channels(
+    model: tf.keras.Model,
+    dataset,
+    keep_ratio: float | None = None,
+    channel_multiple: int = 1,
+) -> dict[str, np.ndarray]:
+  """Each gated layer's k channels that its gates keep most often on `dataset`.
+
+  `dataset` yields batches of preprocessed images (or (images, labels)),
+  a device's own data, never the images the export is scored on. The gates
+  run in inference mode (BN statistics untouched); k = max(1, round(rho *
+  C_out)) with rho `keep_ratio` or each layer's own, then rounded to the
+  nearest multiple of `channel_multiple` (at least one multiple, at most
+  C_out): XNNPACK computes output channels in tiles of 8 or 16, so 11
+  channels cost as much as 16. Ties go to the lower channel index.
+  """
+  if channel_multiple < 1:
+    raise ValueError(f'channel_multiple must be >= 1, got {channel_multiple}')
+  layers = gated_conv.gated_layers(model)
+  if not layers:
+    raise ValueError(f'{model.name} has no gated layers to specialise')
+  if keep_ratio is not None and not 0 < keep_ratio <= 1:
+    raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
+  measured = flops.measure_gates(model, dataset)
+  if not len(measured.flops):
+    raise ValueError('no calibration images')
+  frequency = measured.frequency
+  channels = {}
+  for layer, share in zip(layers, frequency):
+    rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
+    k = rounded_k(rho, layer.filters, channel_multiple)
+    channels[layer.name] = np.sort(np.argsort(-share, kind='stable')[:k])
+  return channels
+
+
+def rounded_k(keep_ratio, filters: int, multiple: int = 1) -> int:
+  """k = max(1, round(rho * C)) moved to the nearest multiple or to C.
+
+  Candidates: the multiples of `multiple` in [multiple, C] and C itself;
+  ties go to the larger.
+  """
+  k = int(gated_conv.num_kept(keep_ratio, filters))
+  below = max(multiple, multiple * (k // multiple))
+  above = min(filters, multiple * -(-k // multiple))
+  return min(filters, below if k - below < above - k else above)
+
+
+def gate_policy(model: tf.keras.Model, min_flops: float) -> dict:
+  """`channels` that export every gated layer below `min_flops` at full width.
+
+  A layer's size is its dense convolution's FLOPs per image. Such a layer
+  still scales its channels by their input-dependent saliency (a gate is not
+  a constant), but has no top-k: on XNNPACK a small layer's gathered filters
+  cost more than the channels they skip (README, "Phones").
+  """
+  return {l.name: ALL_CHANNELS for l in gated_conv.gated_layers(model)
+          if flops.layer_flops(l) < min_flops}
+
+
+@contextlib.contextmanager
+def fixed_channels(model: tf.keras.Model, channels):
+  """Within the block, the named gated layers of `model` keep fixed channels.
+
+  The Keras counterpart of `inference_function(..., channels=channels)`:
+  each named layer's top-k is replaced by its set (`ALL_CHANNELS`: all), for
+  every sample; saliency still scales the kept channels. Call the model
+  directly (a traced `predict` function would not see the change).
+  """
+  channels = _check_channels(model, channels)
+  layers = {l.name: l for l in gated_conv.gated_layers(model)}
+  try:
+    for name, kept in channels.items():
+      mask = np.zeros(layers[name].filters, np.float32)
+      mask[slice(None) if kept is ALL_CHANNELS else kept] = 1.0
+      layers[name].top_k = lambda s, mask=mask: tf.ones_like(s) * mask
+    yield model
+  finally:
+    for name in channels:
+      layers[name].__dict__.pop('top_k', None)
 
 
 def ungated_copy(model: tf.keras.Model) -> tf.keras.Model:
@@ -224,15 +414,28 @@ def convert(inference: tf.Module, quantize: str = 'none') -> bytes:
 
 
 def interpreter(
-    model_content: bytes, num_threads: int = 1, xnnpack: bool = True
-) -> tf.lite.Interpreter:
-  """A TFLite interpreter, with or without the default XNNPACK delegate."""
-  resolver = (
-      tf.lite.experimental.OpResolverType.AUTO
-      if xnnpack
-      else tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-  )
-  return tf.lite.Interpreter(
+    model_content: bytes,
+    num_threads: int = 1,
+    xnnpack: bool = True,
+    runtime: str = 'tensorflow',
+):
+  """A TFLite interpreter, with or without the default XNNPACK delegate.
+
+  `runtime`: 'tensorflow' (TF's own `tf.lite.Interpreter`) or 'litert'
+  (the `ai-edge-litert` package, the runtime Android apps ship; a
+  development dependency of this project).
+  """
+  if runtime == 'tensorflow':
+    module = tf.lite
+    resolvers = tf.lite.experimental.OpResolverType
+  elif runtime == 'litert':
+    from ai_edge_litert import interpreter as module  # pylint: disable=g-import-not-at-top
+    resolvers = module.OpResolverType
+  else:
+    raise ValueError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
+  resolver = (resolvers.AUTO if xnnpack
+              else resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+  return module.Interpreter(
       model_content=model_content,
       num_threads=num_threads,
       experimental_op_resolver_type=resolver,
@@ -254,6 +457,22 @@ def op_names(model_content: bytes) -> set[str]:
   return {d['op_name'] for d in details}
 
 
+def keras_logits(model: tf.keras.Model, images: np.ndarray, mean, std,
+                 channels=None, batch_size: int = 256) -> np.ndarray:
+  """Logits of the Keras model on raw `images`, gates in inference mode.
+
+  With `channels`, under `fixed_channels` (what the static export computes).
+  """
+  normalised = ((images - np.asarray(mean, np.float32))
+                / np.asarray(std, np.float32)).astype(np.float32)
+  with (fixed_channels(model, channels) if channels
+        else contextlib.nullcontext()):
+    return np.concatenate([
+        model(normalised[i:i + batch_size], training=False).numpy()
+        for i in range(0, len(images), batch_size)
+    ])
+
+
 def compare(
     model: tf.keras.Model,
     model_content: bytes,
@@ -261,16 +480,15 @@ def compare(
     mean,
     std,
     labels: np.ndarray | None = None,
+    channels=None,
 ) -> dict:
   """TFLite vs Keras on raw `images` (with `model`'s current keep ratio).
 
-  Returns the largest absolute logit difference, the share of images with
-  the same top-1 class and, given `labels`, both models' accuracies.
+  `channels` as `keras_logits` takes them. Returns the largest absolute logit
+  difference, the share of images with the same top-1 class and, given
+  `labels`, both models' accuracies.
   """
-  expected = model.predict(
-      (images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32),
-      batch_size=256, verbose=0,
-  )
+  expected = keras_logits(model, images, mean, std, channels)
   got = run(model_content, images)
   report = {
       'images': len(images),

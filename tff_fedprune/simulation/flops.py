@@ -13,6 +13,7 @@ sets, and the share of channels that any sample keeps.
 """
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +28,11 @@ def _conv_flops(layer: gated_conv.GatedConv2D, cin, cout):
 def _gate_flops(layer: gated_conv.GatedConv2D):
   _, h, w, cin = layer.input_shape
   return float(h * w * cin + 2 * cin * layer.filters)
+
+
+def layer_flops(layer: gated_conv.GatedConv2D) -> float:
+  """FLOPs of the layer's convolution over every channel, one image."""
+  return _conv_flops(layer, layer.input_shape[-1], layer.filters)
 
 
 def dense_flops(model: tf.keras.Model) -> float:
@@ -48,14 +54,26 @@ def top_k_flops(model: tf.keras.Model, keep_ratio: float) -> float:
   comes from a gated layer, plus the gates. `dynamic_flops` instead counts a
   kept channel of zero saliency as skipped.
   """
+  return kept_flops(model, {
+      l.name: int(gated_conv.num_kept(keep_ratio, l.filters))
+      for l in gated_conv.gated_layers(model)
+  })
+
+
+def kept_flops(model: tf.keras.Model, kept: Mapping[str, int]) -> float:
+  """FLOPs of one sample when gated layer `name` computes `kept[name]` channels.
+
+  Every gated layer of `model` must be named; each reads the channels its
+  feeding gated layer computes (all behind a residual addition) and pays its
+  gate.
+  """
   total = dense_flops(model)
   for layer in gated_conv.gated_layers(model):
     feeder = gated_conv.feeding_gate(layer)
     cin = layer.input_shape[-1]
-    kept_in = int(gated_conv.num_kept(keep_ratio, cin)) if feeder else cin
-    kept_out = int(gated_conv.num_kept(keep_ratio, layer.filters))
-    total += (_conv_flops(layer, kept_in, kept_out) + _gate_flops(layer)
-              - _conv_flops(layer, cin, layer.filters))
+    kept_in = kept[feeder.name] if feeder else cin
+    total += (_conv_flops(layer, kept_in, kept[layer.name])
+              + _gate_flops(layer) - _conv_flops(layer, cin, layer.filters))
   return total
 
 
@@ -70,11 +88,14 @@ class GateMeasurements:
       channels, static pruning), over the first `JACCARD_SAMPLES` samples.
     ever_kept: per gated layer, the share of channels kept by at least one
       sample.
+    frequency: per gated layer, for each channel the share of samples that
+      keep it.
   """
 
   flops: np.ndarray
   jaccard: list
   ever_kept: list
+  frequency: list
 
 
 JACCARD_SAMPLES = 512
@@ -127,11 +148,14 @@ class GateCounter:
       sets.append(k)
 
   def result(self) -> GateMeasurements:
-    kept = [np.concatenate(sets) for sets in self._kept]
+    kept = [np.concatenate(sets) if sets else np.zeros((0, l.filters), bool)
+            for l, sets in zip(self.gated, self._kept)]
     return GateMeasurements(
-        flops=np.concatenate(self._flops),
+        flops=np.concatenate(self._flops) if self._flops else np.zeros(0),
         jaccard=[mean_pairwise_jaccard(k[:JACCARD_SAMPLES]) for k in kept],
         ever_kept=[float(k.any(axis=0).mean()) for k in kept],
+        frequency=[k.mean(axis=0) if len(k) else np.zeros(k.shape[1])
+                   for k in kept],
     )
 
 

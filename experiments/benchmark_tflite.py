@@ -13,8 +13,10 @@ the same random weights and timed at batch 1 on one thread, median of
 * dynamic, --gate_min_flops policy: layers below it keep every channel;
 * static: a fixed channel set per gated layer (what `--mode=static` of
   experiments.export_tflite writes), k rounded to each --channel_multiples;
-* static inner (ResNets): only each block's first convolution pruned, the
-  residual stream and the convolutions writing to it at full width.
+  for ResNets with each `--residual` form: full (every gated layer pruned,
+  the residual stream full width), inner (only each block's first
+  convolution pruned) and shared (the residual stream narrowed to one set
+  per stage).
 
 Runtimes, side by side: LiteRT (`ai-edge-litert`, what Android apps ship)
 with its default XNNPACK delegate, the headline; LiteRT without it; and TF's
@@ -24,6 +26,7 @@ Weights are random: the cost of a layer depends on how many channels it
 computes, not on which.
 """
 
+import itertools
 import os
 import sys
 import time
@@ -32,6 +35,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -77,9 +81,13 @@ def median_ms(model_content, image, runtime, xnnpack):
 
 
 def variants(model):
-  """(label, inference_function kwargs, kept channels per gated layer)."""
+  """(label, inference_function kwargs, kept channels per layer or None)."""
   gated = gated_conv.gated_layers(model)
-  everything = {l.name: l.filters for l in gated}
+  # Which channels a static layer keeps does not change its cost.
+  calibration = tf.data.Dataset.from_tensor_slices(np.random.default_rng(1)
+      .normal(size=(8,) + model.input_shape[1:]).astype(np.float32)).batch(8)
+  residuals = (tflite.RESIDUALS if model.name.startswith('resnet')
+               else ('full',))
   yield 'dense', dict(dense=True), None
   for rho in map(float, _KEEP_RATIOS.value):
     top_k = {l.name: int(gated_conv.num_kept(rho, l.filters)) for l in gated}
@@ -87,24 +95,23 @@ def variants(model):
     policy = tflite.gate_policy(model, _GATE_MIN_FLOPS.value)
     if policy:
       yield (f'dynamic {rho}, policy', dict(keep_ratio=rho, channels=policy),
-             dict(top_k, **{n: everything[n] for n in policy}))
-    for multiple in map(int, _CHANNEL_MULTIPLES.value):
-      kept = {l.name: tflite.rounded_k(rho, l.filters, multiple)
-              for l in gated}
-      suffix = f', k multiple of {multiple}' if multiple > 1 else ''
-      channels = {n: np.arange(k) for n, k in kept.items()}
-      yield f'static {rho}{suffix}', dict(channels=channels), kept
-      if model.name.startswith('resnet'):
-        inner = {n: (c if n.endswith('_conv1') else tflite.ALL_CHANNELS)
-                 for n, c in channels.items()}
-        yield (f'static inner {rho}{suffix}', dict(channels=inner),
-               {n: len(c) if c is not None else everything[n]
-                for n, c in inner.items()})
+             dict(top_k, **{n: model.get_layer(n).filters for n in policy}))
+    for multiple, residual in itertools.product(
+        map(int, _CHANNEL_MULTIPLES.value), residuals):
+      channels = tflite.static_channels(model, calibration, rho, multiple,
+                                        residual)
+      label = f'static {rho}' + (f', {residual} residual'
+                                 if len(residuals) > 1 else '')
+      label += f', k multiple of {multiple}' if multiple > 1 else ''
+      yield label, dict(channels=channels), {
+          n: model.get_layer(n).filters if c is tflite.ALL_CHANNELS
+          else len(c) for n, c in channels.items()}
 
 
 def main(argv):
   del argv
   tf.get_logger().setLevel('ERROR')
+  logging.set_verbosity(logging.ERROR)
   import ai_edge_litert  # pylint: disable=g-import-not-at-top,unused-import
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   print(f'LiteRT {metadata.version("ai-edge-litert")}, TF {tf.__version__};'

@@ -76,6 +76,11 @@ _CALIBRATION_IMAGES = flags.DEFINE_integer(
 _CHANNEL_MULTIPLE = flags.DEFINE_integer(
     'channel_multiple', 1, 'static: round each layer\'s k to the nearest'
     ' multiple (XNNPACK computes channels in tiles of 8 or 16).')
+_RESIDUAL = flags.DEFINE_enum(
+    'residual', 'full', list(tflite.RESIDUALS), 'static, residual networks:'
+    ' prune every gated layer (full-width residual stream), only the'
+    ' layers inside blocks (inner), or also narrow the residual stream to'
+    ' one channel set per stage (shared: fastest, costs accuracy).')
 _GATE_MIN_FLOPS = flags.DEFINE_float(
     'gate_min_flops', tflite.DEFAULT_GATE_MIN_FLOPS, 'dynamic: gated layers'
     ' whose dense convolution costs fewer FLOPs per image are exported with'
@@ -147,7 +152,8 @@ def calibration_images(model_dir, source, preprocessing, client, count):
 
 def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
            num_random, mode='dynamic', calibration=None, channel_multiple=1,
-           gate_min_flops=tflite.DEFAULT_GATE_MIN_FLOPS, model_dir=None):
+           gate_min_flops=tflite.DEFAULT_GATE_MIN_FLOPS, model_dir=None,
+           residual='full'):
   """(gated bytes, dense bytes, list of report lines); raises ExportError.
 
   `calibration` (static mode): (client or None, image count).
@@ -183,10 +189,12 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
                                 *(calibration or (None, 2000)))
     channels = tflite.static_channels(
         model, tf.data.Dataset.from_tensor_slices(images).batch(256),
-        channel_multiple=channel_multiple)
-    lines.append(f'static channels from {len(images)} training images: '
-                 + ', '.join(f'{n} {len(c)}/{model.get_layer(n).filters}'
-                             for n, c in channels.items()))
+        channel_multiple=channel_multiple, residual=residual)
+    lines.append(
+        f'static channels from {len(images)} training images: ' + ', '.join(
+            f'{n} ' + ('all' if c is tflite.ALL_CHANNELS else
+                       f'{len(c)}/{model.get_layer(n).output_shape[-1]}')
+            for n, c in channels.items()))
   else:
     channels = tflite.gate_policy(model, gate_min_flops)
     if channels:
@@ -275,7 +283,8 @@ def main(argv):
         mode=_MODE.value,
         calibration=(_CALIBRATION_CLIENT.value, _CALIBRATION_IMAGES.value),
         channel_multiple=_CHANNEL_MULTIPLE.value,
-        gate_min_flops=_GATE_MIN_FLOPS.value, model_dir=_MODEL_DIR.value)
+        gate_min_flops=_GATE_MIN_FLOPS.value, model_dir=_MODEL_DIR.value,
+        residual=_RESIDUAL.value)
   except ExportError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
+from experiments import export_tflite
 from tests import testing
 from tff_fedprune import data
 from tff_fedprune import model_state
@@ -61,6 +62,83 @@ class ExportCliTest(absltest.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('points)', result.stdout)
     self.assertLess(os.path.getsize(quantized), os.path.getsize(output))
+
+  def test_static_export_of_a_run_model_calibrated_on_a_client(self):
+    run_dir = self.create_tempdir().full_path
+    model_dir = os.path.join(run_dir, 'model')
+    os.makedirs(model_dir)
+    source = data.load_source('digits')
+    tf.keras.utils.set_random_seed(0)
+    model = keras_models.build_model('cnn', source.image_shape, 10, gated=True,
+                                     keep_ratio=0.5, gate_input='identity')
+    model.save(os.path.join(model_dir, 'model.keras'))
+    with open(os.path.join(model_dir, 'preprocessing.json'), 'w') as f:
+      json.dump({'dataset': 'digits', 'image_shape': source.image_shape,
+                 'mean': [7.0], 'std': [6.0]}, f)
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+      json.dump({'num_clients': 4, 'partition': 'iid', 'seed': 0}, f)
+    output = os.path.join(self.create_tempdir().full_path, 'static.tflite')
+    result = export_cli(f'--model_dir={model_dir}', f'--output={output}',
+                        '--mode=static', '--calibration_client=2')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    federated = data.federate(source, 4, 'iid', 0)
+    self.assertIn(
+        f'static channels from {len(federated.client_train[2])} training'
+        ' images: block1 8/16, block2 16/32, block3 32/64', result.stdout)
+    self.assertIn('static: real test images (359)', result.stdout)
+    self.assertIn('accuracy on 359 real test images: static (TFLite)',
+                  result.stdout)
+    with open(output, 'rb') as f:
+      content = f.read()
+    self.assertFalse(tflite.op_names(content) & {'TOPK_V2', 'GATHER'})
+    # The channels the client's images keep most often, as the library
+    # picks them.
+    images = ((source.train.images[federated.client_train[2]] - 7.0) / 6.0)
+    channels = tflite.static_channels(
+        model, tf.data.Dataset.from_tensor_slices(
+            images.astype(np.float32)).batch(256))
+    test = source.test.images[:10].astype(np.float32)
+    np.testing.assert_allclose(
+        tflite.run(content, test),
+        tflite.keras_logits(model, test, [7.0], [6.0], channels), atol=1e-4)
+
+  def test_bad_static_input_is_one_error_line_and_writes_nothing(self):
+    model_dir = self.create_tempdir().full_path
+    keras_models.build_model('cnn', (8, 8, 1), 10).save(
+        os.path.join(model_dir, 'model.keras'))
+    with open(os.path.join(model_dir, 'preprocessing.json'), 'w') as f:
+      json.dump({'dataset': 'digits', 'mean': [7.0], 'std': [6.0]}, f)
+    out_dir = self.create_tempdir().full_path
+    result = export_cli(f'--model_dir={model_dir}', '--mode=static',
+                        f'--output={out_dir}/m.tflite')
+    self.assertEqual(result.returncode, 1)
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+    self.assertEqual(errors, ['error: --mode=static needs a gated model; this'
+                              ' one has no gated layers'])
+    self.assertEqual(os.listdir(out_dir), [])
+
+  def test_static_export_checks_its_input(self):
+    source = data.load_source('digits')
+    model = keras_models.build_model('cnn', source.image_shape, 10, gated=True)
+    preprocessing = {'dataset': 'digits', 'mean': [7.0], 'std': [6.0]}
+    model_dir = os.path.join(self.create_tempdir().full_path, 'model')
+    for kwargs, message in (
+        (dict(keep_ratio=1.5), r'--keep_ratio must be in \(0, 1\]'),
+        (dict(calibration=(0, 10)), '--calibration_client needs the run'),
+        (dict(calibration=(None, 0)), '--calibration_images must be >= 1'),
+        (dict(channel_multiple=0), '--channel_multiple must be >= 1'),
+        (dict(data_dir='/nonexistent'),
+         'real images are needed to calibrate and verify'),
+    ):
+      args = dict(keep_ratio=None, quantize='none', data_dir=None,
+                  num_real=10, num_random=2, mode='static',
+                  model_dir=model_dir)
+      args.update(kwargs)
+      dataset = 'fashion_mnist' if 'data_dir' in kwargs else 'digits'
+      with self.subTest(message), self.assertRaisesRegex(
+          export_tflite.ExportError, message):
+        export_tflite.export(model, dict(preprocessing, dataset=dataset),
+                             **args)
 
   def test_missing_model_is_one_error_line_and_writes_nothing(self):
     out_dir = self.create_tempdir().full_path

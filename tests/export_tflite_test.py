@@ -168,6 +168,37 @@ class StaticExportTest(parameterized.TestCase):
                      ops)
     self.assertFalse([o for o in ops if o.startswith('Flex') or o == 'CUSTOM'])
 
+  @parameterized.parameters('inner', 'shared')
+  def test_residual_modes_equal_keras_with_fixed_channels(self, residual):
+    model = trained_looking_model('resnet20')
+    model_state.set_keep_ratio(model, 0.5)
+    channels = tflite.static_channels(model, calibration('resnet20'),
+                                      residual=residual)
+    writers = [n for n in channels if n == 'stem' or n.endswith('_conv2')]
+    if residual == 'inner':
+      self.assertTrue(all(channels[n] is tflite.ALL_CHANNELS for n in writers))
+      self.assertFalse([n for n in channels if n.endswith('_add')])
+    else:
+      # One set per stage, shared by its additions and the layers writing
+      # to them.
+      for stage, width in (('stage1', 16), ('stage2', 32), ('stage3', 64)):
+        members = [c for n, c in channels.items() if n.startswith(stage) and (
+            n.endswith('_conv2') or n.endswith('_add'))]
+        self.assertLen(members, 6)
+        for kept in members:
+          np.testing.assert_array_equal(kept, members[0])
+        self.assertLen(members[0], width // 2)
+      np.testing.assert_array_equal(channels['stem'],
+                                    channels['stage1_block1_add'])
+    content = tflite.convert(
+        tflite.inference_function(model, [MEAN], [STD], channels=channels))
+    images = raw_images('resnet20', 8)
+    np.testing.assert_allclose(
+        tflite.run(content, images),
+        tflite.keras_logits(model, images, [MEAN], [STD], channels),
+        atol=1e-4)
+    self.assertFalse(tflite.op_names(content) & {'TOPK_V2', 'GATHER'})
+
   def test_static_channels_are_the_most_often_kept(self):
     model = trained_looking_model('cnn')
     model_state.set_keep_ratio(model, 0.5)
@@ -213,20 +244,28 @@ class StaticExportTest(parameterized.TestCase):
       tflite.static_channels(model, calibration('cnn').take(0))
     with self.assertRaisesRegex(ValueError, 'keep_ratio'):
       tflite.static_channels(model, calibration('cnn'), keep_ratio=1.5)
-    with self.assertRaisesRegex(ValueError, 'not a gated layer'):
+    with self.assertRaisesRegex(ValueError, 'neither a gated layer'):
       tflite.inference_function(model, [MEAN], [STD], channels={'gap': None})
+    with self.assertRaisesRegex(ValueError, 'residual must be one of'):
+      tflite.static_channels(model, calibration('cnn'), residual='half')
+    with self.assertRaisesRegex(ValueError, 'needs a channel set'):
+      tflite.inference_function(
+          trained_looking_model('resnet20'), [MEAN], [STD],
+          channels={'stage1_block1_add': tflite.ALL_CHANNELS})
     with self.assertRaisesRegex(ValueError, 'non-empty subset'):
       tflite.inference_function(model, [MEAN], [STD],
                                 channels={'block1': [16]})
 
   def test_fixed_channels_restores_the_dynamic_model(self):
-    model = trained_looking_model('cnn')
-    images = raw_images('cnn', 4)
+    model = trained_looking_model('resnet20')
+    images = raw_images('resnet20', 4)
     before = keras_logits(model, images)
-    with tflite.fixed_channels(model, {'block2': [0, 1]}):
-      self.assertGreater(np.abs(keras_logits(model, images) - before).max(),
-                         1e-3)
-    np.testing.assert_array_equal(keras_logits(model, images), before)
+    for channels in ({'stage2_block1_conv1': [0, 1]},
+                     {'stage3_block3_add': [0, 1]}):
+      with tflite.fixed_channels(model, channels):
+        self.assertGreater(
+            np.abs(keras_logits(model, images) - before).max(), 1e-3)
+      np.testing.assert_array_equal(keras_logits(model, images), before)
 
 
 class GatePolicyTest(absltest.TestCase):

@@ -72,18 +72,24 @@ class _Compact:
     return isinstance(self.indices, np.ndarray)
 
   def full(self) -> tf.Tensor:
-    shape = tf.shape(self.values)
-    flat = tf.reshape(self.values, [-1, shape[-1]])
     if self.fixed:
       # A constant (k, width) 0/1 matrix: FULLY_CONNECTED with constant weights.
-      scatter = np.eye(self.width, dtype=np.float32)[self.indices]
-      full = tf.matmul(flat, scatter)
-    else:
-      # (width, k) one-hot: a FULLY_CONNECTED with runtime weights.
-      scatter = tf.one_hot(self.indices, self.width, axis=0,
-                           dtype=self.values.dtype)
-      full = tf.matmul(flat, scatter, transpose_b=True)
+      return _channel_matmul(
+          self.values, np.eye(self.width, dtype=np.float32)[self.indices])
+    shape = tf.shape(self.values)
+    flat = tf.reshape(self.values, [-1, shape[-1]])
+    # (width, k) one-hot: a FULLY_CONNECTED with runtime weights.
+    scatter = tf.one_hot(self.indices, self.width, axis=0,
+                         dtype=self.values.dtype)
+    full = tf.matmul(flat, scatter, transpose_b=True)
     return tf.reshape(full, tf.concat([shape[:-1], [self.width]], 0))
+
+  def select(self, indices: np.ndarray) -> tf.Tensor:
+    """The values of channels `indices` (fixed sets; others count as 0)."""
+    if np.array_equal(self.indices, indices):
+      return self.values
+    selection = (self.indices[:, None] == indices[None, :]).astype(np.float32)
+    return _channel_matmul(self.values, selection)
 
   def flatten(self) -> '_Compact':
     """Keras `Flatten` of the full tensor, kept compact (fixed sets only)."""
@@ -96,6 +102,25 @@ class _Compact:
 
 def _full(x):
   return x.full() if isinstance(x, _Compact) else x
+
+
+def _channel_matmul(x, matrix: np.ndarray):
+  """x (..., C) @ a constant (C, C') matrix: a FULLY_CONNECTED."""
+  shape = tf.shape(x)
+  y = tf.matmul(tf.reshape(x, [-1, shape[-1]]), matrix)
+  return tf.reshape(y, tf.concat([shape[:-1], [matrix.shape[1]]], 0))
+
+
+def _narrowed_sum(inputs, indices: np.ndarray, width: int) -> '_Compact':
+  """A residual addition computed on the channels `indices` only."""
+  total = None
+  for x in inputs:
+    if isinstance(x, _Compact) and not x.fixed:
+      x = x.full()
+    part = (x.select(indices) if isinstance(x, _Compact)
+            else _channel_matmul(x, np.eye(width, dtype=np.float32)[:, indices]))
+    total = part if total is None else total + part
+  return _Compact(total, indices, width)
 
 
 def _is_fixed(x):
@@ -208,16 +233,23 @@ def _dense_on_fixed(layer: tf.keras.layers.Dense, weights, x: _Compact):
 
 
 def _check_channels(model, channels):
-  gated = {l.name: l for l in gated_conv.gated_layers(model)}
+  """`channels` with sorted index arrays; ValueError if it names bad layers."""
+  widths = {l.name: l.filters for l in gated_conv.gated_layers(model)}
+  additions = {l.name: l.output_shape[-1] for l in model.layers
+               if isinstance(l, tf.keras.layers.Add)}
   checked = {}
   for name, kept in channels.items():
-    if name not in gated:
-      raise ValueError(f'{name!r} is not a gated layer of {model.name}')
+    if name not in widths and name not in additions:
+      raise ValueError(f'{name!r} is neither a gated layer nor a residual'
+                       f' addition of {model.name}')
+    width = widths.get(name) or additions[name]
+    if kept is ALL_CHANNELS and name in additions:
+      raise ValueError(f'a residual addition ({name!r}) needs a channel set')
     if kept is not ALL_CHANNELS:
       kept = np.unique(np.asarray(kept, np.int64))
-      if not len(kept) or kept[0] < 0 or kept[-1] >= gated[name].filters:
+      if not len(kept) or kept[0] < 0 or kept[-1] >= width:
         raise ValueError(f'channels of {name!r} must be a non-empty subset of'
-                         f' 0..{gated[name].filters - 1}')
+                         f' 0..{width - 1}')
     checked[name] = kept
   return checked
 
@@ -242,7 +274,9 @@ def inference_function(
     keep_ratio: rho of every gated layer; default: the model's current one.
     dense: ignore the gates and compute every channel.
     channels: gated layer name -> its fixed channel set (or `ALL_CHANNELS`);
-      the other gated layers keep their top k per input.
+      the other gated layers keep their top k per input. A residual
+      addition's name -> the only channels of the residual stream it keeps
+      (`static_channels(..., residual='shared')`).
   """
   if keep_ratio is not None and not 0 < keep_ratio <= 1:
     raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
@@ -270,10 +304,12 @@ def inference_function(
       inputs = [outputs[l.name] for l in _inbound(layer)]
       if layer.name in kept:
         y = folded[layer.name].gated(inputs[0], kept[layer.name])
-      elif layer.name in fixed:
+      elif layer.name in fixed and layer.name in folded:
         y = folded[layer.name].fixed(inputs[0], fixed[layer.name])
       elif layer.name in folded:
         y = folded[layer.name].dense(inputs[0])
+      elif layer.name in fixed:
+        y = _narrowed_sum(inputs, fixed[layer.name], layer.output_shape[-1])
       elif isinstance(layer, gated_conv.CHANNEL_PRESERVING) and isinstance(
           inputs[0], _Compact
       ):
@@ -295,11 +331,25 @@ def inference_function(
   return module
 
 
+RESIDUALS = ('full', 'inner', 'shared')
+
+
+def _residual_writers(model):
+  """{residual addition: the gated layers whose output it adds}."""
+  writers = {}
+  for layer in model.layers:
+    if isinstance(layer, tf.keras.layers.Add):
+      writers[layer] = [l for l in _inbound(layer)
+                        if isinstance(l, gated_conv.GatedConv2D) and l.gated]
+  return writers
+
+
 def static_channels(
     model: tf.keras.Model,
     dataset,
     keep_ratio: float | None = None,
     channel_multiple: int = 1,
+    residual: str = 'full',
 ) -> dict[str, np.ndarray]:
   """Each gated layer's k channels that its gates keep most often on `dataset`.
 
@@ -310,9 +360,19 @@ def static_channels(
   nearest multiple of `channel_multiple` (at least one multiple, at most
   C_out): XNNPACK computes output channels in tiles of 8 or 16, so 11
   channels cost as much as 16. Ties go to the lower channel index.
+
+  `residual` (models with residual additions): 'full' prunes every gated
+  layer and scatters what joins the full-width residual stream back to full
+  width; 'inner' prunes only the layers inside a block (those writing to the
+  stream keep every channel); 'shared' narrows the stream itself: all
+  additions of one width and the layers writing to them share one set (the
+  k channels those layers keep most often, summed), so every convolution of
+  a stage reads and writes only kept channels.
   """
   if channel_multiple < 1:
     raise ValueError(f'channel_multiple must be >= 1, got {channel_multiple}')
+  if residual not in RESIDUALS:
+    raise ValueError(f'residual must be one of {RESIDUALS}, got {residual!r}')
   layers = gated_conv.gated_layers(model)
   if not layers:
     raise ValueError(f'{model.name} has no gated layers to specialise')
@@ -321,12 +381,34 @@ def static_channels(
   measured = flops.measure_gates(model, dataset)
   if not len(measured.flops):
     raise ValueError('no calibration images')
-  frequency = measured.frequency
-  channels = {}
-  for layer, share in zip(layers, frequency):
-    rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
-    k = rounded_k(rho, layer.filters, channel_multiple)
-    channels[layer.name] = np.sort(np.argsort(-share, kind='stable')[:k])
+  frequency = {l.name: f for l, f in zip(layers, measured.frequency)}
+
+  def most_often(share, rho, width):
+    k = rounded_k(rho, width, channel_multiple)
+    return np.sort(np.argsort(-share, kind='stable')[:k])
+
+  def rho_of(layer):
+    return keep_ratio if keep_ratio is not None else layer.keep_ratio
+
+  channels = {l.name: most_often(frequency[l.name], rho_of(l), l.filters)
+              for l in layers}
+  writers = _residual_writers(model)
+  if residual == 'inner':
+    channels.update({l.name: ALL_CHANNELS
+                     for group in writers.values() for l in group})
+  elif residual == 'shared':
+    by_width = {}
+    for addition, group in writers.items():
+      by_width.setdefault(addition.output_shape[-1], []).append(
+          (addition, group))
+    for width, members in by_width.items():
+      group = [l for _, g in members for l in g]
+      if not group:
+        continue
+      share = sum(frequency[l.name] for l in group)
+      kept = most_often(share, rho_of(group[0]), width)
+      channels.update({l.name: kept for l in group})
+      channels.update({a.name: kept for a, _ in members})
   return channels
 
 
@@ -359,21 +441,29 @@ def fixed_channels(model: tf.keras.Model, channels):
   """Within the block, the named gated layers of `model` keep fixed channels.
 
   The Keras counterpart of `inference_function(..., channels=channels)`:
-  each named layer's top-k is replaced by its set (`ALL_CHANNELS`: all), for
-  every sample; saliency still scales the kept channels. Call the model
+  each named gated layer's top-k is replaced by its set (`ALL_CHANNELS`:
+  all), for every sample, and saliency still scales the kept channels; each
+  named residual addition zeroes the channels outside its set. Call the model
   directly (a traced `predict` function would not see the change).
   """
   channels = _check_channels(model, channels)
-  layers = {l.name: l for l in gated_conv.gated_layers(model)}
+  layers = {name: model.get_layer(name) for name in channels}
   try:
     for name, kept in channels.items():
-      mask = np.zeros(layers[name].filters, np.float32)
-      mask[slice(None) if kept is ALL_CHANNELS else kept] = 1.0
-      layers[name].top_k = lambda s, mask=mask: tf.ones_like(s) * mask
+      layer = layers[name]
+      if isinstance(layer, tf.keras.layers.Add):
+        mask = np.zeros(layer.output_shape[-1], np.float32)
+        mask[kept] = 1.0
+        layer.call = lambda x, call=layer.call, mask=mask: call(x) * mask
+      else:
+        mask = np.zeros(layer.filters, np.float32)
+        mask[slice(None) if kept is ALL_CHANNELS else kept] = 1.0
+        layer.top_k = lambda s, mask=mask: tf.ones_like(s) * mask
     yield model
   finally:
-    for name in channels:
-      layers[name].__dict__.pop('top_k', None)
+    for layer in layers.values():
+      layer.__dict__.pop('top_k', None)
+      layer.__dict__.pop('call', None)
 
 
 def ungated_copy(model: tf.keras.Model) -> tf.keras.Model:

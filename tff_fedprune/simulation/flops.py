@@ -64,17 +64,26 @@ def kept_flops(model: tf.keras.Model, kept: Mapping[str, int]) -> float:
   """FLOPs of one sample when gated layer `name` computes `kept[name]` channels.
 
   Every gated layer of `model` must be named; each reads the channels its
-  feeding gated layer computes (all behind a residual addition) and pays its
-  gate.
+  feeding gated layer computes and pays its gate. An input behind a residual
+  addition is full width unless `kept` names the addition too (a narrowed
+  residual stream, `export.tflite.static_channels`).
   """
   total = dense_flops(model)
   for layer in gated_conv.gated_layers(model):
-    feeder = gated_conv.feeding_gate(layer)
+    feeder = gated_conv.feeding_gate(layer) or _feeding_addition(layer)
     cin = layer.input_shape[-1]
-    kept_in = kept[feeder.name] if feeder else cin
+    kept_in = kept.get(feeder.name, cin) if feeder else cin
     total += (_conv_flops(layer, kept_in, kept[layer.name])
               + _gate_flops(layer) - _conv_flops(layer, cin, layer.filters))
   return total
+
+
+def _feeding_addition(layer):
+  """The residual addition whose output reaches `layer` through a ReLU."""
+  source = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+  while isinstance(source, gated_conv.CHANNEL_PRESERVING):
+    source = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+  return source if isinstance(source, tf.keras.layers.Add) else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,14 @@ own `tf.lite.Interpreter` with XNNPACK. Also printed: flatbuffer size and
 FLOPs per image as the export computes them (kept channels plus the gates).
 Weights are random: the cost of a layer depends on how many channels it
 computes, not on which.
+
+With --per_layer, each stride-1 gated layer shape of the models is also
+timed alone in every formulation of "compute only the top-k output
+channels" tried for XNNPACK: gathered filters (what the dynamic export
+does; a CONV_2D with runtime filters, which XNNPACK does not take), an
+im2col BATCH_MATMUL and a per-tap BATCH_MATMUL (runtime right-hand sides,
+which it does take), against the dense convolution and the dense
+convolution scaled by the saliency (`--gate_min_flops`'s full-width form).
 """
 
 import itertools
@@ -54,6 +62,9 @@ _CHANNEL_MULTIPLES = flags.DEFINE_list(
 _GATE_MIN_FLOPS = flags.DEFINE_float(
     'gate_min_flops', tflite.DEFAULT_GATE_MIN_FLOPS,
     'Policy of the second dynamic variant (see experiments.export_tflite).')
+_PER_LAYER = flags.DEFINE_bool(
+    'per_layer', True, 'Also time each layer shape of the models at the'
+    ' first keep ratio in every formulation of a dynamic top-k.')
 _THREADS = flags.DEFINE_integer('threads', 1, 'Interpreter threads.')
 _INVOKES = flags.DEFINE_integer('invokes', 100, 'Timed invokes per setting.')
 _WARMUP = flags.DEFINE_integer('warmup', 20, 'Untimed invokes first.')
@@ -108,6 +119,113 @@ def variants(model):
           else len(c) for n, c in channels.items()}
 
 
+def layer_formulations(h, cin, cout, k_in, k_out, rng):
+  """Single-layer graphs: ways to compute a 3x3 convolution's top-k outputs.
+
+  The full-width forms read all `cin` input channels; the top-k forms `k_in`
+  of them (compact, as after a gated layer). Returns (name, function, input
+  channels).
+  """
+  kernel = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
+  gate = rng.normal(size=(cin, cout)).astype(np.float32)
+  rows = kernel[:, :, :k_in]
+  ohwi = np.ascontiguousarray(rows.transpose(3, 0, 1, 2))
+  taps = np.ascontiguousarray(ohwi.reshape(cout, 9, k_in))
+
+  def saliency_top_k(x):
+    pooled = tf.reduce_mean(x, [1, 2])
+    s = tf.nn.relu(tf.matmul(pooled, gate[:x.shape[-1]]))
+    return s, tf.math.top_k(s[0], k_out)
+
+  def dense(x):
+    return tf.nn.relu(tf.nn.conv2d(x, kernel, 1, 'SAME'))
+
+  def saliency_scaled(x):
+    s, _ = saliency_top_k(x)
+    y = tf.nn.conv2d(x, kernel, 1, 'SAME')
+    return tf.nn.relu(y * tf.reshape(s, [1, 1, 1, cout]))
+
+  def gathered_filters(x):
+    _, (s, kept) = saliency_top_k(x)
+    w = tf.gather(ohwi, kept) * tf.reshape(s, [k_out, 1, 1, 1])
+    return tf.nn.relu(tf.nn.conv2d(x, tf.transpose(w, [1, 2, 3, 0]), 1,
+                                   'SAME'))
+
+  def im2col_matmul(x):
+    _, (s, kept) = saliency_top_k(x)
+    w = tf.reshape(tf.gather(ohwi, kept) * tf.reshape(s, [k_out, 1, 1, 1]),
+                   [k_out, 9 * k_in])
+    padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    columns = tf.concat([padded[:, i:i + h, j:j + h, :]
+                         for i in range(3) for j in range(3)], -1)
+    y = tf.linalg.matmul(tf.reshape(columns, [1, h * h, 9 * k_in]),
+                         tf.transpose(w)[tf.newaxis])
+    return tf.nn.relu(tf.reshape(y, [1, h, h, k_out]))
+
+  def tap_matmul(x):
+    _, (s, kept) = saliency_top_k(x)
+    w = tf.gather(taps, kept) * tf.reshape(s, [k_out, 1, 1])
+    w = tf.reshape(tf.transpose(w, [2, 1, 0]), [1, k_in, 9 * k_out])
+    y = tf.linalg.matmul(tf.reshape(x, [1, h * h, k_in]), w)
+    y = tf.pad(tf.reshape(y, [1, h, h, 9 * k_out]),
+               [[0, 0], [1, 1], [1, 1], [0, 0]])
+    out = 0.0
+    for t in range(9):
+      i, j = divmod(t, 3)
+      out += y[:, i:i + h, j:j + h, t * k_out:(t + 1) * k_out]
+    return tf.nn.relu(out)
+
+  return [('dense', dense, cin), ('saliency-scaled', saliency_scaled, cin),
+          ('gathered filters', gathered_filters, k_in),
+          ('im2col matmul', im2col_matmul, k_in),
+          ('tap matmul', tap_matmul, k_in)]
+
+
+def _logits(function):
+  return lambda images: {'logits': function(images)}
+
+
+def per_layer(keep_ratio):
+  """Each zoo layer shape at keep_ratio: every formulation, LiteRT XNNPACK."""
+  rng = np.random.default_rng(0)
+  shapes = []
+  for name in _MODELS.value:
+    model = keras_models.build_model(name, _SHAPES[name], 10, gated=True)
+    for layer in gated_conv.gated_layers(model):
+      shape = (layer.output_shape[1], layer.input_shape[-1], layer.filters,
+               gated_conv.feeding_gate(layer) is not None)
+      if layer.strides == 1 and shape not in shapes:
+        shapes.append(shape)
+  header = None
+  for h, cin, cout, compact in shapes:
+    k_in = int(gated_conv.num_kept(keep_ratio, cin)) if compact else cin
+    k_out = int(gated_conv.num_kept(keep_ratio, cout))
+    cells = []
+    for label, function, width in layer_formulations(h, cin, cout, k_in,
+                                                     k_out, rng):
+      module = tf.Module()
+      module.serve = tf.function(
+          _logits(function),
+          input_signature=[tf.TensorSpec([1, h, h, width], tf.float32,
+                                         'images')]).get_concrete_function()
+      image = rng.normal(size=(1, h, h, width)).astype(np.float32)
+      cells.append((label, median_ms(tflite.convert(module), image, 'litert',
+                                     True)))
+    if header is None:
+      header = ('| layer (HxW, C_in -> C_out) | MFLOPs | '
+                + ' | '.join(f'{l} ms' for l, _ in cells)
+                + ' | best top-k / dense |')
+      print(f'\nPer layer at keep {keep_ratio}, LiteRT XNNPACK, 1 thread'
+            ' ("dense": every channel, constant filter):')
+      print(header)
+      print('|' + ' --- |' * (header.count('|') - 1))
+    best = min(ms for l, ms in cells[2:])
+    print(f'| {h}x{h}, {k_in}/{cin} -> {cout} |'
+          f' {2 * h * h * 9 * cin * cout / 1e6:.1f} | '
+          + ' | '.join(f'{ms:.3f}' for _, ms in cells)
+          + f' | {best / cells[0][1]:.2f} |', flush=True)
+
+
 def main(argv):
   del argv
   tf.get_logger().setLevel('ERROR')
@@ -141,6 +259,8 @@ def main(argv):
       print(f'| {name} | {label} | {len(content) / 1024:.0f} |'
             f' {mflops:.2f} | ' + ' | '.join(f'{c:.3f}' for c in cells)
             + f' | {dense_ms / cells[0]:.2f}x |', flush=True)
+  if _PER_LAYER.value:
+    per_layer(float(_KEEP_RATIOS.value[0]))
   return 0
 
 

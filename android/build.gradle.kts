@@ -1,7 +1,7 @@
 // Library module holding FedDpClassifier; add it to an Android app project
 // (settings.gradle.kts: include(":android")). Not built by this repository's CI:
 // the check here is that exported models use only builtin ops and run in the
-// TFLite Python interpreter (tests/tflite_export_test.py).
+// TFLite and LiteRT Python interpreters (tests/export_tflite_test.py).
 plugins {
   id("com.android.library")
   kotlin("android")

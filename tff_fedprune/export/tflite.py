@@ -48,6 +48,11 @@ from tff_fedprune.simulation import flops
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
 RUNTIMES = ('tensorflow', 'litert')
+# Dynamic layers with at most this many output pixels run their top-k
+# convolution as an im2col BATCH_MATMUL, larger ones as a CONV_2D with
+# gathered filters: the faster of the two in the per-layer measurements of
+# experiments.benchmark_tflite.
+IM2COL_MAX_PIXELS = 256
 # A `channels` value: the layer computes every channel (still scaled by s).
 ALL_CHANNELS = None
 # Gate every layer: on LiteRT's XNNPACK no zoo layer measured gains from its
@@ -136,18 +141,13 @@ class _FoldedConv:
     )
     self.layer = layer
     self.kernel = (layer.kernel.numpy() * scale).astype(np.float32)
-    # TFLite's convolutions take OHWI filters: gathering output channels is
-    # then a gather of whole rows, and the final transpose to TF's HWIO
-    # cancels the converter's own transpose back to OHWI.
-    self.kernel_ohwi = np.ascontiguousarray(self.kernel.transpose(3, 0, 1, 2))
+    self.kernel_oihw = np.ascontiguousarray(self.kernel.transpose(3, 2, 0, 1))
     self.bias = (layer.beta.numpy() - layer.moving_mean.numpy() * scale).astype(
         np.float32
     )
     if layer.gated:
       gate_kernel = layer.gate_kernel.numpy()
       self.gate_kernel = gate_kernel
-      # (C_out, C_in), as FULLY_CONNECTED takes its weights.
-      self.gate_kernel_t = np.ascontiguousarray(gate_kernel.T)
       self.gate_bias = layer.gate_bias.numpy()
       # Pruned inputs pool to 0 and score subsample(0): 0.5 or 0.
       self.zero_point = float(layer.subsample(tf.constant(0.0)))
@@ -197,26 +197,51 @@ class _FoldedConv:
       pooled = self.layer.subsample(
           tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
       pre = self.gate_pruned + tf.matmul(
-          pooled, tf.gather(self.gate_kernel_t, x.indices, axis=1),
-          transpose_b=True,
-      )
+          pooled, tf.gather(self.gate_kernel, x.indices))
       inputs = x.values
     else:
       pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
       pre = tf.matmul(pooled, self.gate_kernel) + self.gate_bias
       inputs = x
     saliency, kept = tf.math.top_k(tf.nn.relu(pre)[0], k=k)
-    # relu(z) * s = relu(z * s) for s >= 0: the saliency scales the k
-    # gathered kernel rows and biases, not the (larger) output.
-    kernel = tf.gather(self.kernel_ohwi, kept) * tf.reshape(
-        saliency, [k, 1, 1, 1]
-    )
+    # Gathers along leading axes only (whole rows: contiguous copies).
+    kernel = tf.gather(self.kernel_oihw, kept)
     if isinstance(x, _Compact):
-      kernel = tf.gather(kernel, x.indices, axis=3)
-    kernel = tf.transpose(kernel, [1, 2, 3, 0])
-    y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
-    y = self.activate(y + tf.gather(self.bias, kept) * saliency)
+      kernel = tf.transpose(tf.gather(
+          tf.transpose(kernel, [1, 0, 2, 3]), x.indices), [2, 3, 0, 1])
+    else:
+      kernel = tf.transpose(kernel, [2, 3, 1, 0])
+    _, h, w, _ = self.layer.output_shape
+    if h * w <= IM2COL_MAX_PIXELS:
+      y = _im2col_conv(inputs, kernel, self.layer.strides, h, w)
+    else:
+      y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
+    # relu(z) * s = relu(z * s) for s >= 0.
+    y = self.activate((y + tf.gather(self.bias, kept)) * saliency)
     return _Compact(y, kept, self.layer.filters)
+
+
+def _im2col_conv(x, kernel, stride: int, out_h: int, out_w: int):
+  """A 'SAME' convolution of a batch-1 `x` as one BATCH_MATMUL.
+
+  XNNPACK runs BATCH_MATMUL with a runtime right-hand side but not CONV_2D
+  with runtime filters; on small feature maps this wins (README, "On
+  phones").
+  """
+  kh, kw, cin, cout = kernel.shape
+  _, h, w, _ = x.shape
+  pad_h = max((out_h - 1) * stride + kh - h, 0)
+  pad_w = max((out_w - 1) * stride + kw - w, 0)
+  x = tf.pad(x, [[0, 0], [pad_h // 2, pad_h - pad_h // 2],
+                 [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
+  columns = tf.concat([
+      x[:, i:i + (out_h - 1) * stride + 1:stride,
+        j:j + (out_w - 1) * stride + 1:stride, :]
+      for i in range(kh) for j in range(kw)
+  ], axis=-1)
+  y = tf.linalg.matmul(tf.reshape(columns, [1, out_h * out_w, kh * kw * cin]),
+                       tf.reshape(kernel, [1, kh * kw * cin, cout]))
+  return tf.reshape(y, [1, out_h, out_w, cout])
 
 
 def _inbound(layer):

@@ -14,6 +14,15 @@ import org.tensorflow.lite.Interpreter
  * Fashion-MNIST and CIFAR; normalisation is inside the model); output
  * `logits`, float32 [1, classes]. Only TFLite builtin ops are used, so the
  * stock runtime (org.tensorflow:tensorflow-lite or LiteRT) runs it.
+ *
+ * Which file to ship: to a phone, the static export (`--mode=static`) made
+ * for that device (its keep ratio, calibrated on its own training data):
+ * every convolution has constant filters, which LiteRT's default XNNPACK
+ * delegate runs, and it is smaller and faster than the dense file. The
+ * dynamic export (per-input top-k) runs its gated convolutions outside
+ * XNNPACK and was slower than the dense file in every measurement (README,
+ * "On phones"); the dense file is the baseline. All three take the same
+ * input and give the same output, so the app code does not change.
  */
 class FedDpClassifier(modelFile: File, numThreads: Int = 1) : AutoCloseable {
   private val interpreter =

@@ -48,11 +48,6 @@ from tff_fedprune.simulation import flops
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
 RUNTIMES = ('tensorflow', 'litert')
-# Dynamic layers with at most this many output pixels run their top-k
-# convolution as an im2col BATCH_MATMUL, larger ones as a CONV_2D with
-# gathered filters: the faster of the two in the per-layer measurements of
-# experiments.benchmark_tflite.
-IM2COL_MAX_PIXELS = 256
 # A `channels` value: the layer computes every channel (still scaled by s).
 ALL_CHANNELS = None
 # Gate every layer: on LiteRT's XNNPACK no zoo layer measured gains from its
@@ -211,37 +206,10 @@ class _FoldedConv:
           tf.transpose(kernel, [1, 0, 2, 3]), x.indices), [2, 3, 0, 1])
     else:
       kernel = tf.transpose(kernel, [2, 3, 1, 0])
-    _, h, w, _ = self.layer.output_shape
-    if h * w <= IM2COL_MAX_PIXELS:
-      y = _im2col_conv(inputs, kernel, self.layer.strides, h, w)
-    else:
-      y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
+    y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
     # relu(z) * s = relu(z * s) for s >= 0.
     y = self.activate((y + tf.gather(self.bias, kept)) * saliency)
     return _Compact(y, kept, self.layer.filters)
-
-
-def _im2col_conv(x, kernel, stride: int, out_h: int, out_w: int):
-  """A 'SAME' convolution of a batch-1 `x` as one BATCH_MATMUL.
-
-  XNNPACK runs BATCH_MATMUL with a runtime right-hand side but not CONV_2D
-  with runtime filters; on small feature maps this wins (README, "On
-  phones").
-  """
-  kh, kw, cin, cout = kernel.shape
-  _, h, w, _ = x.shape
-  pad_h = max((out_h - 1) * stride + kh - h, 0)
-  pad_w = max((out_w - 1) * stride + kw - w, 0)
-  x = tf.pad(x, [[0, 0], [pad_h // 2, pad_h - pad_h // 2],
-                 [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
-  columns = tf.concat([
-      x[:, i:i + (out_h - 1) * stride + 1:stride,
-        j:j + (out_w - 1) * stride + 1:stride, :]
-      for i in range(kh) for j in range(kw)
-  ], axis=-1)
-  y = tf.linalg.matmul(tf.reshape(columns, [1, out_h * out_w, kh * kw * cin]),
-                       tf.reshape(kernel, [1, kh * kw * cin, cout]))
-  return tf.reshape(y, [1, out_h, out_w, cout])
 
 
 def _inbound(layer):

@@ -44,6 +44,7 @@ def build_resnet(
     gated: bool = False,
     keep_ratio: float = 1.0,
     gate_input: str = 'sigmoid',
+    gated_bn: str = 'masked',
     gate_stem: bool = True,
 ) -> tf.keras.Model:
   """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits.
@@ -54,7 +55,8 @@ def build_resnet(
   if (depth - 2) % 6:
     raise ValueError(f'CIFAR ResNet depth must be 6n + 2, got {depth}')
   blocks = (depth - 2) // 6
-  gate = dict(gated=gated, keep_ratio=keep_ratio, gate_input=gate_input)
+  gate = dict(gated=gated, keep_ratio=keep_ratio, gate_input=gate_input,
+              gated_bn=gated_bn)
   inputs = tf.keras.Input(input_shape, name='images')
   x = GatedConv2D(STAGE_FILTERS[0], name='stem',
                   **dict(gate, gated=gated and gate_stem))(inputs)

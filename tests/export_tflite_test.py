@@ -68,6 +68,7 @@ class ParityTest(parameterized.TestCase):
       ('cnn', 0.5, dict(gate_input='identity')),
       ('resnet20', 0.7, dict(gate_input='identity')),
       ('resnet20', 0.7, dict(gate_stem=False)),
+      ('cnn', 0.7, dict(gated_bn='full')),
       ('vgg11', 0.5, dict(gate_stem=False)))
   def test_authors_variants_export_equal_keras(self, name, keep_ratio,
                                                variant):

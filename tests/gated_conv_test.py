@@ -35,6 +35,16 @@ def reference_forward(layer, x):
   return tf.nn.relu(z) if layer.relu else z
 
 
+def reference_full_bn(layer, x):
+  """The authors' training forward: batch moments over every sample, gate."""
+  c = layer.conv(x)
+  mean, var = tf.nn.moments(c, [0, 1, 2])
+  bn = layer.gamma * (c - mean) * tf.math.rsqrt(var + layer.epsilon) + \
+      layer.beta
+  z = bn * layer.channel_gates(x)[:, None, None, :]
+  return tf.nn.relu(z) if layer.relu else z
+
+
 def loss_of(y):
   weights = tf.reshape(tf.range(tf.size(y), dtype=tf.float32), y.shape)
   return tf.reduce_sum(tf.sin(weights) * y)
@@ -61,6 +71,79 @@ class GatedConv2DTest(parameterized.TestCase):
       np.testing.assert_allclose(
           tape.gradient(custom, v), tape.gradient(reference, v),
           rtol=1e-4, atol=1e-5, err_msg=v.name)
+
+  @parameterized.product(relu=(True, False),
+                          gate_input=gated_conv.GATE_INPUTS)
+  def test_full_batch_norm_matches_plain_autodiff(self, relu, gate_input):
+    layer = built_layer(relu=relu, gate_input=gate_input, gated_bn='full')
+    variables = [layer.kernel, layer.gamma, layer.beta, layer.gate_kernel,
+                 layer.gate_bias]
+    x = tf.Variable(self.x)
+    with tf.GradientTape(persistent=True) as tape:
+      got = loss_of(layer(x, training=True))
+      reference = loss_of(reference_full_bn(layer, x))
+    np.testing.assert_allclose(got, reference, rtol=1e-5)
+    for v in variables + [x]:
+      np.testing.assert_allclose(
+          tape.gradient(got, v), tape.gradient(reference, v),
+          rtol=1e-4, atol=1e-5, err_msg=v.name)
+
+  def test_full_batch_norm_finite_differences_and_moving_statistics(self):
+    layer = built_layer(keep_ratio=0.5, relu=False, gated_bn='full')
+    x = self.x
+    active = np.flatnonzero((layer.channel_gates(x).numpy() > 0).any(axis=0))
+    with tf.GradientTape() as tape:
+      loss = loss_of(layer(x, training=True))
+    grad = tape.gradient(loss, layer.kernel)
+    eps = 1e-2
+    for j in active[:3]:
+      index = (1, 1, 0, j)
+      original = layer.kernel.numpy()
+      values = []
+      for step in (eps, -eps):
+        moved = original.copy()
+        moved[index] += step
+        layer.kernel.assign(moved)
+        values.append(loss_of(layer(x, training=True)).numpy())
+      layer.kernel.assign(original)
+      np.testing.assert_allclose(grad.numpy()[index],
+                                 (values[0] - values[1]) / (2 * eps),
+                                 rtol=2e-2, atol=2e-3)
+    # Moving statistics from every sample; kept counts from the gates.
+    fresh = built_layer(keep_ratio=0.5, gated_bn='full')
+    fresh(x, training=True)
+    c = fresh.conv(x)
+    mean, var = tf.nn.moments(c, [0, 1, 2])
+    n = 5 * 36
+    np.testing.assert_allclose(fresh.moving_mean, 0.1 * mean, rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(fresh.moving_variance,
+                               0.9 + 0.1 * var * n / (n - 1), rtol=1e-4)
+    np.testing.assert_array_equal(
+        fresh.kept_count,
+        (fresh.channel_gates(x).numpy() != 0).sum(axis=0))
+
+  def test_full_batch_norm_reaches_pruned_channels_through_statistics(self):
+    # Channel j kept by sample 0 and pruned by sample 1: with `full`, sample
+    # 1 still moves sample 0's output of j (through j's batch statistics);
+    # with `masked` it cannot.
+    x = tf.Variable(tf.stack([self.x[0], -self.x[0]]))
+    for gated_bn, reaches in (('full', True), ('masked', False)):
+      layer = built_layer(keep_ratio=0.5, gated_bn=gated_bn,
+                          gate_input='identity')
+      pi = layer.channel_gates(x).numpy()
+      j = np.flatnonzero((pi[0] != 0) & (pi[1] == 0))[0]
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x, training=True)[0, :, :, j])
+      from_pruned = tape.gradient(loss, x).numpy()[1]
+      self.assertEqual(bool(np.any(from_pruned != 0)), reaches, gated_bn)
+    with self.assertRaisesRegex(ValueError, 'gated_bn'):
+      gated_conv.GatedConv2D(4, gated_bn='batch')
+
+  def test_full_and_masked_agree_in_inference(self):
+    masked = built_layer(keep_ratio=0.5)
+    full = built_layer(keep_ratio=0.5, gated_bn='full')
+    np.testing.assert_allclose(masked(self.x), full(self.x), rtol=1e-6)
 
   def test_identity_gate_input_reads_the_channel_means(self):
     layer = built_layer(gate_input='identity')
@@ -289,6 +372,14 @@ class SerializationTest(parameterized.TestCase):
     del config['gate_input']  # As written before the option existed.
     self.assertEqual(
         gated_conv.GatedConv2D.from_config(config).gate_input, 'sigmoid')
+
+  def test_gated_bn_is_saved_and_old_configs_mean_masked(self):
+    config = gated_conv.GatedConv2D(4, gated_bn='full').get_config()
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gated_bn, 'full')
+    del config['gated_bn']
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gated_bn, 'masked')
 
 
 if __name__ == '__main__':

@@ -68,6 +68,15 @@ class ModelZooTest(parameterized.TestCase):
     self.assertEqual([l.name for l in gated_conv.gated_layers(without)],
                      [l.name for l in gated_conv.gated_layers(with_stem)][1:])
 
+  @parameterized.parameters(('cnn', (8, 8, 1)), ('resnet20', (16, 16, 3)),
+                            ('vgg11', (16, 16, 3)))
+  def test_variants_reach_every_convolution(self, name, shape):
+    model = keras_models.build_model(name, shape, 10, gated=True,
+                                     gate_input='identity', gated_bn='full')
+    convs = [l for l in model.layers if isinstance(l, gated_conv.GatedConv2D)]
+    self.assertEqual({(l.gate_input, l.gated_bn) for l in convs},
+                     {('identity', 'full')})
+
   @parameterized.parameters(20, 32, 56)
   def test_resnet_parameter_counts(self, depth):
     model = keras_models.build_model(f'resnet{depth}', (32, 32, 3), 10)

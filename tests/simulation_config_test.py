@@ -85,12 +85,14 @@ class ValidateTest(parameterized.TestCase):
     os.makedirs(config.run_dir)
     old = dataclasses.asdict(config)
     del old['eval_keep_ratio']
+    del old['gated_bn']
     with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
       json.dump(old, f)
     config_lib.check_resumable(config)
-    with self.assertRaisesRegex(config_lib.ConfigError, 'eval_keep_ratio'):
-      config_lib.check_resumable(
-          dataclasses.replace(config, eval_keep_ratio=0.9))
+    for change, field in ((dict(eval_keep_ratio=0.9), 'eval_keep_ratio'),
+                          (dict(gated_bn='full'), 'gated_bn')):
+      with self.assertRaisesRegex(config_lib.ConfigError, field):
+        config_lib.check_resumable(dataclasses.replace(config, **change))
 
   def test_every_field_has_help(self):
     for field in dataclasses.fields(config_lib.ExperimentConfig):

@@ -12,11 +12,13 @@ and scales the kept channels by their score:
 
 A channel that is pruned for a sample is never computed for it, so it takes
 no part in that channel's batch statistics either: in training the BN moments
-of channel j are taken over the samples that keep j. A custom gradient makes
-the backward pass exact for this: the kernel slice, BN scale and shift of a
-channel receive exactly zero gradient from samples that pruned it, and no
-gradient flows through the top-k selection (the gate learns through the kept
-values of pi).
+of channel j are taken over the samples that keep j (`gated_bn='masked'`). A
+custom gradient makes the backward pass exact for this: the kernel slice, BN
+scale and shift of a channel receive exactly zero gradient from samples that
+pruned it, and no gradient flows through the top-k selection (the gate learns
+through the kept values of pi). `gated_bn='full'` is the authors' code
+instead: batch statistics over every sample, then the gate; a pruned sample
+then still reaches a channel's kernel through those statistics.
 
 The keep ratio rho is a variable read at run time (one traced model serves any
 ratio) and, with the per-channel kept counts, is client-local state: it is not
@@ -110,6 +112,7 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
 
 
 GATE_INPUTS = ('sigmoid', 'identity')
+GATED_BNS = ('masked', 'full')
 
 
 @tf.keras.utils.register_keras_serializable(package='tff_fedprune')
@@ -132,6 +135,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       momentum: float = 0.9,
       epsilon: float = 1e-5,
       gate_input: str = 'sigmoid',
+      gated_bn: str = 'masked',
       **kwargs,
   ):
     super().__init__(**kwargs)
@@ -141,7 +145,12 @@ class GatedConv2D(tf.keras.layers.Layer):
       raise ValueError(
           f'gate_input must be one of {GATE_INPUTS}, got {gate_input!r}'
       )
+    if gated_bn not in GATED_BNS:
+      raise ValueError(
+          f'gated_bn must be one of {GATED_BNS}, got {gated_bn!r}'
+      )
     self.gate_input = gate_input
+    self.gated_bn = gated_bn
     self.filters = int(filters)
     self.kernel_size = int(kernel_size)
     self.strides = int(strides)
@@ -230,6 +239,16 @@ class GatedConv2D(tf.keras.layers.Layer):
     if not self.gated:
       return self._dense_bn_relu(c, training)
     pi = self.channel_gates(x)
+    if training and self.gated_bn == 'full':
+      bn, mean, var = tf.compat.v1.nn.fused_batch_norm(
+          c, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+      )
+      self._update_moving(mean, var, tf.ones_like(mean, tf.bool))
+      self.kept_count.assign_add(
+          tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), tf.float32), axis=0))
+      self.samples_seen.assign_add(tf.cast(tf.shape(x)[0], tf.float32))
+      z = bn * pi[:, tf.newaxis, tf.newaxis, :]
+      return tf.nn.relu(z) if self.relu else z
     if training:
       y, mean, var, kept = gated_batch_norm(
           c, pi, self.gamma, self.beta, self.epsilon, self.relu
@@ -275,6 +294,7 @@ class GatedConv2D(tf.keras.layers.Layer):
         momentum=self.momentum,
         epsilon=self.epsilon,
         gate_input=self.gate_input,
+        gated_bn=self.gated_bn,
     )
     return config
 

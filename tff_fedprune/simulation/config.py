@@ -63,6 +63,13 @@ class ExperimentConfig:
       ' (the authors\' VGG) or the means themselves (identity, their ResNet).',
       gated_conv.GATE_INPUTS,
   )
+  gated_bn: str = _field(
+      'masked', 'Training batch statistics of a gated layer: over the'
+      ' samples that keep each channel (masked, exact zero gradient from a'
+      ' sample to the channels it pruned) or over all samples before gating'
+      ' (full, the authors\' code).',
+      gated_conv.GATED_BNS,
+  )
   gate_stem: bool = _field(
       True, "Gate the first convolution too (--nogate_stem: leave it dense,"
       " as the authors' ResNet does)."

@@ -89,6 +89,8 @@ def _label(config: dict) -> str:
       label += f' tau {config["salience_threshold"]}'
     if config.get('gate_input', 'sigmoid') != 'sigmoid':
       label += f' gate {config["gate_input"]}'
+    if config.get('gated_bn', 'masked') != 'masked':
+      label += f' BN {config["gated_bn"]}'
     if not config.get('gate_stem', True):
       label += ' stem dense'
     if config.get('aggregation', 'count_aware') != 'count_aware':

@@ -8,8 +8,7 @@ and scales the kept channels by their score:
     z = sigmoid(GAP(x)); s = ReLU(z @ W_g + b_g); pi = s on top-k, 0 elsewhere
     y = ReLU(BN(conv(x)) * pi)
 
-(`gate_input='identity'` takes z = GAP(x), as the authors' ResNet gates do;
-'standardized' takes GAP(x) at zero mean and unit variance over its channels.)
+(`gate_input='identity'` takes z = GAP(x), as the authors' ResNet gates do.)
 
 A channel that is pruned for a sample is never computed for it, so it takes
 no part in that channel's batch statistics either: in training the BN moments
@@ -112,8 +111,7 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
   )
 
 
-GATE_INPUTS = ('sigmoid', 'identity', 'standardized')
-STANDARDIZE_EPSILON = 1e-5
+GATE_INPUTS = ('sigmoid', 'identity')
 GATED_BNS = ('masked', 'full')
 
 
@@ -204,18 +202,8 @@ class GatedConv2D(tf.keras.layers.Layer):
     return tf.nn.conv2d(x, self.kernel, self.strides, padding='SAME')
 
   def subsample(self, pooled):
-    """z from the input's global average pool (B, C_in), per `gate_input`.
-
-    'standardized' rescales each sample's pool to zero mean and unit
-    variance over its channels, so the gate sees how the input's channels
-    differ from one another rather than their common level.
-    """
-    if self.gate_input == 'sigmoid':
-      return tf.sigmoid(pooled)
-    if self.gate_input == 'standardized':
-      mean, var = tf.nn.moments(pooled, axes=[-1], keepdims=True)
-      return (pooled - mean) * tf.math.rsqrt(var + STANDARDIZE_EPSILON)
-    return pooled
+    """z from the input's global average pool: sigmoid or identity."""
+    return tf.sigmoid(pooled) if self.gate_input == 'sigmoid' else pooled
 
   def saliency(self, x):
     """s (B, C_out) = ReLU(z @ W_g + b_g), z = subsample(GAP(x))."""

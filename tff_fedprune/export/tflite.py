@@ -9,8 +9,7 @@ kept channels:
 * the gate reads the input's global average pool (for an input that is itself
   compact, the pruned channels' pool is 0, so their subsample is sigmoid(0) =
   0.5 or 0 and their share of the gate's pre-activation is a constant folded
-  at export; standardized gates take their moments over all channels, the
-  pruned ones as zeros);
+  at export);
 * TOPK_V2 picks the kept output channels; GATHER takes their slices of the
   BN-folded kernel, and only the kept input rows when the input is compact;
 * a convolution of k_in inputs and k_out outputs runs; its output stays
@@ -145,14 +144,11 @@ class _FoldedConv:
       gate_kernel = layer.gate_kernel.numpy()
       self.gate_kernel = gate_kernel
       self.gate_bias = layer.gate_bias.numpy()
-      self.gate_column_sums = gate_kernel.sum(axis=0)
-      self.standardized = layer.gate_input == 'standardized'
-      if not self.standardized:
-        # Pruned inputs pool to 0 and score subsample(0): 0.5 or 0.
-        self.zero_point = float(layer.subsample(tf.constant([[0.0]]))[0, 0])
-        self.gate_pruned = (
-            self.zero_point * self.gate_column_sums + self.gate_bias
-        )
+      # Pruned inputs pool to 0 and score subsample(0): 0.5 or 0.
+      self.zero_point = float(layer.subsample(tf.constant(0.0)))
+      self.gate_pruned = (
+          self.zero_point * gate_kernel.sum(axis=0) + self.gate_bias
+      )
 
   def activate(self, x):
     return tf.nn.relu(x) if self.layer.relu else x
@@ -160,37 +156,6 @@ class _FoldedConv:
   def dense(self, x):
     y = tf.nn.conv2d(_full(x), self.kernel, self.layer.strides, 'SAME')
     return self.activate(y + self.bias)
-
-  def gate_logits(self, x, kept=None):
-    """The gate's pre-activation (1, C_out), or its columns `kept`.
-
-    For a compact input the pruned channels pool to 0; their share of the
-    pre-activation is folded in rather than computed.
-    """
-    columns = slice(None) if kept is None else kept
-    bias = self.gate_bias[columns]
-    if not isinstance(x, _Compact):
-      z = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
-      return tf.matmul(z, self.gate_kernel[:, columns]) + bias
-    pooled = tf.reduce_mean(x.values, axis=[1, 2])
-    if x.fixed:
-      rows = np.ascontiguousarray(self.gate_kernel[x.indices][:, columns])
-      row_sums = rows.sum(axis=0)
-    else:
-      rows = tf.gather(self.gate_kernel, x.indices)
-      row_sums = tf.reduce_sum(rows, axis=0)
-    if not self.standardized:
-      return tf.matmul(self.layer.subsample(pooled) - self.zero_point,
-                       rows) + self.gate_pruned[columns]
-    # Moments over all x.width channels, the pruned ones at 0.
-    mean = tf.reduce_sum(pooled, -1, keepdims=True) / x.width
-    centred = pooled - mean
-    pruned_count = x.width - int(pooled.shape[-1])
-    var = (tf.reduce_sum(tf.square(centred), -1, keepdims=True)
-           + pruned_count * tf.square(mean)) / x.width
-    rstd = tf.math.rsqrt(var + gated_conv.STANDARDIZE_EPSILON)
-    pruned = (self.gate_column_sums[columns] - row_sums) * (-mean * rstd)
-    return tf.matmul(centred * rstd, rows) + pruned + bias
 
   def fixed(self, x, kept: Optional[np.ndarray]):
     """Only the channels `kept` (ALL_CHANNELS: all), scaled by their saliency.
@@ -201,9 +166,19 @@ class _FoldedConv:
     kept = np.arange(self.layer.filters) if kept is ALL_CHANNELS else kept
     if isinstance(x, _Compact) and not x.fixed:
       x = x.full()
-    rows, inputs = ((x.indices, x.values) if isinstance(x, _Compact)
-                    else (slice(None), x))
-    saliency = tf.nn.relu(self.gate_logits(x, kept))
+    if isinstance(x, _Compact):
+      rows = x.indices
+      pooled = self.layer.subsample(
+          tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
+      offset = self.gate_pruned[kept]
+      inputs = x.values
+    else:
+      rows = slice(None)
+      pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
+      offset = self.gate_bias[kept]
+      inputs = x
+    gate = np.ascontiguousarray(self.gate_kernel[rows][:, kept])
+    saliency = tf.nn.relu(tf.matmul(pooled, gate) + offset)
     kernel = np.ascontiguousarray(self.kernel[:, :, rows][..., kept])
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
     y = self.activate(
@@ -213,8 +188,17 @@ class _FoldedConv:
     return _Compact(y, kept, self.layer.filters)
 
   def gated(self, x, k: int) -> _Compact:
-    inputs = x.values if isinstance(x, _Compact) else x
-    saliency, kept = tf.math.top_k(tf.nn.relu(self.gate_logits(x))[0], k=k)
+    if isinstance(x, _Compact):
+      pooled = self.layer.subsample(
+          tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
+      pre = self.gate_pruned + tf.matmul(
+          pooled, tf.gather(self.gate_kernel, x.indices))
+      inputs = x.values
+    else:
+      pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
+      pre = tf.matmul(pooled, self.gate_kernel) + self.gate_bias
+      inputs = x
+    saliency, kept = tf.math.top_k(tf.nn.relu(pre)[0], k=k)
     # Gathers along leading axes only (whole rows: contiguous copies).
     kernel = tf.gather(self.kernel_oihw, kept)
     if isinstance(x, _Compact):

@@ -60,8 +60,7 @@ class ExperimentConfig:
   )
   gate_input: str = _field(
       'sigmoid', "What a gate reads: sigmoid of the input's channel means"
-      ' (the authors\' VGG), the means themselves (identity, their ResNet)'
-      ' or the means standardized over each sample\'s channels.',
+      ' (the authors\' VGG) or the means themselves (identity, their ResNet).',
       gated_conv.GATE_INPUTS,
   )
   gated_bn: str = _field(

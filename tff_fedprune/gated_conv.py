@@ -237,45 +237,38 @@ class GatedConv2D(tf.keras.layers.Layer):
     training = bool(training)
     c = self.conv(x)
     if not self.gated:
-      return self._dense_bn_relu(c, training)
+      y = self._batch_norm(c, training)
+      return tf.nn.relu(y) if self.relu else y
     pi = self.channel_gates(x)
-    if training and self.gated_bn == 'full':
-      bn, mean, var = tf.compat.v1.nn.fused_batch_norm(
-          c, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
-      )
-      self._update_moving(mean, var, tf.ones_like(mean, tf.bool))
-      self.kept_count.assign_add(
-          tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), tf.float32), axis=0))
-      self.samples_seen.assign_add(tf.cast(tf.shape(x)[0], tf.float32))
-      z = bn * pi[:, tf.newaxis, tf.newaxis, :]
-      return tf.nn.relu(z) if self.relu else z
-    if training:
+    if training and self.gated_bn == 'masked':
       y, mean, var, kept = gated_batch_norm(
           c, pi, self.gamma, self.beta, self.epsilon, self.relu
       )
       self._update_moving(mean, var, kept > 0)
-      self.kept_count.assign_add(kept)
-      self.samples_seen.assign_add(tf.cast(tf.shape(x)[0], tf.float32))
+      self._count_kept(kept, x)
       return y
-    bn = tf.nn.batch_normalization(
-        c, self.moving_mean, self.moving_variance, self.beta, self.gamma,
-        self.epsilon,
-    )
-    z = bn * pi[:, tf.newaxis, tf.newaxis, :]
+    if training:
+      self._count_kept(
+          tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), tf.float32), axis=0), x)
+    z = self._batch_norm(c, training) * pi[:, tf.newaxis, tf.newaxis, :]
     return tf.nn.relu(z) if self.relu else z
 
-  def _dense_bn_relu(self, c, training):
+  def _batch_norm(self, c, training):
+    """BN over the whole batch in training (fused), else moving statistics."""
     if training:
       y, mean, var = tf.compat.v1.nn.fused_batch_norm(
           c, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
       )
       self._update_moving(mean, var, tf.ones_like(mean, tf.bool))
-    else:
-      y = tf.nn.batch_normalization(
-          c, self.moving_mean, self.moving_variance, self.beta, self.gamma,
-          self.epsilon,
-      )
-    return tf.nn.relu(y) if self.relu else y
+      return y
+    return tf.nn.batch_normalization(
+        c, self.moving_mean, self.moving_variance, self.beta, self.gamma,
+        self.epsilon,
+    )
+
+  def _count_kept(self, kept, x):
+    self.kept_count.assign_add(kept)
+    self.samples_seen.assign_add(tf.cast(tf.shape(x)[0], tf.float32))
 
   def compute_output_shape(self, input_shape):
     h, w = input_shape[1:3]

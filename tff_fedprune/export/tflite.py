@@ -157,6 +157,22 @@ class _FoldedConv:
     y = tf.nn.conv2d(_full(x), self.kernel, self.layer.strides, 'SAME')
     return self.activate(y + self.bias)
 
+  def gate_logits(self, x, kept=None):
+    """The gate's pre-activation (1, C_out), or only its columns `kept`.
+
+    For a compact input the pruned channels pool to 0: their share is the
+    constant `gate_pruned`.
+    """
+    columns = slice(None) if kept is None else kept
+    if not isinstance(x, _Compact):
+      z = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
+      return tf.matmul(z, self.gate_kernel[:, columns]) + self.gate_bias[
+          columns]
+    rows = (self.gate_kernel[x.indices][:, columns] if x.fixed
+            else tf.gather(self.gate_kernel[:, columns], x.indices))
+    z = self.layer.subsample(tf.reduce_mean(x.values, axis=[1, 2]))
+    return tf.matmul(z - self.zero_point, rows) + self.gate_pruned[columns]
+
   def fixed(self, x, kept: Optional[np.ndarray]):
     """Only the channels `kept` (ALL_CHANNELS: all), scaled by their saliency.
 
@@ -166,19 +182,9 @@ class _FoldedConv:
     kept = np.arange(self.layer.filters) if kept is ALL_CHANNELS else kept
     if isinstance(x, _Compact) and not x.fixed:
       x = x.full()
-    if isinstance(x, _Compact):
-      rows = x.indices
-      pooled = self.layer.subsample(
-          tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
-      offset = self.gate_pruned[kept]
-      inputs = x.values
-    else:
-      rows = slice(None)
-      pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
-      offset = self.gate_bias[kept]
-      inputs = x
-    gate = np.ascontiguousarray(self.gate_kernel[rows][:, kept])
-    saliency = tf.nn.relu(tf.matmul(pooled, gate) + offset)
+    saliency = tf.nn.relu(self.gate_logits(x, kept))
+    rows, inputs = ((x.indices, x.values) if isinstance(x, _Compact)
+                    else (slice(None), x))
     kernel = np.ascontiguousarray(self.kernel[:, :, rows][..., kept])
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
     y = self.activate(
@@ -188,23 +194,15 @@ class _FoldedConv:
     return _Compact(y, kept, self.layer.filters)
 
   def gated(self, x, k: int) -> _Compact:
-    if isinstance(x, _Compact):
-      pooled = self.layer.subsample(
-          tf.reduce_mean(x.values, axis=[1, 2])) - self.zero_point
-      pre = self.gate_pruned + tf.matmul(
-          pooled, tf.gather(self.gate_kernel, x.indices))
-      inputs = x.values
-    else:
-      pooled = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
-      pre = tf.matmul(pooled, self.gate_kernel) + self.gate_bias
-      inputs = x
-    saliency, kept = tf.math.top_k(tf.nn.relu(pre)[0], k=k)
+    saliency, kept = tf.math.top_k(tf.nn.relu(self.gate_logits(x))[0], k=k)
     # Gathers along leading axes only (whole rows: contiguous copies).
     kernel = tf.gather(self.kernel_oihw, kept)
     if isinstance(x, _Compact):
+      inputs = x.values
       kernel = tf.transpose(tf.gather(
           tf.transpose(kernel, [1, 0, 2, 3]), x.indices), [2, 3, 0, 1])
     else:
+      inputs = x
       kernel = tf.transpose(kernel, [2, 3, 1, 0])
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
     # relu(z) * s = relu(z * s) for s >= 0.

@@ -61,20 +61,49 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
       aggregation.MaskedMeanFactory('median')
 
   def test_reports_exact_upload_bytes_and_kept_coordinates(self):
-    clients = testing.masked_updates(seed=1)
-    output = self.process.next(self.process.initialize(), clients,
-                               [1.0, 1.0, 1.0])
-    expected_bytes = 0
-    for c in clients:
-      for spec, u, m in zip(tf.nest.flatten(testing.UPDATE_SPECS), tf.nest.flatten(
-          c['update']), tf.nest.flatten(c['mask'])):
-        encoded = encoding.TensorCodec(spec.shape).encode(u, m)
-        expected_bytes += sum(t.numpy().nbytes for t in encoded.values())
-    kept = sum(float(np.sum(m)) for c in clients
-               for m in tf.nest.flatten(c['mask']))
-    self.assertEqual(output.measurements['upload_bytes'], expected_bytes)
-    self.assertEqual(output.measurements['kept_coordinates'], kept)
-    self.assertEqual(output.measurements['coordinates_per_client'], 19)
+    seed_type = [('rounding_seed', tff.TensorType(np.int64, [2]))]
+    for bits in encoding.UPLOAD_BITS:
+      clients = testing.masked_updates(seed=1)
+      for k, c in enumerate(clients):
+        c['rounding_seed'] = np.array([5, k], np.int64)
+      process = aggregation.MaskedMeanFactory(upload_bits=bits).create(
+          testing.update_value_type(seed_type), tff.TensorType(np.float32))
+      output = process.next(process.initialize(), clients, [1.0, 1.0, 1.0])
+      expected_bytes = 0
+      for c in clients:
+        specs = tf.nest.flatten(testing.UPDATE_SPECS)
+        for spec, u, m, seed in zip(
+            specs, tf.nest.flatten(c['update']), tf.nest.flatten(c['mask']),
+            encoding.tensor_seeds(c['rounding_seed'], len(specs))):
+          encoded = encoding.TensorCodec(spec.shape, bits).encode(u, m, seed)
+          expected_bytes += sum(t.numpy().nbytes for t in encoded.values())
+      kept = sum(float(np.sum(m)) for c in clients
+                 for m in tf.nest.flatten(c['mask']))
+      self.assertEqual(output.measurements['upload_bytes'], expected_bytes)
+      self.assertEqual(output.measurements['kept_coordinates'], kept)
+      self.assertEqual(output.measurements['coordinates_per_client'], 19)
+
+  def test_quantised_mean_is_close_and_needs_a_seed(self):
+    clients = testing.masked_updates(seed=3)
+    for k, c in enumerate(clients):
+      c['rounding_seed'] = np.array([9, k], np.int64)
+    value_type = testing.update_value_type(
+        [('rounding_seed', tff.TensorType(np.int64, [2]))])
+    process = aggregation.MaskedMeanFactory(upload_bits=16).create(
+        value_type, tff.TensorType(np.float32))
+    exact = self.process.next(
+        self.process.initialize(),
+        [{'update': c['update'], 'mask': c['mask']} for c in clients],
+        [1.0, 2.0, 3.0])
+    quantised = process.next(process.initialize(), clients, [1.0, 2.0, 3.0])
+    tf.nest.map_structure(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
+        quantised.result, exact.result)
+    with self.assertRaisesRegex(ValueError, 'rounding_seed'):
+      aggregation.MaskedMeanFactory(upload_bits=8).create(
+          testing.update_value_type(), tff.TensorType(np.float32))
+    with self.assertRaisesRegex(ValueError, 'upload_bits'):
+      aggregation.MaskedMeanFactory(upload_bits=7)
 
   def test_zero_weight_client_contributes_nothing(self):
     clients = testing.masked_updates(seed=2)

@@ -1,4 +1,4 @@
-"""Tests of the sparse update encoding."""
+"""Tests of the sparse, optionally quantised update encoding."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -10,45 +10,151 @@ import tensorflow as tf
 from tff_fedprune import encoding
 
 
-def predicted_bytes(size, kept):
-  """Bytes of each form: 4 per float32 value, int32 words of 28 packed bits."""
-  sizes = {'bitmap': 4 * (math.ceil(size / 28) + kept)}
-  if kept == size:
-    sizes['dense'] = 4 * size
-  bits = max(1, math.ceil(math.log2(max(size, 2))))
-  if bits <= 16:
-    sizes['gaps'] = 4 * (math.ceil(kept * bits / 28) + kept)
-  return sizes
+def words(num_bits):
+  return math.ceil(num_bits / encoding.WORD_BITS)
 
 
-def encode_decode(shape, density, seed=0):
-  rng = np.random.default_rng(seed)
-  mask = (rng.random(shape) < density).astype(np.float32)
+def predicted_bytes(shape, mask, bits):
+  """Bytes of each position form plus the values, by the module's rules."""
+  size, kept = int(np.prod(shape)), int(mask.sum())
+  if bits == 32:
+    values = kept
+  else:
+    values = words(kept * bits) + 2 if kept else 0
+  forms = {
+      'bitmap': words(size),
+      'gaps': 1 + words(kept * encoding.gap_bits(size)),
+  }
+  if kept in (0, size):
+    forms['none'] = 0
+  if len(shape) >= 2:
+    indicators = [mask.max(axis=tuple(a for a in range(len(shape)) if a != i))
+                  for i in range(len(shape))]
+    outer = indicators[0]
+    for indicator in indicators[1:]:
+      outer = np.multiply.outer(outer, indicator)
+    if np.array_equal(outer, mask):
+      forms['channels'] = words(sum(shape))
+  return {form: 4 * (n + values) for form, n in forms.items()}
+
+
+def channel_mask(shape, density, rng):
+  """A kernel mask (input channel kept) x (output channel kept)."""
+  rows = (rng.random(shape[-2]) < density).astype(np.float32)
+  cols = (rng.random(shape[-1]) < density).astype(np.float32)
+  return np.ones(shape, np.float32) * rows[:, None] * cols[None, :]
+
+
+def encode_decode(shape, mask, bits=32, seed=(3, 4), value_seed=0):
+  rng = np.random.default_rng(value_seed)
   update = rng.normal(size=shape).astype(np.float32) * mask
-  codec = encoding.TensorCodec(shape)
-  encoded = codec.encode(tf.constant(update), tf.constant(mask))
+  codec = encoding.TensorCodec(shape, bits)
+  encoded = codec.encode(
+      tf.constant(update), tf.constant(mask), tf.constant(seed, tf.int64)
+  )
   decoded_update, decoded_mask = codec.decode(encoded)
-  return update, mask, codec, encoded, decoded_update, decoded_mask
+  return update, encoded, decoded_update.numpy(), decoded_mask.numpy()
+
+
+def random_mask(shape, density, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.random(shape) < density).astype(np.float32)
 
 
 class EncodingTest(parameterized.TestCase):
 
   @parameterized.parameters(
       ((3, 3, 16, 32), 0.5, 'bitmap'), ((3, 3, 16, 32), 0.02, 'gaps'),
-      ((3, 3, 16, 32), 1.0, 'dense'), ((64,), 0.7, 'bitmap'),
-      ((300, 300), 0.01, 'bitmap'), ((1,), 1.0, 'dense'), ((7,), 0.0, 'gaps'))
+      ((3, 3, 16, 32), 1.0, 'none'), ((64,), 0.7, 'bitmap'),
+      ((300, 300), 0.01, 'gaps'), ((1,), 1.0, 'none'), ((7,), 0.0, 'none'))
   def test_round_trip_smallest_form_and_exact_bytes(self, shape, density,
                                                     form):
-    update, mask, codec, encoded, dec_update, dec_mask = encode_decode(
-        shape, density)
-    np.testing.assert_array_equal(dec_update, update)
+    for bits in encoding.UPLOAD_BITS:
+      mask = random_mask(shape, density)
+      update, encoded, dec_update, dec_mask = encode_decode(shape, mask, bits)
+      np.testing.assert_array_equal(dec_mask, mask)
+      if bits == 32:
+        np.testing.assert_array_equal(dec_update, update)
+      self.assertEqual(encoding.position_form(encoded), form)
+      nbytes = sum(t.numpy().nbytes for t in encoded.values())
+      self.assertEqual(int(encoding.encoded_bytes(encoded)), nbytes)
+      self.assertEqual(
+          nbytes, min(predicted_bytes(shape, mask, bits).values())
+      )
+
+  @parameterized.parameters(32, 16, 8, 4)
+  def test_channel_form_decodes_the_kernel_update_and_mask(self, bits):
+    shape = (3, 3, 16, 32)
+    mask = channel_mask(shape, 0.6, np.random.default_rng(1))
+    update, encoded, dec_update, dec_mask = encode_decode(shape, mask, bits)
+    self.assertEqual(encoding.position_form(encoded), 'channels')
+    self.assertEqual(encoded['channels'].shape[0], words(3 + 3 + 16 + 32))
     np.testing.assert_array_equal(dec_mask, mask)
-    emitted = [k for k in ('dense', 'bitmap', 'gaps') if encoded[k].shape[0]]
-    self.assertEqual(emitted, [] if density == 0 else [form])
-    nbytes = sum(t.numpy().nbytes for t in encoded.values())
-    self.assertEqual(int(encoding.encoded_bytes(encoded)), nbytes)
-    predicted = predicted_bytes(codec.size, int(mask.sum()))
-    self.assertEqual(nbytes, min(predicted.values()))
+    # The same update and mask as one flat tensor go as a bitmap, and decode
+    # to the same values (the same seed rounds them the same way).
+    flat_mask = mask.reshape(-1)
+    _, flat_encoded, flat_update, flat_decoded_mask = encode_decode(
+        flat_mask.shape, flat_mask, bits)
+    self.assertEqual(encoding.position_form(flat_encoded), 'bitmap')
+    np.testing.assert_array_equal(dec_update.reshape(-1), flat_update)
+    np.testing.assert_array_equal(flat_decoded_mask, flat_mask)
+    if bits == 32:
+      np.testing.assert_array_equal(dec_update, update)
+
+  @parameterized.parameters(16, 8, 4)
+  def test_quantisation_error_is_within_one_step(self, bits):
+    shape = (3, 3, 16, 32)
+    mask = random_mask(shape, 0.5)
+    update, _, dec_update, _ = encode_decode(shape, mask, bits)
+    kept = update[mask > 0]
+    step = (kept.max() - kept.min()) / (2**bits - 1)
+    error = np.abs(dec_update - update)
+    self.assertLessEqual(error.max(), step * (1 + 1e-4))
+    self.assertEqual(np.abs(dec_update[mask == 0]).max(), 0.0)
+
+  @parameterized.parameters(8, 4)
+  def test_stochastic_rounding_is_unbiased(self, bits):
+    shape, draws = (200,), 400
+    mask = np.ones(shape, np.float32)
+    decoded = np.stack([
+        encode_decode(shape, mask, bits, seed=(7, s))[2]
+        for s in range(draws)
+    ])
+    update = encode_decode(shape, mask, bits)[0]
+    step = (update.max() - update.min()) / (2**bits - 1)
+    # Each draw errs by at most one step (variance <= step^2 / 4).
+    bound = 5 * step / (2 * math.sqrt(draws))
+    np.testing.assert_array_less(np.abs(decoded.mean(0) - update), bound)
+    self.assertGreater(np.abs(decoded[0] - decoded[1]).max(), 0)
+
+  def test_rounding_is_a_function_of_the_seed(self):
+    mask = random_mask((64, 8), 0.7)
+    first = encode_decode((64, 8), mask, 4, seed=(1, 2))[1]
+    again = encode_decode((64, 8), mask, 4, seed=(1, 2))[1]
+    other = encode_decode((64, 8), mask, 4, seed=(1, 3))[1]
+    np.testing.assert_array_equal(first['quantized'], again['quantized'])
+    self.assertFalse(np.array_equal(first['quantized'], other['quantized']))
+
+  def test_quantised_values_need_a_seed(self):
+    codec = encoding.TensorCodec((4,), 8)
+    with self.assertRaisesRegex(ValueError, 'rounding seed'):
+      codec.encode(tf.ones([4]), tf.ones([4]))
+
+  @parameterized.parameters(0, 7, 3, 64)
+  def test_bad_bits_are_refused(self, bits):
+    with self.assertRaisesRegex(ValueError, 'upload_bits'):
+      encoding.TensorCodec((4,), bits)
+
+  @parameterized.parameters(1, 4, 8, 17, 30, 31)
+  def test_packing_into_31_bits_round_trips(self, bits):
+    rng = np.random.default_rng(bits)
+    for count in (0, 1, 30, 31, 32, 1000):
+      values = rng.integers(0, 2**bits, size=count, dtype=np.int64)
+      packed = encoding.pack(tf.constant(values, tf.int32), bits)
+      self.assertEqual(packed.shape[0], words(count * bits))
+      np.testing.assert_array_equal(
+          encoding.unpack(packed, bits, count), values
+      )
 
   def test_zero_valued_kept_coordinates_stay_in_the_mask(self):
     codec = encoding.TensorCodec((4,))
@@ -57,10 +163,12 @@ class EncodingTest(parameterized.TestCase):
     _, decoded_mask = codec.decode(codec.encode(update, mask))
     np.testing.assert_array_equal(decoded_mask, mask)
 
-  def test_bitmap_is_far_smaller_than_dense_at_half_density(self):
-    _, mask, _, encoded, _, _ = encode_decode((3, 3, 64, 64), 0.5)
-    dense_bytes = 4 * mask.size
-    self.assertLess(int(encoding.encoded_bytes(encoded)), 0.56 * dense_bytes)
+  def test_channel_structured_kernel_at_8_bits_is_a_tenth_of_dense(self):
+    shape = (3, 3, 64, 64)
+    mask = channel_mask(shape, 0.7, np.random.default_rng(2))
+    _, encoded, _, _ = encode_decode(shape, mask, 8)
+    ratio = int(encoding.encoded_bytes(encoded)) / (4 * mask.size)
+    self.assertLess(ratio, 0.26 * mask.mean() + 0.01)
 
 
 if __name__ == '__main__':

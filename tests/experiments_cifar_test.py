@@ -54,6 +54,7 @@ class CliTest(absltest.TestCase):
         (['--model=alexnet'], 'alexnet'),
         (['--total_rounds=many'], 'many'),
         (['--seed=-1'], '--seed must be in'),
+        (['--upload_bits=7'], '--upload_bits must be one of'),
         (['--seed=99999999999999'], '--seed must be in'),
         (['--server_learning_rate=inf'], 'must be finite'),
         (['--experiment_name=..'], 'inside --root_output_dir'),

@@ -42,6 +42,8 @@ class ValidateTest(parameterized.TestCase):
       ({'client_learning_rate': float('inf')}, 'must be finite'),
       ({'weight_decay': float('inf')}, 'must be finite'),
       ({'prox_mu': float('nan')}, 'must be finite'),
+      ({'upload_bits': 7}, r'--upload_bits must be one of \(32, 16, 8, 4\)'),
+      ({'upload_bits': 0}, r'--upload_bits must be one of'),
       ({'seed': -1}, r'--seed must be in \[0, 2\^32\)'),
       ({'seed': 2**40}, r'--seed must be in \[0, 2\^32\)'),
       ({'workers': 'host:8000'}, 'mutual TLS'),
@@ -86,11 +88,13 @@ class ValidateTest(parameterized.TestCase):
     old = dataclasses.asdict(config)
     del old['eval_keep_ratio']
     del old['gated_bn']
+    del old['upload_bits']
     with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
       json.dump(old, f)
     config_lib.check_resumable(config)
     for change, field in ((dict(eval_keep_ratio=0.9), 'eval_keep_ratio'),
-                          (dict(gated_bn='full'), 'gated_bn')):
+                          (dict(gated_bn='full'), 'gated_bn'),
+                          (dict(upload_bits=8), 'upload_bits')):
       with self.assertRaisesRegex(config_lib.ConfigError, field):
         config_lib.check_resumable(dataclasses.replace(config, **change))
 

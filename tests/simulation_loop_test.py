@@ -33,15 +33,19 @@ def run(config):
 
 class RunExperimentTest(parameterized.TestCase):
 
-  # SCAFFOLD resumes its driver-held control variates from the checkpoint.
-  @parameterized.parameters('fedavg', 'scaffold')
-  def test_outputs_and_resume_reproduce_an_uninterrupted_run(self, algorithm):
+  # SCAFFOLD resumes its driver-held control variates from the checkpoint;
+  # 8-bit uploads round with seeds of (seed, round, client), not hidden state.
+  @parameterized.parameters(('fedavg', 32), ('scaffold', 8))
+  def test_outputs_and_resume_reproduce_an_uninterrupted_run(self, algorithm,
+                                                            upload_bits):
     root = self.create_tempdir().full_path
     straight = testing.small_config(os.path.join(root, 'a'),
-                                    algorithm=algorithm)
+                                    algorithm=algorithm,
+                                    upload_bits=upload_bits)
     run(straight)
     interrupted = testing.small_config(os.path.join(root, 'b'), total_rounds=2,
-                                       algorithm=algorithm)
+                                       algorithm=algorithm,
+                                       upload_bits=upload_bits)
     run(interrupted)
     self.assertLen(read_rows(interrupted.run_dir), 2)
     summary = run(dataclasses.replace(interrupted, total_rounds=3))
@@ -62,10 +66,14 @@ class RunExperimentTest(parameterized.TestCase):
                  'model/preprocessing.json'):
       self.assertTrue(os.path.exists(os.path.join(interrupted.run_dir, name)),
                       name)
-    # A finished run reruns as a no-op with the same rows.
-    run(
-        dataclasses.replace(interrupted, total_rounds=3))
+    # A finished run reruns as a no-op with the same rows; a target accuracy
+    # (resumable) adds the upload it took to reach it.
+    summary = run(dataclasses.replace(
+        interrupted, total_rounds=3, target_accuracy=1e-6))
     self.assertLen(read_rows(interrupted.run_dir), 3)
+    self.assertEqual(summary['upload_to_target'], {
+        'target_accuracy': 1e-6, 'round': 1,
+        'upload_bytes': int(b[0]['upload_bytes'])})
 
   def test_scaffold_counts_control_variate_traffic(self):
     root = self.create_tempdir().full_path

@@ -111,6 +111,37 @@ class ReportingTest(absltest.TestCase):
     self.assertAlmostEqual(gated['upload_mb'], 0.0003)
     self.assertAlmostEqual(gated['upload_vs_dense'], 0.0003 / 0.002)
 
+  def test_upload_to_target_pairs_each_run_with_its_dense_seed(self):
+    root = self.create_tempdir().full_path
+    # Dense seed 0: last-5 mean 0.8, target 0.76, reached in round 3 (3000 B).
+    write_run(os.path.join(root, 'd0'), 0, [0.5, 0.7, 0.8, 0.8, 0.8, 0.8],
+              [1000] * 6, dynamic_pruning=False)
+    # Dense seed 1: last-5 mean 0.6, target 0.57, reached in round 2.
+    write_run(os.path.join(root, 'd1'), 1, [0.5, 0.6, 0.6, 0.6, 0.6, 0.6],
+              [1000] * 6, dynamic_pruning=False)
+    write_run(os.path.join(root, 'g0'), 0, [0.5, 0.77, 0.7, 0.7, 0.7, 0.7],
+              [100, 200, 300, 300, 300, 300])
+    write_run(os.path.join(root, 'g1'), 1, [0.5, 0.5, 0.5, 0.5, 0.5, 0.56],
+              [100] * 6)
+    runs = [reporting.load_run(os.path.join(root, d))
+            for d in ('d0', 'd1', 'g0', 'g1')]
+    self.assertEqual(runs[2].upload_to_target(0.76), (2, 300))
+    self.assertIsNone(runs[3].upload_to_target(0.57))
+    table = reporting.summarize(runs)
+    gated = [r for r in table if r['config']['dynamic_pruning']][0]
+    dense = [r for r in table if not r['config']['dynamic_pruning']][0]
+    self.assertEqual(gated['target_reached'], 1)
+    self.assertAlmostEqual(gated['upload_to_target_mb'], 300 / 1e6)
+    self.assertAlmostEqual(gated['upload_to_target_vs_dense'], 300 / 3000)
+    self.assertEqual(dense['target_reached'], 2)
+    self.assertAlmostEqual(dense['upload_to_target_vs_dense'], 1.0)
+    self.assertAlmostEqual(gated['last5_accuracy'], np.mean(
+        [np.mean([0.77, 0.7, 0.7, 0.7, 0.7]), np.mean([0.5] * 4 + [0.56])]))
+    self.assertIn('| 1/2 |', reporting.markdown_table(table))
+    # A fixed target replaces the per-seed one; nobody reaching it is 'never'.
+    fixed = reporting.summarize(runs, target_accuracy=0.99)
+    self.assertIn('| never |', reporting.markdown_table(fixed))
+
   def test_plots_are_png_images(self):
     out = self.create_tempdir().full_path
     runs = [reporting.load_run(p) for p in committed_runs()]

@@ -14,7 +14,9 @@ The plain weighted mean of the authors' code (`aggregation='fedavg'`),
 counts a client that did not send coordinate i as a zero change, shrinking
 the coordinate by the share of clients that did not send it; it is kept for
 ablations. Clients encode their update with `encoding.TensorCodec`
-(the mask travels with it); the server decodes inside `federated_aggregate`,
+(the mask travels with it; with `upload_bits` < 32 the kept values are
+stochastically rounded, seeded by the value's `rounding_seed`, which stays on
+the client); the server decodes inside `federated_aggregate`,
 so the measured upload is what crossed the wire. A client whose weight is 0
 (a non-finite update, zeroed by the client work) contributes nothing.
 """
@@ -34,12 +36,14 @@ AGGREGATIONS = ('count_aware', 'fedavg')
 class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
   """Aggregates `OrderedDict(update=W, mask=W)` into a `W`."""
 
-  def __init__(self, aggregation: str = 'count_aware'):
+  def __init__(self, aggregation: str = 'count_aware', upload_bits: int = 32):
     if aggregation not in AGGREGATIONS:
       raise ValueError(
           f'unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}'
       )
+    encoding.check_upload_bits(upload_bits)
     self._count_aware = aggregation == 'count_aware'
+    self._bits = upload_bits
 
   def create(
       self,
@@ -49,17 +53,28 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     update_type = value_type['update']
     specs = tff.types.type_to_tf_tensor_specs(update_type)
     spec_list = tf.nest.flatten(specs)
-    codec_list = [encoding.TensorCodec(s.shape) for s in spec_list]
+    codec_list = [
+        encoding.TensorCodec(s.shape, self._bits) for s in spec_list
+    ]
     total = sum(c.size for c in codec_list)
+    if (self._bits < 32
+        and 'rounding_seed' not in tff.structure.name_list(value_type)):
+      raise ValueError(
+          f'{self._bits}-bit uploads need a rounding_seed in the client value'
+      )
 
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
+      seeds = encoding.tensor_seeds(
+          value['rounding_seed'] if self._bits < 32 else None, len(codec_list)
+      )
       encoded = [
-          c.encode(u, m)
-          for c, u, m in zip(
+          c.encode(u, m, seed)
+          for c, u, m, seed in zip(
               codec_list,
               tf.nest.flatten(value['update']),
               tf.nest.flatten(value['mask']),
+              seeds,
           )
       ]
       kept = tf.add_n([

@@ -88,22 +88,32 @@ class FedProx(Algorithm):
     self.prox_mu = prox_mu
 
 
+def rounding_seed(seed: int, round_num: int, client_id: int) -> np.ndarray:
+  """The stateless seed of a client's upload rounding in a round."""
+  return np.array([seed, (round_num << 32) + client_id], np.int64)
+
+
 def client_data(
     dataset: tf.data.Dataset,
     keep_ratio: float,
     slot: int = 0,
     client_state=None,
+    upload_seed=(0, 0),
 ) -> collections.OrderedDict:
   """One client's input: its batches, keep ratio and (if any) its state.
 
   TFF's learning processes take client data as a structure of sequences, so
   per-client values travel as 1-element datasets. `slot` is the client's
   position in the round (0 .. clients_per_round - 1), by which the change of
-  its state comes back.
+  its state comes back. `upload_seed` (`rounding_seed(...)`) seeds the
+  stochastic rounding of a quantised upload.
   """
   data = collections.OrderedDict(
       batches=dataset,
       keep_ratio=tf.data.Dataset.from_tensors(np.float32(keep_ratio)),
+      rounding_seed=tf.data.Dataset.from_tensors(
+          np.asarray(upload_seed, np.int64)
+      ),
   )
   if client_state is not None:
     data['slot'] = tf.data.Dataset.from_tensors(np.int32(slot))
@@ -115,6 +125,7 @@ def client_data_type(element_spec, client_state_spec) -> tff.types.StructType:
   fields = [
       ('batches', tff.SequenceType(tff.types.tensorflow_to_type(element_spec))),
       ('keep_ratio', tff.SequenceType(tff.TensorType(np.float32))),
+      ('rounding_seed', tff.SequenceType(tff.TensorType(np.int64, [2]))),
   ]
   if client_state_spec:
     fields += [
@@ -157,7 +168,8 @@ def build_client_work(
 
   Returns:
     A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
-    a `ClientResult` of `OrderedDict(update=..., mask=..., **extras)`
+    a `ClientResult` of `OrderedDict(update=..., mask=..., rounding_seed=...,
+    **extras)` (the seed is for the client's encoder and is not uploaded)
     weighted by the number of examples (0 when the update is not finite,
     which then counts in `non_finite_updates`).
   """
@@ -224,7 +236,13 @@ def build_client_work(
       metrics['state_change'] = tf.nest.map_structure(
           zero_unless_finite, state_change
       )
-    result = collections.OrderedDict(update=update, mask=mask, **extras)
+    result = collections.OrderedDict(
+        update=update, mask=mask,
+        rounding_seed=_first(
+            data['rounding_seed'], tf.TensorSpec([2], tf.int64)
+        ),
+        **extras,
+    )
     return tff.learning.templates.ClientResult(result, weight), metrics
 
   @tff.tensorflow.computation

@@ -54,8 +54,8 @@ class FedNova(client_work.Algorithm):
 class StepRescaledMeanFactory(tff.aggregators.WeightedAggregationFactory):
   """Wraps a mean of `OrderedDict(update, mask)`: times sum_k p_k a_k.
 
-  The value is `OrderedDict(update=ModelWeights, mask=..., scale=a_k)`; the
-  trainable part of the inner mean is multiplied by the weighted mean of the
+  The value is `OrderedDict(update=ModelWeights, mask=..., scale=a_k, ...)`;
+  all but the scale go to the inner mean; the trainable part of the inner mean is multiplied by the weighted mean of the
   scales, the non-trainable part is left as it is. The upload counts the 4
   bytes of each scale.
   """
@@ -64,9 +64,11 @@ class StepRescaledMeanFactory(tff.aggregators.WeightedAggregationFactory):
     self._inner = inner
 
   def create(self, value_type, weight_type):
+    inner_names = [
+        n for n in tff.structure.name_list(value_type) if n != 'scale'
+    ]
     inner_type = tff.types.StructWithPythonType(
-        [('update', value_type['update']), ('mask', value_type['mask'])],
-        collections.OrderedDict,
+        [(n, value_type[n]) for n in inner_names], collections.OrderedDict
     )
     inner = self._inner.create(inner_type, weight_type)
     mean_type = inner.next.type_signature.result.result.member
@@ -74,7 +76,7 @@ class StepRescaledMeanFactory(tff.aggregators.WeightedAggregationFactory):
     @tff.tensorflow.computation(value_type, weight_type)
     def split(value, weight):
       inner_value = collections.OrderedDict(
-          update=value['update'], mask=value['mask']
+          (n, value[n]) for n in inner_names
       )
       return (
           inner_value,

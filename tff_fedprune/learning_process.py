@@ -57,6 +57,7 @@ def build_learning_process(
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
     aggregation: str = 'count_aware',
+    upload_bits: int = 32,
     num_clients: int = 0,
     clients_per_round: int = 0,
     server_optimizer: str = 'sgd',
@@ -76,6 +77,8 @@ def build_learning_process(
     salience_threshold: tau of the salience mask (docs/design.md section 2).
     aggregation: one of `aggregation.AGGREGATIONS`: the count-aware mean or
       the authors' plain weighted mean.
+    upload_bits: bits per uploaded value (`encoding.UPLOAD_BITS`; below 32,
+      stochastically rounded, seeded by each client's `rounding_seed`).
     num_clients: federation size (SCAFFOLD's 1 / N in the update of c).
     clients_per_round: most clients per round (SCAFFOLD's per-slot table of
       returned control-variate changes).
@@ -118,7 +121,7 @@ def build_learning_process(
       clients_per_round=clients_per_round,
   )
   aggregator = hooks.aggregator(
-      aggregation_lib.MaskedMeanFactory(aggregation)
+      aggregation_lib.MaskedMeanFactory(aggregation, upload_bits)
   ).create(
       client_work.next.type_signature.result.result.member.update,
       tff.TensorType(np.float32),

@@ -15,6 +15,7 @@ from typing import Optional
 
 from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import data as data_lib
+from tff_fedprune import encoding
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune.runtime import worker_process
@@ -23,7 +24,7 @@ from tff_fedprune.runtime import worker_process
 RESUMABLE_FIELDS = (
     'total_rounds', 'eval_every', 'root_output_dir', 'workers',
     'worker_ca_cert', 'worker_client_cert', 'worker_client_key',
-    'insecure_workers',
+    'insecure_workers', 'target_accuracy',
 )
 
 
@@ -97,6 +98,15 @@ class ExperimentConfig:
       ' coordinate over the clients that sent it) or fedavg (over all'
       " clients, unsent coordinates as zero changes: the authors' code).",
       aggregation_lib.AGGREGATIONS,
+  )
+  upload_bits: int = _field(
+      32, 'Bits per uploaded value: 32 (float32), or 16, 8 or 4 (stochastic'
+      " rounding between each tensor's smallest and largest kept value,"
+      ' seeded by --seed, the round and the client).'
+  )
+  target_accuracy: Optional[float] = _field(
+      None, 'Test accuracy whose first reaching summary.json reports with the'
+      ' cumulative upload it took (upload_to_target).'
   )
   client_failure_rate: float = _field(
       0.0, "Share of each round's sampled clients that drop out (simulated"
@@ -227,12 +237,21 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
         f'--{field.name} must be finite, got {value}',
     )
   require(
+      config.upload_bits in encoding.UPLOAD_BITS,
+      f'--upload_bits must be one of {encoding.UPLOAD_BITS}, got'
+      f' {config.upload_bits}',
+  )
+  require(
       0 <= config.seed < 2**32, f'--seed must be in [0, 2^32), got {config.seed}'
   )
   for name in ('num_clients', 'clients_per_round', 'local_epochs',
                'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):
     value = getattr(config, name)
     require(value >= 1, f'--{name} must be >= 1, got {value}')
+  require(
+      config.target_accuracy is None or 0 < config.target_accuracy <= 1,
+      f'--target_accuracy must be in (0, 1], got {config.target_accuracy}',
+  )
   ratios = [config.keep_ratio, config.evaluation_keep_ratio]
   for ratio in ratios + parse_ratios(config.client_keep_ratios):
     require(0 < ratio <= 1, f'keep ratio must be in (0, 1], got {ratio}')

@@ -178,6 +178,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
       prox_mu=config.prox_mu,
       salience_threshold=config.salience_threshold,
       aggregation=config.aggregation,
+      upload_bits=config.upload_bits,
       num_clients=config.num_clients,
       clients_per_round=config.clients_per_round,
       server_optimizer=config.server_optimizer,
@@ -243,6 +244,9 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
               config.keep_ratio_of(c),
               slot=slot,
               client_state=table.get(c) if table is not None else None,
+              upload_seed=client_work.rounding_seed(
+                  config.seed, round_num, c
+              ),
           )
           for slot, c in enumerate(clients)
       ]
@@ -332,10 +336,16 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
           'std': fed_data.std,
       },
   )
-  reporting.plot_runs(
-      [reporting.load_run(run_dir)], os.path.join(run_dir, 'plots')
-  )
+  finished_run = reporting.load_run(run_dir)
+  reporting.plot_runs([finished_run], os.path.join(run_dir, 'plots'))
   summary = _summary(config, fed_data, history)
+  if config.target_accuracy is not None:
+    reached = finished_run.upload_to_target(config.target_accuracy)
+    summary['upload_to_target'] = {
+        'target_accuracy': config.target_accuracy,
+        'round': reached[0] if reached else None,
+        'upload_bytes': reached[1] if reached else None,
+    }
   gates = evaluate(weights, fed_data.test_dataset()).gates
   summary['final_gate_dynamics'] = {
       layer.name: {'jaccard': j, 'channels_ever_kept': e}

@@ -1,9 +1,16 @@
 """Tables and plots from run directories (metrics.csv, config.json).
 
 Runs that differ only in `seed` (and output location) form one group; a
-group's figures are the mean and standard deviation over its seeds. Each
-gated group is compared with the dense group of the same algorithm, dataset,
-model and partition: its upload saving is total upload / the dense group's.
+group's figures are the mean and standard deviation over its seeds; "last 5"
+accuracy is the mean of a run's last 5 evaluated rounds. Each group is
+compared with the dense float32 group of the same algorithm, dataset, model
+and partition: its upload saving is total upload / the dense group's.
+
+Bytes to accuracy: each run is paired with the dense float32 run of the same
+setting and seed; the target is `target_accuracy` if given, else 95% of that
+dense run's last-5 accuracy. A run's upload to target is its cumulative
+upload at the first evaluated round whose test accuracy reaches the target;
+a run that never reaches it has none (the table says how many seeds did).
 """
 
 import csv
@@ -18,8 +25,10 @@ from tff_fedprune.simulation import config as config_lib
 
 _IGNORED_FOR_GROUPING = (
     'seed', 'experiment_name', 'root_output_dir', 'total_rounds',
-    'eval_every', 'workers',
+    'eval_every', 'workers', 'target_accuracy',
 )
+TARGET_SHARE_OF_DENSE = 0.95
+_LAST_EVALUATIONS = 5
 _PAIRING_FIELDS = ('algorithm', 'dataset', 'model', 'partition',
                    'dirichlet_alpha', 'num_clients', 'clients_per_round')
 
@@ -44,6 +53,9 @@ class Run:
     return {
         'rounds': len(self.rows),
         'final_accuracy': float(accuracy[evaluated][-1]),
+        'last5_accuracy': float(
+            accuracy[evaluated][-_LAST_EVALUATIONS:].mean()
+        ),
         'best_accuracy': float(accuracy[evaluated].max()),
         'personal_mean': float(
             self.column('personal_accuracy_mean')[evaluated][-1]
@@ -58,6 +70,20 @@ class Run:
         'flops_ratio': float(flops[-1]),
         'wall_seconds': float(self.column('round_seconds').sum()),
     }
+
+
+  def upload_to_target(self, target: float):
+    """(round, cumulative upload bytes) when accuracy first reaches `target`.
+
+    None if it never does.
+    """
+    accuracy = self.column('test_accuracy')
+    reached = np.nonzero(accuracy >= target)[0]
+    if not reached.size:
+      return None
+    first = int(reached[0])
+    return (int(self.rows[first]['round']),
+            int(self.column('upload_bytes')[:first + 1].sum()))
 
 
 def load_run(path: str) -> Run:
@@ -97,11 +123,24 @@ def _label(config: dict) -> str:
       label += f' {config["aggregation"]} mean'
   else:
     label += ' dense'
+  if config.get('upload_bits', 32) != 32:
+    label += f' {config["upload_bits"]}-bit'
   return label
 
 
-def summarize(runs: list[Run]) -> list[dict]:
-  """One row per group: mean and std of each figure over seeds."""
+def _is_dense_reference(config: dict, of: dict) -> bool:
+  """Whether `config` is the dense float32 counterpart of the run `of`."""
+  return (not config.get('dynamic_pruning')
+          and config.get('upload_bits', 32) == 32
+          and all(config.get(k) == of.get(k) for k in _PAIRING_FIELDS))
+
+
+def summarize(runs: list[Run], target_accuracy=None) -> list[dict]:
+  """One row per group: mean and std of each figure over seeds.
+
+  `target_accuracy`: the accuracy for bytes to target (default: 95% of the
+  paired dense run's last-5 accuracy).
+  """
   groups = {}
   for run in runs:
     groups.setdefault(_group_key(run.config), []).append(run)
@@ -114,18 +153,50 @@ def summarize(runs: list[Run]) -> list[dict]:
       values = np.array([f[name] for f in figures])
       row[name] = float(values.mean())
       row[f'{name}_std'] = float(values.std())
+    row.update(_to_target(members, runs, target_accuracy))
     table.append(row)
   for row in table:
-    dense = [
-        other for other in table
-        if not other['config'].get('dynamic_pruning')
-        and all(other['config'].get(k) == row['config'].get(k)
-                for k in _PAIRING_FIELDS)
-    ]
+    dense = [other for other in table
+             if _is_dense_reference(other['config'], row['config'])]
     row['upload_vs_dense'] = (
         row['upload_mb'] / dense[0]['upload_mb'] if dense else math.nan
     )
   return sorted(table, key=lambda r: r['label'])
+
+
+def _to_target(members: list[Run], runs: list[Run], target_accuracy) -> dict:
+  """A group's bytes to target, alone and against its paired dense runs."""
+  reached_mb, ratios = [], []
+  for run in members:
+    dense = [
+        other for other in runs
+        if _is_dense_reference(other.config, run.config)
+        and other.config.get('seed') == run.config.get('seed')
+    ]
+    target = target_accuracy
+    if target is None and dense:
+      target = TARGET_SHARE_OF_DENSE * dense[0].figures()['last5_accuracy']
+    if target is None:
+      continue
+    mine = run.upload_to_target(target)
+    if mine is None:
+      continue
+    reached_mb.append(mine[1] / 1e6)
+    theirs = dense[0].upload_to_target(target) if dense else None
+    if theirs is not None:
+      ratios.append(mine[1] / theirs[1])
+  return {
+      'target_reached': len(reached_mb),
+      'upload_to_target_mb': (
+          float(np.mean(reached_mb)) if reached_mb else math.nan
+      ),
+      'upload_to_target_mb_std': (
+          float(np.std(reached_mb)) if reached_mb else math.nan
+      ),
+      'upload_to_target_vs_dense': (
+          float(np.mean(ratios)) if ratios else math.nan
+      ),
+  }
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -133,17 +204,26 @@ def markdown_table(table: list[dict]) -> str:
   pm = lambda r, k, scale=1.0, fmt='.2f': (
       f'{r[k] * scale:{fmt}} ± {r[k + "_std"] * scale:{fmt}}')
   lines = [
-      '| run | seeds | final acc % | best acc % | client acc % (mean)'
-      ' | client acc % (worst 10%) | upload MB | upload vs dense'
-      ' | FLOPs ratio | wall s |',
-      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+      '| run | seeds | final acc % | last-5 acc % | best acc %'
+      ' | client acc % (mean) | client acc % (worst 10%) | upload MB'
+      ' | upload vs dense | MB to target | to target vs dense'
+      ' | reached target | FLOPs ratio | wall s |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |'
+      ' --- | --- | --- |',
   ]
   for r in table:
+    to_target = (
+        pm(r, 'upload_to_target_mb') if r['target_reached'] else 'never'
+    )
     lines.append(
         f"| {r['label']} | {len(r['seeds'])} | {pm(r, 'final_accuracy', 100)}"
+        f" | {pm(r, 'last5_accuracy', 100)}"
         f" | {pm(r, 'best_accuracy', 100)} | {pm(r, 'personal_mean', 100)}"
         f" | {pm(r, 'personal_worst10', 100)} | {pm(r, 'upload_mb')}"
-        f" | {r['upload_vs_dense']:.3f} | {pm(r, 'flops_ratio', fmt='.3f')}"
+        f" | {r['upload_vs_dense']:.3f} | {to_target}"
+        f" | {r['upload_to_target_vs_dense']:.3f}"
+        f" | {r['target_reached']}/{len(r['seeds'])}"
+        f" | {pm(r, 'flops_ratio', fmt='.3f')}"
         f" | {r['wall_seconds']:.0f} |"
     )
   return '\n'.join(lines) + '\n'

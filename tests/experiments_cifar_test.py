@@ -55,6 +55,8 @@ class CliTest(absltest.TestCase):
         (['--total_rounds=many'], 'many'),
         (['--seed=-1'], '--seed must be in'),
         (['--upload_bits=7'], '--upload_bits must be one of'),
+        (['--error_feedback', '--algorithm=fednova'],
+         '--error_feedback serves fedavg and fedprox'),
         (['--seed=99999999999999'], '--seed must be in'),
         (['--server_learning_rate=inf'], 'must be finite'),
         (['--experiment_name=..'], 'inside --root_output_dir'),

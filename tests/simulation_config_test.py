@@ -44,6 +44,9 @@ class ValidateTest(parameterized.TestCase):
       ({'prox_mu': float('nan')}, 'must be finite'),
       ({'upload_bits': 7}, r'--upload_bits must be one of \(32, 16, 8, 4\)'),
       ({'upload_bits': 0}, r'--upload_bits must be one of'),
+      ({'error_feedback': True, 'algorithm': 'scaffold'},
+       '--error_feedback serves fedavg and fedprox, not scaffold'),
+      ({'target_accuracy': 1.5}, r'--target_accuracy must be in \(0, 1\]'),
       ({'seed': -1}, r'--seed must be in \[0, 2\^32\)'),
       ({'seed': 2**40}, r'--seed must be in \[0, 2\^32\)'),
       ({'workers': 'host:8000'}, 'mutual TLS'),
@@ -89,6 +92,7 @@ class ValidateTest(parameterized.TestCase):
     del old['eval_keep_ratio']
     del old['gated_bn']
     del old['upload_bits']
+    del old['error_feedback']
     with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
       json.dump(old, f)
     config_lib.check_resumable(config)

@@ -57,14 +57,15 @@ class Algorithm:
     return None
 
   def finish(
-      self, *, update, delta, mask, steps, server_state, client_state
+      self, *, update, delta, mask, steps, server_state, client_state,
+      rounding_seed,
   ) -> tuple[Any, dict, Any, dict]:
     """`(update, result extras, client state change, metrics)`.
 
     `update` is the masked update; the extras join the client's result for
     the aggregator; the metrics are named by `metric_names`.
     """
-    del delta, mask, steps, server_state, client_state
+    del delta, mask, steps, server_state, client_state, rounding_seed
     return update, {}, None, {}
 
   def update_server_state(self, state, client_state_updates):
@@ -212,9 +213,11 @@ def build_client_work(
         *args, *([correction] if correction is not None else [])
     )
     update = tf.nest.map_structure(tf.multiply, delta, mask)
+    seed = _first(data['rounding_seed'], tf.TensorSpec([2], tf.int64))
     update, extras, state_change, extra_metrics = algorithm.finish(
         update=update, delta=delta, mask=mask, steps=steps,
         server_state=server_state, client_state=client_state,
+        rounding_seed=seed,
     )
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
@@ -238,9 +241,7 @@ def build_client_work(
       )
     result = collections.OrderedDict(
         update=update, mask=mask,
-        rounding_seed=_first(
-            data['rounding_seed'], tf.TensorSpec([2], tf.int64)
-        ),
+        rounding_seed=seed,
         **extras,
     )
     return tff.learning.templates.ClientResult(result, weight), metrics

@@ -36,8 +36,9 @@ class FedNova(client_work.Algorithm):
   def __init__(self, momentum: float):
     self.momentum = momentum
 
-  def finish(self, *, update, delta, mask, steps, server_state, client_state):
-    del delta, mask, server_state, client_state
+  def finish(self, *, update, delta, mask, steps, server_state, client_state,
+             rounding_seed):
+    del delta, mask, server_state, client_state, rounding_seed
     a_k = normalizer(steps, self.momentum)
     update = tff.learning.models.ModelWeights(
         tf.nest.map_structure(

@@ -16,6 +16,7 @@ import tensorflow_federated as tff
 
 from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import client_work as client_work_lib
+from tff_fedprune import error_feedback as error_feedback_lib
 from tff_fedprune import fednova
 from tff_fedprune import finalizer as finalizer_lib
 from tff_fedprune import local_training
@@ -58,6 +59,7 @@ def build_learning_process(
     salience_threshold: float = 0.0,
     aggregation: str = 'count_aware',
     upload_bits: int = 32,
+    error_feedback: bool = False,
     num_clients: int = 0,
     clients_per_round: int = 0,
     server_optimizer: str = 'sgd',
@@ -79,6 +81,8 @@ def build_learning_process(
       the authors' plain weighted mean.
     upload_bits: bits per uploaded value (`encoding.UPLOAD_BITS`; below 32,
       stochastically rounded, seeded by each client's `rounding_seed`).
+    error_feedback: clients keep what their uploads dropped and add it to
+      their next update (`error_feedback`; FedAvg and FedProx only).
     num_clients: federation size (SCAFFOLD's 1 / N in the update of c).
     clients_per_round: most clients per round (SCAFFOLD's per-slot table of
       returned control-variate changes).
@@ -95,6 +99,8 @@ def build_learning_process(
       algorithm, prox_mu=prox_mu, num_clients=num_clients,
       learning_rate=client_learning_rate, momentum=client_momentum,
   )
+  if error_feedback:
+    hooks = error_feedback_lib.ErrorFeedback(hooks, upload_bits)
   if initial_weights is None:
     initial_weights = tf.nest.map_structure(
         lambda v: v.numpy(), model_state.global_weights(model_fn())

@@ -49,8 +49,9 @@ class Scaffold(client_work.Algorithm):
         a - b for a, b in zip(server_state['c'], client_state['c_k'])
     )
 
-  def finish(self, *, update, delta, mask, steps, server_state, client_state):
-    del client_state
+  def finish(self, *, update, delta, mask, steps, server_state, client_state,
+             rounding_seed):
+    del client_state, rounding_seed
     k_lr = (
         fednova.normalizer(tf.maximum(steps, 1), self.momentum)
         * self.learning_rate

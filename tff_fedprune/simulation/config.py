@@ -16,6 +16,7 @@ from typing import Optional
 from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import data as data_lib
 from tff_fedprune import encoding
+from tff_fedprune import error_feedback
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune.runtime import worker_process
@@ -103,6 +104,10 @@ class ExperimentConfig:
       32, 'Bits per uploaded value: 32 (float32), or 16, 8 or 4 (stochastic'
       " rounding between each tensor's smallest and largest kept value,"
       ' seeded by --seed, the round and the client).'
+  )
+  error_feedback: bool = _field(
+      False, 'Clients keep what masking and quantisation dropped from their'
+      ' upload and add it to their next update (EF-SGD; fedavg and fedprox).'
   )
   target_accuracy: Optional[float] = _field(
       None, 'Test accuracy whose first reaching summary.json reports with the'
@@ -248,6 +253,12 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
                'batch_size', 'total_rounds', 'eval_every', 'classes_per_client'):
     value = getattr(config, name)
     require(value >= 1, f'--{name} must be >= 1, got {value}')
+  require(
+      not config.error_feedback
+      or config.algorithm in error_feedback.ALGORITHMS,
+      f'--error_feedback serves {" and ".join(error_feedback.ALGORITHMS)},'
+      f' not {config.algorithm}',
+  )
   require(
       config.target_accuracy is None or 0 < config.target_accuracy <= 1,
       f'--target_accuracy must be in (0, 1], got {config.target_accuracy}',

@@ -179,6 +179,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
       salience_threshold=config.salience_threshold,
       aggregation=config.aggregation,
       upload_bits=config.upload_bits,
+      error_feedback=config.error_feedback,
       num_clients=config.num_clients,
       clients_per_round=config.clients_per_round,
       server_optimizer=config.server_optimizer,
@@ -222,8 +223,12 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
   evaluate = evaluation.Evaluator(eval_model)
   weights = process.get_model_weights(state)
   weight_bytes = _num_bytes(weights)
-  # Per-client state (SCAFFOLD's variates) travels too: c down, dc_k up.
-  control_size = _num_bytes(table.get(0)) if table is not None else 0
+  # SCAFFOLD's variates travel too (c down, dc_k up); error-feedback
+  # residuals stay on the client.
+  control_size = (
+      _num_bytes(table.get(0))
+      if table is not None and not config.error_feedback else 0
+  )
   history = _read_history(os.path.join(run_dir, 'metrics.csv'), last_round)
 
   rounds = range(last_round + 1, config.total_rounds + 1)

@@ -125,6 +125,8 @@ def _label(config: dict) -> str:
     label += ' dense'
   if config.get('upload_bits', 32) != 32:
     label += f' {config["upload_bits"]}-bit'
+  if config.get('error_feedback'):
+    label += ' EF'
   return label
 
 

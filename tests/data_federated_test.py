@@ -31,6 +31,14 @@ class FederatedDataTest(absltest.TestCase):
         np.sort(y), np.sort(np.tile(fd.source.train.labels[idx], 2)))
     self.assertEqual(x.dtype, np.float32)
 
+  def test_train_evaluation_set_pools_every_client_once(self):
+    fd = federated.federate(sources.make_synthetic(), 4, 'iid', seed=0)
+    x, y = as_arrays(fd.train_eval_dataset(batch_size=50))
+    idx = np.sort(np.concatenate(fd.client_train))
+    np.testing.assert_array_equal(y, fd.source.train.labels[idx])
+    np.testing.assert_allclose(
+        x, (fd.source.train.images[idx] - fd.mean) / fd.std, rtol=1e-6)
+
   def test_normalised_with_training_statistics(self):
     fd = federated.federate(cifar_like(), 2, 'iid', seed=0)
     x, _ = as_arrays(fd.test_dataset())

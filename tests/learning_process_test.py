@@ -10,6 +10,8 @@ from tests import testing
 from tff_fedprune import client_work
 from tff_fedprune import finalizer
 from tff_fedprune import learning_process
+from tff_fedprune import local_training
+from tff_fedprune import model_state
 
 
 class LearningProcessTest(testing.LocalRuntimeTestCase):
@@ -52,6 +54,33 @@ class LearningProcessTest(testing.LocalRuntimeTestCase):
     self.assertEqual(our_out.metrics['aggregator']['upload_bytes'],
                      3 * 4 * our_out.metrics['aggregator'][
                          'coordinates_per_client'])
+
+  def test_local_accuracy_is_the_trained_clients_mean_accuracy(self):
+    fn = testing.model_fn(gated=True)
+    weights = testing.initial_weights(fn)
+    process = learning_process.build_learning_process(
+        fn, self.spec, client_learning_rate=0.1, measure_local_accuracy=True,
+        initial_weights=weights)
+    datasets = testing.client_datasets(num_clients=2, n=[12, 20])
+    output = process.next(process.initialize(),
+                          [client_work.client_data(d, 0.5) for d in datasets])
+    expected = []
+    for d in datasets:
+      train = local_training.build_local_training(
+          fn(), tff.learning.optimizers.build_sgdm(0.1))
+      delta = train(weights, d,
+                    tf.data.Dataset.from_tensors(np.float32(0.5)))[0]
+      trained = fn()
+      model_state.assign_weights(trained, tf.nest.map_structure(
+          lambda w, x: w - x.numpy(), weights, delta))
+      model_state.set_keep_ratio(trained, 0.5)
+      correct = sum(int(np.sum(np.argmax(trained(x, training=False), -1) == y))
+                    for x, y in d)
+      expected.append(correct / sum(len(y) for _, y in d))
+    # Unweighted over clients: 12 and 20 examples count alike.
+    self.assertAlmostEqual(
+        float(output.metrics['client_work']['local_train_accuracy']),
+        np.mean(expected), places=5)
 
   def test_gated_round_uploads_less_and_stays_finite(self):
     process = learning_process.build_learning_process(

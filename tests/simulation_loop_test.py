@@ -94,13 +94,25 @@ class RunExperimentTest(parameterized.TestCase):
     root = self.create_tempdir().full_path
     config = testing.small_config(root, total_rounds=1,
                                   client_keep_ratios='0.3,1.0',
-                                  eval_keep_ratio=0.8)
+                                  eval_keep_ratio=0.8,
+                                  measure_overfitting=True)
     run(config)
     model = tf.keras.models.load_model(
         os.path.join(config.run_dir, 'model', 'model.keras'))
     self.assertEqual(
         {float(l.keep_ratio.numpy()) for l in gated_conv.gated_layers(model)},
         {np.float32(0.8)})
+    # Over-fitting figures: the saved global model on the pooled training
+    # data, and the trained clients on their own data.
+    row = read_rows(config.run_dir)[0]
+    train_data = loop.load_data(config).train_eval_dataset()
+    correct = sum(
+        int(np.sum(np.argmax(model(x, training=False), -1) == y.numpy()))
+        for x, y in train_data)
+    total = sum(len(y) for _, y in train_data)
+    self.assertAlmostEqual(float(row['train_accuracy']), correct / total,
+                           places=6)
+    self.assertBetween(float(row['local_train_accuracy']), 0.0, 1.0)
     flops_ratio = float(read_rows(config.run_dir)[0]['flops_ratio'])
     dense = flops.dense_flops(model)
     # Measured at 0.8, not at --keep_ratio 0.5 (zero saliencies may prune

@@ -152,6 +152,7 @@ def build_client_work(
     algorithm: Optional[Algorithm] = None,
     salience_threshold: float = 0.0,
     clients_per_round: int = 0,
+    measure_local_accuracy: bool = False,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Builds the client work.
 
@@ -166,6 +167,9 @@ def build_client_work(
     salience_threshold: a channel is salient iff kept_count / samples > this.
     clients_per_round: rows of the per-slot table by which per-client state
       comes back (needed only when the algorithm has per-client state).
+    measure_local_accuracy: also measure each trained client model's
+      accuracy on its own batches; their unweighted mean over the clients
+      with a finite update is the `local_train_accuracy` measurement.
 
   Returns:
     A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
@@ -203,15 +207,15 @@ def build_client_work(
         weight_decay=weight_decay,
         prox_mu=algorithm.prox_mu,
         salience_threshold=salience_threshold,
+        measure_accuracy=measure_local_accuracy,
     )
     client_state = (
         _first(data['client_state'], client_spec) if client_spec else None
     )
     correction = algorithm.correction(server_state, client_state)
     args = [initial_weights, data['batches'], data['keep_ratio']]
-    delta, mask, num_examples, loss_sum, steps = train(
-        *args, *([correction] if correction is not None else [])
-    )
+    outputs = train(*args, *([correction] if correction is not None else []))
+    delta, mask, num_examples, loss_sum, steps = outputs[:5]
     update = tf.nest.map_structure(tf.multiply, delta, mask)
     seed = _first(data['rounding_seed'], tf.TensorSpec([2], tf.int64))
     update, extras, state_change, extra_metrics = algorithm.finish(
@@ -234,6 +238,9 @@ def build_client_work(
         non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
         **extra_metrics,
     )
+    if measure_local_accuracy:
+      metrics['local_accuracy'] = outputs[5]
+      metrics['finite'] = tf.cast(finite, tf.float32)
     if client_spec:
       metrics['slot'] = _first(data['slot'], tf.TensorSpec([], tf.int32))
       metrics['state_change'] = tf.nest.map_structure(
@@ -288,6 +295,10 @@ def build_client_work(
     )
     for name in summed_metrics:
       measurements[name] = tff.federated_sum(metrics[name])
+    if measure_local_accuracy:
+      measurements['local_train_accuracy'] = tff.federated_mean(
+          metrics['local_accuracy'], weight=metrics['finite']
+      )
     if client_spec:
       table = _sum_into_slots(
           tff.federated_zip(collections.OrderedDict(

@@ -60,6 +60,7 @@ def build_learning_process(
     aggregation: str = 'count_aware',
     upload_bits: int = 32,
     error_feedback: bool = False,
+    measure_local_accuracy: bool = False,
     num_clients: int = 0,
     clients_per_round: int = 0,
     server_optimizer: str = 'sgd',
@@ -83,6 +84,8 @@ def build_learning_process(
       stochastically rounded, seeded by each client's `rounding_seed`).
     error_feedback: clients keep what their uploads dropped and add it to
       their next update (`error_feedback`; FedAvg and FedProx only).
+    measure_local_accuracy: measure each trained client model's accuracy on
+      its own batches (`local_train_accuracy` in the client work's metrics).
     num_clients: federation size (SCAFFOLD's 1 / N in the update of c).
     clients_per_round: most clients per round (SCAFFOLD's per-slot table of
       returned control-variate changes).
@@ -125,6 +128,7 @@ def build_learning_process(
       algorithm=hooks,
       salience_threshold=salience_threshold,
       clients_per_round=clients_per_round,
+      measure_local_accuracy=measure_local_accuracy,
   )
   aggregator = hooks.aggregator(
       aggregation_lib.MaskedMeanFactory(aggregation, upload_bits)

@@ -30,6 +30,7 @@ def build_local_training(
     weight_decay: float = 0.0,
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
+    measure_accuracy: bool = False,
 ):
   """A `tf.function` training `model` on one client's data.
 
@@ -37,7 +38,9 @@ def build_local_training(
   keep ratio (a 1-element dataset) and optionally a gradient correction.
   It returns `(delta, mask, num_examples, loss_sum, steps)`: the unmasked
   update `initial - trained` of the global weights, the round's salience
-  mask, and the number of local steps taken.
+  mask, and the number of local steps taken; with `measure_accuracy`, also
+  the trained model's accuracy on the same batches (inference mode, a second
+  pass), which measures how far a client fits its own data.
   """
   loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   weights = model_state.global_weights(model)
@@ -88,12 +91,24 @@ def build_local_training(
     delta = tf.nest.map_structure(
         lambda t, v: t - v.read_value(), initial_weights, weights
     )
-    return (
+    outputs = (
         delta,
         structure.salience_masks(salience_threshold),
         num_examples,
         loss_sum,
         steps,
     )
+    if not measure_accuracy:
+      return outputs
+    correct = tf.constant(0, tf.int64)
+    for images, labels in batches:
+      predicted = tf.argmax(model(images, training=False), -1, tf.int32)
+      correct += tf.reduce_sum(
+          tf.cast(tf.equal(predicted, labels), tf.int64)
+      )
+    accuracy = tf.math.divide_no_nan(
+        tf.cast(correct, tf.float32), tf.cast(num_examples, tf.float32)
+    )
+    return outputs + (accuracy,)
 
   return train

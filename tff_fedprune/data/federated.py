@@ -89,6 +89,11 @@ class FederatedData:
     """The source's held-out test set, unaugmented."""
     return self._eval_dataset(self.source.test, None, batch_size)
 
+  def train_eval_dataset(self, batch_size: int = 256) -> tf.data.Dataset:
+    """Every client's training examples pooled, unaugmented, unshuffled."""
+    idx = np.sort(np.concatenate(self.client_train))
+    return self._eval_dataset(self.source.train, idx, batch_size)
+
   def client_test_dataset(
       self, client_id: int, batch_size: int = 256
   ) -> tf.data.Dataset:

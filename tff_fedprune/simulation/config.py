@@ -109,6 +109,11 @@ class ExperimentConfig:
       False, 'Clients keep what masking and quantisation dropped from their'
       ' upload and add it to their next update (EF-SGD; fedavg and fedprox).'
   )
+  measure_overfitting: bool = _field(
+      False, 'At each evaluation also measure the global model on the pooled'
+      " clients' training data (train_accuracy), and each round every trained"
+      ' client model on its own training batches (local_train_accuracy).'
+  )
   target_accuracy: Optional[float] = _field(
       None, 'Test accuracy whose first reaching summary.json reports with the'
       ' cumulative upload it took (upload_to_target).'

@@ -42,6 +42,8 @@ METRIC_COLUMNS = (
     'test_loss',
     'personal_accuracy_mean',
     'personal_accuracy_worst10',
+    'train_accuracy',
+    'local_train_accuracy',
     'train_loss',
     'upload_bytes',
     'dense_upload_bytes',
@@ -180,6 +182,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
       aggregation=config.aggregation,
       upload_bits=config.upload_bits,
       error_feedback=config.error_feedback,
+      measure_local_accuracy=config.measure_overfitting,
       num_clients=config.num_clients,
       clients_per_round=config.clients_per_round,
       server_optimizer=config.server_optimizer,
@@ -282,8 +285,13 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
         flops_ratio = evaluate.flops_ratio(result)
         gate_jaccard = _mean_or_nan(result.gates.jaccard)
         ever_kept = _mean_or_nan(result.gates.ever_kept)
+        train_accuracy = (
+            evaluate(weights, fed_data.train_eval_dataset()).accuracy
+            if config.measure_overfitting else float('nan')
+        )
       else:
         test_accuracy = test_loss = flops_ratio = float('nan')
+        train_accuracy = float('nan')
         personal_mean = personal_worst = float('nan')
         gate_jaccard = ever_kept = float('nan')
       dense_bytes = len(clients) * weight_bytes
@@ -293,6 +301,10 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
           test_loss=test_loss,
           personal_accuracy_mean=personal_mean,
           personal_accuracy_worst10=personal_worst,
+          train_accuracy=train_accuracy,
+          local_train_accuracy=float(
+              client_metrics.get('local_train_accuracy', float('nan'))
+          ),
           train_loss=float(client_metrics['train_loss']),
           upload_bytes=int(upload['upload_bytes'])
           + int(client_metrics.get('control_upload_bytes', 0)),

@@ -2,7 +2,11 @@
 
 Runs that differ only in `seed` (and output location) form one group; a
 group's figures are the mean and standard deviation over its seeds; "last 5"
-accuracy is the mean of a run's last 5 evaluated rounds. Each group is
+accuracy is the mean of a run's last 5 evaluated rounds, as are the
+over-fitting gaps of runs that measured them (`--measure_overfitting`): the
+global model's accuracy on the pooled training data minus its test accuracy,
+and the clients' trained models' mean accuracy on their own training data
+minus the global test accuracy. Each group is
 compared with the dense float32 group of the same algorithm, dataset, model
 and partition: its upload saving is total upload / the dense group's.
 
@@ -69,7 +73,14 @@ class Run:
         ),
         'flops_ratio': float(flops[-1]),
         'wall_seconds': float(self.column('round_seconds').sum()),
+        'train_test_gap': self._last_gap('train_accuracy', evaluated),
+        'client_test_gap': self._last_gap('local_train_accuracy', evaluated),
     }
+
+  def _last_gap(self, name: str, evaluated: np.ndarray) -> float:
+    """Mean of `name` minus test accuracy over the last 5 evaluations."""
+    gap = (self.column(name) - self.column('test_accuracy'))[evaluated]
+    return float(gap[-_LAST_EVALUATIONS:].mean())
 
 
   def upload_to_target(self, target: float):
@@ -213,6 +224,10 @@ def markdown_table(table: list[dict]) -> str:
       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |'
       ' --- | --- | --- |',
   ]
+  overfitting = any(not math.isnan(r['train_test_gap']) for r in table)
+  if overfitting:
+    lines[0] += ' train - test (pt) | client train - test (pt) |'
+    lines[1] += ' --- | --- |'
   for r in table:
     to_target = (
         pm(r, 'upload_to_target_mb') if r['target_reached'] else 'never'
@@ -228,6 +243,11 @@ def markdown_table(table: list[dict]) -> str:
         f" | {pm(r, 'flops_ratio', fmt='.3f')}"
         f" | {r['wall_seconds']:.0f} |"
     )
+    if overfitting:
+      lines[-1] += (
+          f" {pm(r, 'train_test_gap', 100)}"
+          f" | {pm(r, 'client_test_gap', 100)} |"
+      )
   return '\n'.join(lines) + '\n'
 
 

@@ -10,6 +10,7 @@ import keras_models
 from tff_fedprune import gated_conv
 from tff_fedprune import local_training
 from tff_fedprune import model_state
+from tff_fedprune import salience
 
 
 def batches(n=8, batch=4, seed=0):
@@ -66,6 +67,18 @@ class LocalTrainingTest(parameterized.TestCase):
         masks['block2/kernel:0'][1, 1], np.outer(out1, out2))
     self.assertTrue(np.all(masks['block2/gate_kernel:0'] == 1))
     self.assertTrue(np.all(masks['logits/kernel:0'] == 1))
+
+  def test_restricting_by_channel_vectors_equals_the_full_masks(self):
+    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True)
+    structure = salience.ChannelStructure(model)
+    rng = np.random.default_rng(0)
+    channels = [tf.constant((rng.random(l.filters) < 0.5).astype(np.float32))
+                for l in gated_conv.gated_layers(model)]
+    values = tuple(tf.constant(rng.normal(size=v.shape).astype(np.float32))
+                   for v in model.trainable_variables)
+    full = structure.masks(channels).trainable
+    for got, m, v in zip(structure.restrict(channels, values), full, values):
+      np.testing.assert_array_equal(got, m * v)
 
   def test_higher_threshold_uploads_less(self):
     _, _, low, _ = self.train(threshold=0.0, ratio=0.5)

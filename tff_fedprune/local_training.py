@@ -49,12 +49,10 @@ def build_local_training(
 
   def local_terms(initial_trainable, correction):
     """Decay, proximal and correction gradients on kept channels only."""
-    touched = structure.touched_masks().trainable
-    return tuple(
-        t * (weight_decay * v + prox_mu * (v - v0) + c)
-        for t, v, v0, c in zip(touched, trainable, initial_trainable,
-                               correction)
-    )
+    return structure.touched(tuple(
+        weight_decay * v + prox_mu * (v - v0) + c
+        for v, v0, c in zip(trainable, initial_trainable, correction)
+    ))
 
   @tf.function
   def train(initial_weights, batches, keep_ratio, correction=None):

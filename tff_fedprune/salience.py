@@ -66,6 +66,31 @@ class ChannelStructure:
     )
 
   @_NOT_CONVERTED
+  def restrict(self, channel_masks, values):
+    """`values` (trainable-shaped) times their masks, without building them.
+
+    Each value is multiplied by its owners' channel vectors by broadcasting,
+    so no full-shape mask is materialised: `restrict(c, v)` equals
+    `masks(c).trainable * v`.
+    """
+
+    def apply(owner, value):
+      if owner is None:
+        return value
+      in_index, out_index = owner
+      value = value * channel_masks[out_index]
+      if in_index is not None and len(value.shape) > 1:
+        value = value * channel_masks[in_index][:, tf.newaxis]
+      return value
+
+    return tuple(apply(o, v) for o, v in zip(self._owners.trainable, values))
+
+  @_NOT_CONVERTED
+  def touched(self, values):
+    """`values` restricted to the channels kept at least once this round."""
+    return self.restrict(self.salient_channels(0.0), values)
+
+  @_NOT_CONVERTED
   def salient_channels(self, threshold: float):
     """Per gated layer, 1.0 where count / samples > threshold, from counters."""
     return [
@@ -80,8 +105,3 @@ class ChannelStructure:
   def salience_masks(self, threshold: float) -> tff.learning.models.ModelWeights:
     """Masks of the weights whose channels were salient this round."""
     return self.masks(self.salient_channels(threshold))
-
-  @_NOT_CONVERTED
-  def touched_masks(self) -> tff.learning.models.ModelWeights:
-    """Masks of the weights whose channels have been kept at least once."""
-    return self.salience_masks(0.0)

@@ -317,6 +317,18 @@ CHANNEL_PRESERVING = (
 )
 
 
+def channel_source(layer: tf.keras.layers.Layer):
+  """The nearest layer before `layer` other than pooling and activations.
+
+  Its output reaches `layer`'s input channel-for-channel (a list if that
+  layer has several inputs).
+  """
+  source = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+  while isinstance(source, CHANNEL_PRESERVING):
+    source = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+  return source
+
+
 def feeding_gate(layer: tf.keras.layers.Layer):
   """The gated layer whose output reaches `layer`'s input channel-for-channel.
 
@@ -324,13 +336,7 @@ def feeding_gate(layer: tf.keras.layers.Layer):
   the input is the model input, a merge (residual addition: full width) or
   anything else.
   """
-  source = layer
-  while True:
-    inbound = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
-    if isinstance(inbound, list):
-      return None
-    source = inbound
-    if isinstance(source, GatedConv2D):
-      return source if source.gated else None
-    if not isinstance(source, CHANNEL_PRESERVING):
-      return None
+  source = channel_source(layer)
+  if isinstance(source, GatedConv2D) and source.gated:
+    return source
+  return None

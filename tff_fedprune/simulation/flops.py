@@ -80,9 +80,7 @@ def kept_flops(model: tf.keras.Model, kept: Mapping[str, int]) -> float:
 
 def _feeding_addition(layer):
   """The residual addition whose output reaches `layer` through a ReLU."""
-  source = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
-  while isinstance(source, gated_conv.CHANNEL_PRESERVING):
-    source = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+  source = gated_conv.channel_source(layer)
   return source if isinstance(source, tf.keras.layers.Add) else None
 
 

@@ -15,6 +15,7 @@ def build_cnn(
     filters=CNN_FILTERS,
     gate_input: str = 'sigmoid',
     gated_bn: str = 'masked',
+    gate_selection: str = 'saliency',
     gate_stem: bool = True,
 ) -> tf.keras.Model:
   """conv-BN-ReLU blocks with 2x2 max-pooling between them, GAP, linear head.
@@ -28,7 +29,7 @@ def build_cnn(
       x = tf.keras.layers.MaxPool2D(padding='same', name=f'pool{i}')(x)
     x = GatedConv2D(f, gated=gated and (gate_stem or i > 0),
                     keep_ratio=keep_ratio, gate_input=gate_input,
-                    gated_bn=gated_bn,
+                    gated_bn=gated_bn, gate_selection=gate_selection,
                     name=f'block{i + 1}')(x)
   x = tf.keras.layers.GlobalAveragePooling2D(name='gap')(x)
   outputs = tf.keras.layers.Dense(num_classes, name='logits')(x)

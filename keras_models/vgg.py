@@ -14,6 +14,7 @@ def build_vgg11(
     keep_ratio: float = 1.0,
     gate_input: str = 'sigmoid',
     gated_bn: str = 'masked',
+    gate_selection: str = 'saliency',
     gate_stem: bool = True,
 ) -> tf.keras.Model:
   """VGG-11 features (every conv a `GatedConv2D`), then a 512-512 MLP head.
@@ -31,7 +32,7 @@ def build_vgg11(
       conv += 1
       x = GatedConv2D(item, gated=gated and (gate_stem or conv > 1),
                       keep_ratio=keep_ratio, gate_input=gate_input,
-                      gated_bn=gated_bn,
+                      gated_bn=gated_bn, gate_selection=gate_selection,
                       name=f'conv{conv}')(x)
   x = tf.keras.layers.Flatten(name='flatten')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc1')(x)

@@ -34,6 +34,9 @@ def trained_looking_model(name, gated=True, **kwargs):
       layer.beta.assign(rng.normal(0, 0.2, c))
       if layer.gated:
         layer.gate_bias.assign(rng.normal(0, 0.5, c))
+      if layer.gated and layer.gate_selection != 'saliency':
+        layer.saliency_mean.assign(rng.uniform(0.0, 1.0, c))
+        layer.saliency_variance.assign(rng.uniform(0.1, 1.0, c))
   return model
 
 
@@ -69,7 +72,9 @@ class ParityTest(parameterized.TestCase):
       ('resnet20', 0.7, dict(gate_input='identity')),
       ('resnet20', 0.7, dict(gate_stem=False)),
       ('cnn', 0.7, dict(gated_bn='full')),
-      ('vgg11', 0.5, dict(gate_stem=False)))
+      ('vgg11', 0.5, dict(gate_stem=False)),
+      ('cnn', 0.7, dict(gate_selection='centered')),
+      ('resnet20', 0.5, dict(gate_selection='standardized')))
   def test_authors_variants_export_equal_keras(self, name, keep_ratio,
                                                variant):
     model = trained_looking_model(name, **variant)

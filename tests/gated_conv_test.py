@@ -24,7 +24,7 @@ def built_layer(cin=4, cout=8, keep_ratio=0.5, seed=0, **kwargs):
 def reference_forward(layer, x):
   """The training forward pass in plain ops, differentiated by autodiff."""
   c = layer.conv(x)
-  pi = layer.channel_gates(x)
+  pi = layer.channel_gates(x, training=True)
   m4 = tf.cast(pi > 0, tf.float32)[:, None, None, :]
   count = tf.reduce_sum(m4, [0, 1, 2]) * 36.0
   mean = tf.reduce_sum(c * m4, [0, 1, 2]) / tf.maximum(count, 1.0)
@@ -41,7 +41,7 @@ def reference_full_bn(layer, x):
   mean, var = tf.nn.moments(c, [0, 1, 2])
   bn = layer.gamma * (c - mean) * tf.math.rsqrt(var + layer.epsilon) + \
       layer.beta
-  z = bn * layer.channel_gates(x)[:, None, None, :]
+  z = bn * layer.channel_gates(x, training=True)[:, None, None, :]
   return tf.nn.relu(z) if layer.relu else z
 
 
@@ -58,11 +58,13 @@ class GatedConv2DTest(parameterized.TestCase):
 
   @parameterized.product(relu=(True, False),
                           gate_input=gated_conv.GATE_INPUTS,
-                          gated_bn=gated_conv.GATED_BNS)
+                          gated_bn=gated_conv.GATED_BNS,
+                          gate_selection=gated_conv.GATE_SELECTIONS)
   def test_gradient_matches_autodiff_reference(self, relu, gate_input,
-                                               gated_bn):
+                                               gated_bn, gate_selection):
     # masked: the custom gradient; full: plain autodiff of fused BN.
-    layer = built_layer(relu=relu, gate_input=gate_input, gated_bn=gated_bn)
+    layer = built_layer(relu=relu, gate_input=gate_input, gated_bn=gated_bn,
+                        gate_selection=gate_selection)
     forward = {'masked': reference_forward, 'full': reference_full_bn}
     variables = [layer.kernel, layer.gamma, layer.beta, layer.gate_kernel,
                  layer.gate_bias]
@@ -360,6 +362,48 @@ class SerializationTest(parameterized.TestCase):
     del config['gate_input']  # As written before the option existed.
     self.assertEqual(
         gated_conv.GatedConv2D.from_config(config).gate_input, 'sigmoid')
+
+  @parameterized.parameters('centered', 'standardized')
+  def test_relative_selection_ranks_deviation_from_the_channel_moments(
+      self, selection):
+    layer = built_layer(cout=8, keep_ratio=0.5, gate_input='identity',
+                        gate_selection=selection)
+    x = tf.random.stateless_normal([5, 6, 6, 4], seed=[1, 2])
+    s = layer.saliency(x).numpy()
+    mean, var = s.mean(0), s.var(0)
+
+    def expected_mask(mean, var):
+      score = s - mean
+      if selection == 'standardized':
+        score = score / np.sqrt(var + layer.epsilon)
+      score = np.where(s > 0, score, -np.inf)
+      top = np.argsort(-score, axis=1, kind='stable')[:, :4]
+      mask = np.zeros_like(s)
+      np.put_along_axis(mask, top, 1.0, axis=1)
+      return mask
+
+    layer(x, training=True)  # Batch moments; moving moments move.
+    pi = layer.channel_gates(x, training=True).numpy()
+    np.testing.assert_array_equal(pi != 0, (expected_mask(mean, var) * s) != 0)
+    np.testing.assert_allclose(pi[pi != 0], s[pi != 0])
+    # Two training calls from (0, 1) at momentum 0.9.
+    moving_mean = mean * (1 - 0.9**2)
+    moving_var = 0.9**2 + var * (1 - 0.9**2)
+    np.testing.assert_allclose(layer.saliency_mean, moving_mean, rtol=1e-5)
+    np.testing.assert_allclose(layer.saliency_variance, moving_var, rtol=1e-5)
+    pi = layer.channel_gates(x).numpy()  # Inference: moving moments.
+    np.testing.assert_array_equal(
+        pi != 0, (expected_mask(moving_mean, moving_var) * s) != 0)
+    # Batch-level changes: channels differ between samples, unlike ranking s.
+    self.assertGreater(len({tuple(row) for row in (pi != 0)}), 1)
+    config = layer.get_config()
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gate_selection, selection)
+    del config['gate_selection']
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gate_selection, 'saliency')
+    with self.assertRaisesRegex(ValueError, 'gate_selection'):
+      gated_conv.GatedConv2D(4, gate_selection='random')
 
   def test_gated_bn_is_saved_and_old_configs_mean_masked(self):
     config = gated_conv.GatedConv2D(4, gated_bn='full').get_config()

@@ -93,12 +93,15 @@ class ValidateTest(parameterized.TestCase):
     del old['gated_bn']
     del old['upload_bits']
     del old['error_feedback']
+    del old['gate_selection']
     with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
       json.dump(old, f)
     config_lib.check_resumable(config)
     for change, field in ((dict(eval_keep_ratio=0.9), 'eval_keep_ratio'),
                           (dict(gated_bn='full'), 'gated_bn'),
-                          (dict(upload_bits=8), 'upload_bits')):
+                          (dict(upload_bits=8), 'upload_bits'),
+                          (dict(gate_selection='centered'),
+                           'gate_selection')):
       with self.assertRaisesRegex(config_lib.ConfigError, field):
         config_lib.check_resumable(dataclasses.replace(config, **change))
 

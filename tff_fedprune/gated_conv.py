@@ -10,6 +10,16 @@ and scales the kept channels by their score:
 
 (`gate_input='identity'` takes z = GAP(x), as the authors' ResNet gates do.)
 
+Which channels are kept (`gate_selection`): 'saliency' ranks s itself, so a
+channel's fixed offset (its bias, its mean over inputs) dominates and nearly
+every input keeps the same channels. 'centered' ranks s - mean(s) instead,
+the part of a channel's saliency that depends on the input, and
+'standardized' (s - mean(s)) / std(s); both over the channels with s > 0
+only (a zero-saliency channel would be kept but not computed). The per-channel
+moments are batch moments in training and moving averages (non-trainable
+model weights, averaged by the server like BN statistics) in inference. Only
+the selection changes: kept channels are still scaled by s.
+
 A channel that is pruned for a sample is never computed for it, so it takes
 no part in that channel's batch statistics either: in training the BN moments
 of channel j are taken over the samples that keep j (`gated_bn='masked'`). A
@@ -113,6 +123,15 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
 
 GATE_INPUTS = ('sigmoid', 'identity')
 GATED_BNS = ('masked', 'full')
+GATE_SELECTIONS = ('saliency', 'centered', 'standardized')
+
+
+def relative_scores(s, mean, variance, selection: str, epsilon: float):
+  """Scores of 'centered' or 'standardized' selection; -inf-like where s = 0."""
+  score = s - mean
+  if selection == 'standardized':
+    score = score * tf.math.rsqrt(variance + epsilon)
+  return tf.where(s > 0, score, tf.float32.min)
 
 
 @tf.keras.utils.register_keras_serializable(package='tff_fedprune')
@@ -136,6 +155,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       epsilon: float = 1e-5,
       gate_input: str = 'sigmoid',
       gated_bn: str = 'masked',
+      gate_selection: str = 'saliency',
       **kwargs,
   ):
     super().__init__(**kwargs)
@@ -149,8 +169,14 @@ class GatedConv2D(tf.keras.layers.Layer):
       raise ValueError(
           f'gated_bn must be one of {GATED_BNS}, got {gated_bn!r}'
       )
+    if gate_selection not in GATE_SELECTIONS:
+      raise ValueError(
+          f'gate_selection must be one of {GATE_SELECTIONS}, got'
+          f' {gate_selection!r}'
+      )
     self.gate_input = gate_input
     self.gated_bn = gated_bn
+    self.gate_selection = gate_selection
     self.filters = int(filters)
     self.kernel_size = int(kernel_size)
     self.strides = int(strides)
@@ -196,6 +222,13 @@ class GatedConv2D(tf.keras.layers.Layer):
       self.local_variables = [
           self.keep_ratio, self.kept_count, self.samples_seen
       ]
+      if self.gate_selection != 'saliency':
+        self.saliency_mean = self.add_weight(
+            'saliency_mean', (cout,), initializer='zeros', trainable=False
+        )
+        self.saliency_variance = self.add_weight(
+            'saliency_variance', (cout,), initializer='ones', trainable=False
+        )
     super().build(input_shape)
 
   def conv(self, x):
@@ -215,14 +248,32 @@ class GatedConv2D(tf.keras.layers.Layer):
     return top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
                                                     self.filters))
 
-  def channel_gates(self, x):
+  def selection_scores(self, s, training=False):
+    """What `top_k` ranks (`gate_selection`); updates moments in training."""
+    if self.gate_selection == 'saliency':
+      return s
+    s = tf.stop_gradient(s)
+    if training:
+      mean, variance = tf.nn.moments(s, axes=[0])
+      decay = 1.0 - self.momentum
+      self.saliency_mean.assign_sub((self.saliency_mean - mean) * decay)
+      self.saliency_variance.assign_sub(
+          (self.saliency_variance - variance) * decay
+      )
+    else:
+      mean, variance = self.saliency_mean, self.saliency_variance
+    return relative_scores(
+        s, mean, variance, self.gate_selection, self.epsilon
+    )
+
+  def channel_gates(self, x, training=False):
     """pi (B, C_out): saliency on the top-k channels of each sample, else 0.
 
     A channel whose gate value is 0 (pruned, or kept with zero saliency) is
     not computed for that sample and is not counted as kept.
     """
     s = self.saliency(x)
-    return s * self.top_k(s)
+    return s * self.top_k(self.selection_scores(s, training))
 
   def _update_moving(self, mean, var, valid):
     decay = 1.0 - self.momentum
@@ -239,7 +290,7 @@ class GatedConv2D(tf.keras.layers.Layer):
     if not self.gated:
       y = self._batch_norm(c, training)
       return tf.nn.relu(y) if self.relu else y
-    pi = self.channel_gates(x)
+    pi = self.channel_gates(x, training)
     if training and self.gated_bn == 'masked':
       y, mean, var, kept = gated_batch_norm(
           c, pi, self.gamma, self.beta, self.epsilon, self.relu
@@ -288,6 +339,7 @@ class GatedConv2D(tf.keras.layers.Layer):
         epsilon=self.epsilon,
         gate_input=self.gate_input,
         gated_bn=self.gated_bn,
+        gate_selection=self.gate_selection,
     )
     return config
 

@@ -149,6 +149,9 @@ class _FoldedConv:
       self.gate_pruned = (
           self.zero_point * gate_kernel.sum(axis=0) + self.gate_bias
       )
+      if layer.gate_selection != 'saliency':
+        self.saliency_moments = (layer.saliency_mean.numpy(),
+                                 layer.saliency_variance.numpy())
 
   def activate(self, x):
     return tf.nn.relu(x) if self.layer.relu else x
@@ -194,7 +197,15 @@ class _FoldedConv:
     return _Compact(y, kept, self.layer.filters)
 
   def gated(self, x, k: int) -> _Compact:
-    saliency, kept = tf.math.top_k(tf.nn.relu(self.gate_logits(x))[0], k=k)
+    s = tf.nn.relu(self.gate_logits(x))[0]
+    layer = self.layer
+    if layer.gate_selection == 'saliency':
+      saliency, kept = tf.math.top_k(s, k=k)
+    else:
+      _, kept = tf.math.top_k(gated_conv.relative_scores(
+          s, *self.saliency_moments, layer.gate_selection, layer.epsilon),
+          k=k)
+      saliency = tf.gather(s, kept)
     # Gathers along leading axes only (whole rows: contiguous copies).
     kernel = tf.gather(self.kernel_oihw, kept)
     if isinstance(x, _Compact):

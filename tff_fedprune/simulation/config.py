@@ -72,6 +72,13 @@ class ExperimentConfig:
       ' (full, the authors\' code).',
       gated_conv.GATED_BNS,
   )
+  gate_selection: str = _field(
+      'saliency', 'What ranks the channels for the top-k: the saliency'
+      ' itself, its deviation from the channel\'s mean saliency (centered), or'
+      ' that deviation over the channel\'s standard deviation (standardized);'
+      ' kept channels are scaled by the saliency either way.',
+      gated_conv.GATE_SELECTIONS,
+  )
   gate_stem: bool = _field(
       True, "Gate the first convolution too (--nogate_stem: leave it dense,"
       " as the authors' ResNet does)."

@@ -128,6 +128,8 @@ def _label(config: dict) -> str:
       label += f' gate {config["gate_input"]}'
     if config.get('gated_bn', 'masked') != 'masked':
       label += f' BN {config["gated_bn"]}'
+    if config.get('gate_selection', 'saliency') != 'saliency':
+      label += f' select {config["gate_selection"]}'
     if not config.get('gate_stem', True):
       label += ' stem dense'
     if config.get('aggregation', 'count_aware') != 'count_aware':

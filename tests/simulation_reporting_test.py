@@ -141,6 +141,10 @@ class ReportingTest(absltest.TestCase):
     # A fixed target replaces the per-seed one; nobody reaching it is 'never'.
     fixed = reporting.summarize(runs, target_accuracy=0.99)
     self.assertIn('| never |', reporting.markdown_table(fixed))
+    # Without a dense run there is no default target.
+    alone = reporting.summarize(runs[2:])
+    self.assertEqual(alone[0]['target_runs'], 0)
+    self.assertIn('| n/a | nan | n/a |', reporting.markdown_table(alone))
 
   def test_plots_are_png_images(self):
     out = self.create_tempdir().full_path

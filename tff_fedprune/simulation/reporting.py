@@ -181,7 +181,7 @@ def summarize(runs: list[Run], target_accuracy=None) -> list[dict]:
 
 def _to_target(members: list[Run], runs: list[Run], target_accuracy) -> dict:
   """A group's bytes to target, alone and against its paired dense runs."""
-  reached_mb, ratios = [], []
+  reached_mb, ratios, with_target = [], [], 0
   for run in members:
     dense = [
         other for other in runs
@@ -193,6 +193,7 @@ def _to_target(members: list[Run], runs: list[Run], target_accuracy) -> dict:
       target = TARGET_SHARE_OF_DENSE * dense[0].figures()['last5_accuracy']
     if target is None:
       continue
+    with_target += 1
     mine = run.upload_to_target(target)
     if mine is None:
       continue
@@ -201,6 +202,7 @@ def _to_target(members: list[Run], runs: list[Run], target_accuracy) -> dict:
     if theirs is not None:
       ratios.append(mine[1] / theirs[1])
   return {
+      'target_runs': with_target,
       'target_reached': len(reached_mb),
       'upload_to_target_mb': (
           float(np.mean(reached_mb)) if reached_mb else math.nan
@@ -233,7 +235,9 @@ def markdown_table(table: list[dict]) -> str:
   for r in table:
     to_target = (
         pm(r, 'upload_to_target_mb') if r['target_reached'] else 'never'
-    )
+    ) if r['target_runs'] else 'n/a'
+    reached = (f"{r['target_reached']}/{r['target_runs']}"
+               if r['target_runs'] else 'n/a')
     lines.append(
         f"| {r['label']} | {len(r['seeds'])} | {pm(r, 'final_accuracy', 100)}"
         f" | {pm(r, 'last5_accuracy', 100)}"
@@ -241,7 +245,7 @@ def markdown_table(table: list[dict]) -> str:
         f" | {pm(r, 'personal_worst10', 100)} | {pm(r, 'upload_mb')}"
         f" | {r['upload_vs_dense']:.3f} | {to_target}"
         f" | {r['upload_to_target_vs_dense']:.3f}"
-        f" | {r['target_reached']}/{len(r['seeds'])}"
+        f" | {reached}"
         f" | {pm(r, 'flops_ratio', fmt='.3f')}"
         f" | {r['wall_seconds']:.0f} |"
     )

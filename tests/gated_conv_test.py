@@ -382,13 +382,15 @@ class SerializationTest(parameterized.TestCase):
       np.put_along_axis(mask, top, 1.0, axis=1)
       return mask
 
-    layer(x, training=True)  # Batch moments; moving moments move.
+    # Training moves the moments towards the batch's, then ranks by them:
+    # two calls from (0, 1) at momentum 0.9.
+    layer(x, training=True)
     pi = layer.channel_gates(x, training=True).numpy()
-    np.testing.assert_array_equal(pi != 0, (expected_mask(mean, var) * s) != 0)
-    np.testing.assert_allclose(pi[pi != 0], s[pi != 0])
-    # Two training calls from (0, 1) at momentum 0.9.
     moving_mean = mean * (1 - 0.9**2)
     moving_var = 0.9**2 + var * (1 - 0.9**2)
+    np.testing.assert_array_equal(
+        pi != 0, (expected_mask(moving_mean, moving_var) * s) != 0)
+    np.testing.assert_allclose(pi[pi != 0], s[pi != 0])
     np.testing.assert_allclose(layer.saliency_mean, moving_mean, rtol=1e-5)
     np.testing.assert_allclose(layer.saliency_variance, moving_var, rtol=1e-5)
     pi = layer.channel_gates(x).numpy()  # Inference: moving moments.

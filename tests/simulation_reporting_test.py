@@ -96,6 +96,22 @@ class ReportingTest(absltest.TestCase):
           row['upload_vs_dense'],
           row['upload_mb'] / rows_by_cell[dense_name]['upload_mb'])
 
+  def test_committed_upload_comparison_is_recomputed_from_its_csv_files(self):
+    paths = [p for p in committed_runs(GRID)
+             if os.path.basename(p).split('_')[0] in ('fedavg', 'scaffold')]
+    for grid in ('fmnist_grid_8bit', 'fmnist_grid_8bit_ef',
+                 'fmnist_grid_4bit'):
+      paths += committed_runs(os.path.join(ROOT, 'results', grid))
+    table = reporting.summarize([reporting.load_run(p) for p in paths])
+    with open(os.path.join(ROOT, 'results', 'upload_comparison.md')) as f:
+      report = f.read()
+    self.assertEqual(report, reporting.markdown_table(table))
+    with open(os.path.join(ROOT, 'README.md')) as f:
+      self.assertIn(report, f.read())
+    labels = {r['label'] for r in table}
+    self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit', labels)
+    self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit EF', labels)
+
   def test_seeds_are_averaged_with_their_spread(self):
     root = self.create_tempdir().full_path
     write_run(os.path.join(root, 'a'), 0, [0.5, 0.7], [100, 100])

@@ -247,9 +247,7 @@ def build_client_work(
           zero_unless_finite, state_change
       )
     result = collections.OrderedDict(
-        update=update, mask=mask,
-        rounding_seed=seed,
-        **extras,
+        update=update, mask=mask, rounding_seed=seed, **extras
     )
     return tff.learning.templates.ClientResult(result, weight), metrics
 

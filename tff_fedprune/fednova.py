@@ -56,9 +56,9 @@ class StepRescaledMeanFactory(tff.aggregators.WeightedAggregationFactory):
   """Wraps a mean of `OrderedDict(update, mask)`: times sum_k p_k a_k.
 
   The value is `OrderedDict(update=ModelWeights, mask=..., scale=a_k, ...)`;
-  all but the scale go to the inner mean; the trainable part of the inner mean is multiplied by the weighted mean of the
-  scales, the non-trainable part is left as it is. The upload counts the 4
-  bytes of each scale.
+  all but the scale go to the inner mean, whose trainable part is multiplied
+  by the weighted mean of the scales (the non-trainable part is left as it
+  is). The upload counts the 4 bytes of each scale.
   """
 
   def __init__(self, inner: tff.aggregators.WeightedAggregationFactory):

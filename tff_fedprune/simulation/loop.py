@@ -109,7 +109,8 @@ def run_experiment(
 
   `models` maps each architecture name to its builder
   `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=,
-  gated_bn=, gate_selection=, gate_stem=) -> Model` (e.g. `keras_models.BUILDERS`). Raises
+  gated_bn=, gate_selection=, gate_stem=) -> Model` (e.g.
+  `keras_models.BUILDERS`). Raises
   `ConfigError`, `data.DataSourceError` or `data.PartitionError` before
   anything is written if the configuration or data is unusable, and
   `run_directory.RunDirectoryError` if another run is writing there.

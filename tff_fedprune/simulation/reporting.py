@@ -6,9 +6,9 @@ accuracy is the mean of a run's last 5 evaluated rounds, as are the
 over-fitting gaps of runs that measured them (`--measure_overfitting`): the
 global model's accuracy on the pooled training data minus its test accuracy,
 and the clients' trained models' mean accuracy on their own training data
-minus the global test accuracy. Each group is
-compared with the dense float32 group of the same algorithm, dataset, model
-and partition: its upload saving is total upload / the dense group's.
+minus the global test accuracy. Each group is compared with the dense
+float32 group of the same algorithm, dataset, model and partition: its upload
+saving is total upload / the dense group's.
 
 Bytes to accuracy: each run is paired with the dense float32 run of the same
 setting and seed; the target is `target_accuracy` if given, else 95% of that

@@ -67,7 +67,7 @@ class ReportingTest(absltest.TestCase):
 
   def test_committed_grid_report_is_recomputed_from_its_csv_files(self):
     paths = committed_runs(GRID)
-    self.assertLen(paths, 16)
+    self.assertLen(paths, 24)
     table = reporting.summarize([reporting.load_run(p) for p in paths])
     with open(os.path.join(GRID, 'report.md')) as f:
       report = f.read()
@@ -86,7 +86,7 @@ class ReportingTest(absltest.TestCase):
     }
     for name, runs in cells.items():
       row = rows_by_cell[name]
-      self.assertLen(runs, 2)
+      self.assertLen(runs, 3)
       self.assertAlmostEqual(row['final_accuracy'], np.mean(
           [float(rows[-1]['test_accuracy']) for rows in runs]))
       self.assertAlmostEqual(row['upload_mb'], np.mean(

@@ -43,7 +43,6 @@ from tensorflow_model_optimization.python.core.internal.tensor_encoding.utils im
 
 UPLOAD_BITS = (32, 16, 8, 4)
 NONE, BITMAP, GAPS, CHANNELS = 'none', 'bitmap', 'gaps', 'channels'
-POSITION_FORMS = (NONE, BITMAP, GAPS, CHANNELS)
 WORD_BITS = 31  # pack_into_int round-trips at 31 bits; 32 would overflow.
 
 
@@ -68,6 +67,17 @@ def unpack(words, bits: int, count):
   return tf_utils.unpack_from_int(
       tf.reshape(words, [-1, 1]), bits, WORD_BITS, [count]
   )
+
+
+def _outer(indicators):
+  """The outer product of one 0/1 vector per axis, shaped by their lengths."""
+  rank = len(indicators)
+  outer = tf.ones([1] * rank)
+  for axis, indicator in enumerate(indicators):
+    outer = outer * tf.reshape(
+        indicator, [-1 if a == axis else 1 for a in range(rank)]
+    )
+  return outer
 
 
 def _words(num_bits):
@@ -117,15 +127,11 @@ class TensorCodec:
     """Per-axis 0/1 vectors and whether the mask is their outer product."""
     grid = tf.reshape(tf.cast(kept, tf.float32), self.dims)
     rank = len(self.dims)
-    axes, outer = [], tf.ones([1] * rank)
-    for axis in range(rank):
-      others = [a for a in range(rank) if a != axis]
-      indicator = tf.reduce_max(grid, axis=others)
-      axes.append(indicator)
-      outer = outer * tf.reshape(
-          indicator, [-1 if a == axis else 1 for a in range(rank)]
-      )
-    exact = tf.reduce_all(tf.equal(outer, grid))
+    axes = [
+        tf.reduce_max(grid, axis=[a for a in range(rank) if a != axis])
+        for axis in range(rank)
+    ]
+    exact = tf.reduce_all(tf.equal(_outer(axes), grid))
     return tf.cast(tf.concat(axes, 0), tf.int32), exact
 
   def _encode_positions(self, kept, positions, count):
@@ -189,12 +195,7 @@ class TensorCodec:
 
     def from_channels():
       bits = tf.cast(unpack(channels, 1, sum(self.dims)), tf.float32)
-      outer = tf.ones([1] * len(self.dims))
-      for axis, indicator in enumerate(tf.split(bits, self.dims)):
-        outer = outer * tf.reshape(
-            indicator, [-1 if a == axis else 1 for a in range(len(self.dims))]
-        )
-      return tf.reshape(outer > 0.5, [-1])
+      return tf.reshape(_outer(tf.split(bits, self.dims)) > 0.5, [-1])
 
     def all_or_nothing():
       return tf.fill([self.size], any_values)

@@ -1,8 +1,8 @@
 """Model zoo: architectures only, each with a dense and a gated variant.
 
 `BUILDERS` maps each name to `(input_shape=, num_classes=, gated=,
-keep_ratio=, gate_input=, gated_bn=, gate_selection=, gate_stem=) -> tf.keras.Model`; the gated layer is
-`tff_fedprune.gated_conv`.
+keep_ratio=, gate_input=, gated_bn=, gate_selection=, gate_balance=,
+gate_stem=) -> tf.keras.Model`; the gated layer is `tff_fedprune.gated_conv`.
 """
 
 import functools

@@ -16,6 +16,7 @@ def build_cnn(
     gate_input: str = 'sigmoid',
     gated_bn: str = 'masked',
     gate_selection: str = 'saliency',
+    gate_balance: float = 0.0,
     gate_stem: bool = True,
 ) -> tf.keras.Model:
   """conv-BN-ReLU blocks with 2x2 max-pooling between them, GAP, linear head.
@@ -30,6 +31,7 @@ def build_cnn(
     x = GatedConv2D(f, gated=gated and (gate_stem or i > 0),
                     keep_ratio=keep_ratio, gate_input=gate_input,
                     gated_bn=gated_bn, gate_selection=gate_selection,
+                    gate_balance=gate_balance,
                     name=f'block{i + 1}')(x)
   x = tf.keras.layers.GlobalAveragePooling2D(name='gap')(x)
   outputs = tf.keras.layers.Dense(num_classes, name='logits')(x)

@@ -46,6 +46,7 @@ def build_resnet(
     gate_input: str = 'sigmoid',
     gated_bn: str = 'masked',
     gate_selection: str = 'saliency',
+    gate_balance: float = 0.0,
     gate_stem: bool = True,
 ) -> tf.keras.Model:
   """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits.
@@ -57,7 +58,8 @@ def build_resnet(
     raise ValueError(f'CIFAR ResNet depth must be 6n + 2, got {depth}')
   blocks = (depth - 2) // 6
   gate = dict(gated=gated, keep_ratio=keep_ratio, gate_input=gate_input,
-              gated_bn=gated_bn, gate_selection=gate_selection)
+              gated_bn=gated_bn, gate_selection=gate_selection,
+              gate_balance=gate_balance)
   inputs = tf.keras.Input(input_shape, name='images')
   x = GatedConv2D(STAGE_FILTERS[0], name='stem',
                   **dict(gate, gated=gated and gate_stem))(inputs)

@@ -15,6 +15,7 @@ def build_vgg11(
     gate_input: str = 'sigmoid',
     gated_bn: str = 'masked',
     gate_selection: str = 'saliency',
+    gate_balance: float = 0.0,
     gate_stem: bool = True,
 ) -> tf.keras.Model:
   """VGG-11 features (every conv a `GatedConv2D`), then a 512-512 MLP head.
@@ -33,6 +34,7 @@ def build_vgg11(
       x = GatedConv2D(item, gated=gated and (gate_stem or conv > 1),
                       keep_ratio=keep_ratio, gate_input=gate_input,
                       gated_bn=gated_bn, gate_selection=gate_selection,
+                      gate_balance=gate_balance,
                       name=f'conv{conv}')(x)
   x = tf.keras.layers.Flatten(name='flatten')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc1')(x)

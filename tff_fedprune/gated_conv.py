@@ -127,6 +127,23 @@ GATED_BNS = ('masked', 'full')
 GATE_SELECTIONS = ('saliency', 'centered', 'standardized')
 
 
+def usage_balance(s, pi):
+  """The load-balancing loss of a gated layer's batch (1 when balanced).
+
+  C * sum_j f_j * P_j, as the Switch Transformer balances its experts:
+  f_j is channel j's share of the kept (sample, channel) pairs (no gradient)
+  and P_j its mean share of each sample's saliency. It is smallest, 1, when
+  every channel is kept equally often, which forces the kept sets to differ
+  between inputs, and its gradient lowers the saliency of the channels kept
+  most often.
+  """
+  kept = tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), s.dtype), axis=0)
+  usage = tf.stop_gradient(kept / tf.maximum(tf.reduce_sum(kept), 1.0))
+  share = s / tf.maximum(tf.reduce_sum(s, axis=-1, keepdims=True), 1e-12)
+  channels = tf.cast(tf.shape(s)[-1], s.dtype)
+  return channels * tf.reduce_sum(usage * tf.reduce_mean(share, axis=0))
+
+
 def relative_scores(s, mean, variance, selection: str, epsilon: float):
   """Scores of 'centered' or 'standardized' selection; -inf-like where s = 0."""
   score = s - mean
@@ -157,6 +174,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       gate_input: str = 'sigmoid',
       gated_bn: str = 'masked',
       gate_selection: str = 'saliency',
+      gate_balance: float = 0.0,
       **kwargs,
   ):
     super().__init__(**kwargs)
@@ -175,6 +193,9 @@ class GatedConv2D(tf.keras.layers.Layer):
           f'gate_selection must be one of {GATE_SELECTIONS}, got'
           f' {gate_selection!r}'
       )
+    if not gate_balance >= 0:
+      raise ValueError(f'gate_balance must be >= 0, got {gate_balance}')
+    self.gate_balance = float(gate_balance)
     self.gate_input = gate_input
     self.gated_bn = gated_bn
     self.gate_selection = gate_selection
@@ -279,7 +300,10 @@ class GatedConv2D(tf.keras.layers.Layer):
     not computed for that sample and is not counted as kept.
     """
     s = self.saliency(x)
-    return s * self.top_k(self.selection_scores(s, training))
+    pi = s * self.top_k(self.selection_scores(s, training))
+    if training and self.gate_balance:
+      self.add_loss(self.gate_balance * usage_balance(s, pi))
+    return pi
 
   def _update_moving(self, mean, var, valid):
     decay = 1.0 - self.momentum
@@ -346,6 +370,7 @@ class GatedConv2D(tf.keras.layers.Layer):
         gate_input=self.gate_input,
         gated_bn=self.gated_bn,
         gate_selection=self.gate_selection,
+        gate_balance=self.gate_balance,
     )
     return config
 

@@ -70,7 +70,8 @@ def build_local_training(
       with tf.GradientTape() as tape:
         logits = model(images, training=True)
         loss = loss_fn(labels, logits)
-      grads = tape.gradient(loss, trainable)
+        objective = tf.add_n([loss] + model.losses) if model.losses else loss
+      grads = tape.gradient(objective, trainable)
       if weight_decay or prox_mu or correction is not None:
         extra = local_terms(
             initial_weights.trainable,

@@ -79,6 +79,12 @@ class ExperimentConfig:
       ' kept channels are scaled by the saliency either way.',
       gated_conv.GATE_SELECTIONS,
   )
+  gate_balance: float = _field(
+      0.0, 'Weight of each gated layer\'s load-balancing loss in local'
+      ' training (gated_conv.usage_balance): pushes every channel towards'
+      ' being kept equally often, so that kept sets differ between inputs.'
+      ' 0 turns it off.'
+  )
   gate_stem: bool = _field(
       True, "Gate the first convolution too (--nogate_stem: leave it dense,"
       " as the authors' ResNet does)."
@@ -284,6 +290,10 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
       f' {config.salience_threshold}',
   )
   require(config.prox_mu >= 0, f'--prox_mu must be >= 0, got {config.prox_mu}')
+  require(
+      config.gate_balance >= 0,
+      f'--gate_balance must be >= 0, got {config.gate_balance}',
+  )
   require(
       0 <= config.client_failure_rate < 1,
       f'--client_failure_rate must be in [0, 1), got'

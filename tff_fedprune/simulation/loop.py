@@ -109,7 +109,7 @@ def run_experiment(
 
   `models` maps each architecture name to its builder
   `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=,
-  gated_bn=, gate_selection=, gate_stem=) -> Model` (e.g.
+  gated_bn=, gate_selection=, gate_balance=, gate_stem=) -> Model` (e.g.
   `keras_models.BUILDERS`). Raises
   `ConfigError`, `data.DataSourceError` or `data.PartitionError` before
   anything is written if the configuration or data is unusable, and
@@ -168,6 +168,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
         gate_input=config.gate_input,
         gated_bn=config.gated_bn,
         gate_selection=config.gate_selection,
+        gate_balance=config.gate_balance,
         gate_stem=config.gate_stem,
     )
 

@@ -130,6 +130,8 @@ def _label(config: dict) -> str:
       label += f' BN {config["gated_bn"]}'
     if config.get('gate_selection', 'saliency') != 'saliency':
       label += f' select {config["gate_selection"]}'
+    if config.get('gate_balance', 0.0):
+      label += f' balance {config["gate_balance"]:g}'
     if not config.get('gate_stem', True):
       label += ' stem dense'
     if config.get('aggregation', 'count_aware') != 'count_aware':

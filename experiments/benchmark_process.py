@@ -1,13 +1,22 @@
-"""Round time of the FedDP process with pruning off vs TFF's stock FedAvg.
+"""Round times: FedDP with pruning off vs TFF's FedAvg, gated vs dense.
 
-  python -m experiments.benchmark_process [--rounds=8] [--dataset=digits]
+  python -m experiments.benchmark_process [--rounds=8] [--dataset=digits] \
+      [--grid_rounds=10] [--grid_flagfile=experiments/configs/fmnist_grid.cfg]
 
-Both processes train the same dense CNN from the same initial weights on the
-same client datasets, through the same owned TFF worker; rounds alternate
-between the two so that machine drift affects both alike. Prints the median
-round time of each and their ratio, measured in this run.
+First, the process with pruning off against
+`tff.learning.algorithms.build_weighted_fed_avg`: both train the same dense
+CNN from the same initial weights on the same client datasets. Then, unless
+`--grid_rounds=0`, a gated and a dense run of the flagfile's configuration
+(the Fashion-MNIST grid's by default: FedAvg, keep 0.7, tau 0.5): whole
+rounds as `round_seconds` counts them (client data, local training,
+encoding, aggregation, server update and evaluation; `loop.Rounds`). Each
+comparison runs through one owned TFF worker and alternates rounds between
+its two variants so that machine drift affects both alike, after one
+untimed round each (the first call traces). Prints the median round times
+and their ratio, measured in this run.
 """
 
+import dataclasses
 import os
 import time
 
@@ -25,15 +34,78 @@ from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune import model_state  # pylint: disable=g-import-not-at-top
 from tff_fedprune import learning_process  # pylint: disable=g-import-not-at-top
 from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
+from tff_fedprune.simulation import loop  # pylint: disable=g-import-not-at-top
+from experiments import cifar  # pylint: disable=g-import-not-at-top
 
 _ROUNDS = flags.DEFINE_integer('rounds', 8, 'Timed rounds per process.')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'Data source.')
 _CLIENTS = flags.DEFINE_integer('num_clients', 10, 'Clients per round.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Client batch size.')
+_GRID_ROUNDS = flags.DEFINE_integer(
+    'grid_rounds', 10, 'Timed rounds of each of gated and dense (0: skip).')
+_GRID_FLAGFILE = flags.DEFINE_string(
+    'grid_flagfile', 'experiments/configs/fmnist_grid.cfg',
+    'experiments.cifar flagfile of the gated vs dense comparison.')
+
+
+def alternate(variants, rounds):
+  """Median seconds per call of each `variants[name](i)`, i = 0..rounds.
+
+  Call 0 of each is untimed; the others alternate between the variants.
+  """
+  for run_round in variants.values():
+    run_round(0)
+  times = {name: [] for name in variants}
+  for i in range(1, rounds + 1):
+    for name, run_round in variants.items():
+      start = time.perf_counter()
+      run_round(i)
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def grid_config():
+  """The `ExperimentConfig` of --grid_flagfile."""
+  values = flags.FlagValues()
+  cifar.define_flags(values)
+  values(['benchmark', f'--flagfile={_GRID_FLAGFILE.value}'])
+  return cifar.config_from_flags(values)
+
+
+def benchmark_gated_rounds(rounds):
+  """Gated vs dense rounds of --grid_flagfile's configuration."""
+  config = grid_config()
+  fed_data = loop.load_data(config)
+  build = keras_models.BUILDERS[config.model]
+  with runtime.local_runtime() as worker:
+    runs = {}
+    for name, gated in (('dense', False), ('gated', True)):
+      variant = loop.Rounds(
+          dataclasses.replace(config, dynamic_pruning=gated,
+                              total_rounds=rounds + 1),
+          build, fed_data, [worker.address], None)
+      runs[name] = [variant, variant.initial_state]
+
+    def runner(name):
+      def run_round(i):
+        variant, state = runs[name]
+        runs[name][1], _ = variant.run_round(state, i + 1)
+      return run_round
+
+    medians = alternate({name: runner(name) for name in runs}, rounds)
+  print(f'{config.dataset}, {config.model}, {config.num_clients} clients'
+        f' ({config.partition}), {config.algorithm}, gated keep'
+        f' {config.keep_ratio} tau {config.salience_threshold}; median of'
+        f' {rounds} whole rounds (training, encoding, aggregation,'
+        ' evaluation) after one untimed round:')
+  for name, seconds in medians.items():
+    print(f'  {name:28s} {seconds:7.3f} s/round')
+  print(f'  ratio gated / dense: {medians["gated"] / medians["dense"]:.3f}')
 
 
 def main(argv):
   del argv
+  cifar.quiet_logs()
   source = data.load_source(_DATASET.value)
   fed = data.federate(source, _CLIENTS.value, 'iid', seed=0)
   model_fn = lambda: keras_models.build_model(
@@ -63,23 +135,23 @@ def main(argv):
             stock, stock.set_model_weights(stock.initialize(), weights),
             datasets),
     }
-    times = {name: [] for name in runs}
-    for name, (process, state, client_data) in runs.items():
-      runs[name] = (process, process.next(state, client_data).state,
-                    client_data)  # Warm-up round (first call traces).
-    for _ in range(_ROUNDS.value):
-      for name, (process, state, client_data) in runs.items():
-        start = time.perf_counter()
-        state = process.next(state, client_data).state
-        times[name].append(time.perf_counter() - start)
-        runs[name] = (process, state, client_data)
-  medians = {name: float(np.median(t)) for name, t in times.items()}
+
+    def runner(name):
+      def run_round(unused_i):
+        process, state, client_data = runs[name]
+        runs[name] = (process, process.next(state, client_data).state,
+                      client_data)
+      return run_round
+
+    medians = alternate({name: runner(name) for name in runs}, _ROUNDS.value)
   print(f'{_DATASET.value}, {fed.num_clients} clients, dense CNN, median of '
         f'{_ROUNDS.value} rounds after one warm-up round:')
   for name, seconds in medians.items():
     print(f'  {name:28s} {seconds:7.3f} s/round')
   ratio = medians['feddp (pruning off)'] / medians['tff build_weighted_fed_avg']
   print(f'  ratio feddp / stock: {ratio:.3f}')
+  if _GRID_ROUNDS.value:
+    benchmark_gated_rounds(_GRID_ROUNDS.value)
 
 
 if __name__ == '__main__':

@@ -407,6 +407,45 @@ class SerializationTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'gate_selection'):
       gated_conv.GatedConv2D(4, gate_selection='random')
 
+  def test_usage_balance_is_one_when_balanced_and_larger_when_static(self):
+    static_s = tf.constant([[2.0, 2.0, 1.0, 1.0]] * 4)
+    static_pi = static_s * tf.constant([[1.0, 1.0, 0.0, 0.0]] * 4)
+    # Kept shares (.5, .5, 0, 0), saliency shares (1/3, 1/3, 1/6, 1/6).
+    self.assertAlmostEqual(
+        float(gated_conv.usage_balance(static_s, static_pi)), 4 / 3, places=5)
+    dynamic_s = tf.constant([[2.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]] * 2)
+    dynamic_pi = dynamic_s * tf.cast(dynamic_s > 1.5, tf.float32)
+    self.assertAlmostEqual(
+        float(gated_conv.usage_balance(dynamic_s, dynamic_pi)), 1.0, places=5)
+    with tf.GradientTape() as tape:
+      tape.watch(static_s)
+      loss = gated_conv.usage_balance(static_s, static_pi)
+    grad = tape.gradient(loss, static_s).numpy()
+    self.assertTrue((grad[:, :2] > 0).all())  # Kept always: pushed down.
+    self.assertTrue((grad[:, 2:] < 0).all())  # Never kept: pulled up.
+
+  def test_gate_balance_adds_the_weighted_loss_in_training_only(self):
+    x = tf.random.stateless_normal([5, 6, 6, 4], seed=[1, 2])
+    layer = built_layer(cout=8, keep_ratio=0.5, gate_balance=0.3)
+    layer(x, training=True)
+    s = layer.saliency(x)
+    expected = 0.3 * gated_conv.usage_balance(s, layer.channel_gates(x))
+    self.assertLen(layer.losses, 1)
+    self.assertAlmostEqual(float(layer.losses[0]), float(expected), places=5)
+    layer(x, training=False)
+    self.assertEmpty(layer.losses)
+    plain = built_layer(cout=8, keep_ratio=0.5)
+    plain(x, training=True)
+    self.assertEmpty(plain.losses)
+    config = layer.get_config()
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gate_balance, 0.3)
+    del config['gate_balance']
+    self.assertEqual(
+        gated_conv.GatedConv2D.from_config(config).gate_balance, 0.0)
+    with self.assertRaisesRegex(ValueError, 'gate_balance'):
+      gated_conv.GatedConv2D(4, gate_balance=-1.0)
+
   def test_gated_bn_is_saved_and_old_configs_mean_masked(self):
     config = gated_conv.GatedConv2D(4, gated_bn='full').get_config()
     self.assertEqual(

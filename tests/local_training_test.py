@@ -26,9 +26,11 @@ def keep(ratio):
 
 class LocalTrainingTest(parameterized.TestCase):
 
-  def train(self, threshold=0.0, ratio=0.25, correction=False, **kwargs):
+  def train(self, threshold=0.0, ratio=0.25, correction=False,
+            gate_balance=0.0, **kwargs):
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True)
+    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True,
+                                     gate_balance=gate_balance)
     initial = tf.nest.map_structure(lambda v: v.numpy(),
                                     model_state.global_weights(model))
     optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
@@ -43,7 +45,8 @@ class LocalTrainingTest(parameterized.TestCase):
 
   @parameterized.parameters(
       dict(weight_decay=5e-3), dict(prox_mu=0.5),
-      dict(weight_decay=5e-3, prox_mu=0.5), dict(correction=True))
+      dict(weight_decay=5e-3, prox_mu=0.5), dict(correction=True),
+      dict(weight_decay=5e-3, gate_balance=1.0))
   def test_threshold_zero_masked_update_equals_true_update(self, **kwargs):
     _, delta, mask, n = self.train(**kwargs)
     self.assertEqual(n, 8)
@@ -53,6 +56,17 @@ class LocalTrainingTest(parameterized.TestCase):
       np.testing.assert_array_equal(d * (1 - m), np.zeros_like(d))
       masked_out += int((m == 0).sum())
     self.assertGreater(masked_out, 0)  # Some channels were never kept.
+
+  def test_gate_balance_loss_enters_the_objective(self):
+    _, plain, _, _ = self.train(ratio=0.5)
+    _, balanced, _, _ = self.train(ratio=0.5, gate_balance=1.0)
+    names = [v.name for v in tf.nest.flatten(
+        model_state.global_weights(keras_models.build_model(
+            'cnn', (8, 8, 1), 10, gated=True)))]
+    for name, a, b in zip(names, tf.nest.flatten(plain),
+                          tf.nest.flatten(balanced)):
+      if 'gate_bias' in name:
+        self.assertFalse(np.allclose(a, b), name)
 
   def test_mask_is_channel_structured(self):
     model, _, mask, _ = self.train(weight_decay=5e-3)

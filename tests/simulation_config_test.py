@@ -27,6 +27,7 @@ class ValidateTest(parameterized.TestCase):
       ({'algorithm': 'fedsgd'}, 'unknown algorithm'),
       ({'salience_threshold': 1.0}, 'salience_threshold'),
       ({'prox_mu': -1.0}, 'prox_mu'),
+      ({'gate_balance': -0.1}, '--gate_balance must be >= 0'),
       ({'client_failure_rate': 1.0}, 'client_failure_rate'),
       ({'workers': 'localhost'}, 'not host:port'),
       ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),

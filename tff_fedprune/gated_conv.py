@@ -61,7 +61,10 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
   non-zero. The forward pass is one fused `c * A + B` per element, with
   per-(sample, channel) A = gamma * rstd * pi and B = (beta - gamma * mean *
   rstd) * pi; the backward pass two per-(sample, channel) reductions and one
-  fused `dz * A + c * C + D`, where C and D vanish for pruned pairs.
+  fused `dz * A + c * C + D`, where C and D vanish for pruned pairs. Both
+  passes are compiled with XLA, which fuses their element-wise work into few
+  passes over the activations (their shapes do not depend on k, so one
+  compilation serves every keep ratio).
 
   Args:
     c: conv output (B, H, W, C).
@@ -79,38 +82,14 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
 
   @tf.custom_gradient
   def forward(c, pi, gamma, beta):
-    m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
-    hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], c.dtype)
-    kept = tf.reduce_sum(m, axis=0)
-    n = tf.maximum(kept * hw, 1.0)
-    s1 = tf.reduce_sum(c, axis=[1, 2])
-    s2 = tf.reduce_sum(tf.square(c), axis=[1, 2])
-    mean = tf.reduce_sum(m * s1, axis=0) / n
-    var = tf.maximum(tf.reduce_sum(m * s2, axis=0) / n - tf.square(mean), 0.0)
-    rstd = tf.math.rsqrt(var + epsilon)
-    scale = gamma * rstd
-    a = scale * pi
-    b = (beta - scale * mean) * pi
-    z = c * a[:, None, None, :] + b[:, None, None, :]
-    y = tf.nn.relu(z) if relu else z
+    y, mean, rstd, n, unbiased, kept = _masked_bn_forward(
+        c, pi, gamma, beta, epsilon, relu
+    )
 
     def grad(dy, *unused_grads):
-      dz = tf.where(y > 0, dy, tf.zeros_like(dy)) if relu else dy
-      p1 = tf.reduce_sum(dz, axis=[1, 2])
-      p2 = tf.reduce_sum(dz * c, axis=[1, 2])
-      # sum_hw dz * xhat for each (sample, channel).
-      q = rstd * (p2 - mean * p1)
-      dbeta = tf.reduce_sum(pi * p1, axis=0)
-      dgamma = tf.reduce_sum(pi * q, axis=0)
-      dpi = (gamma * q + beta * p1) * m
-      cc = -m * (scale * rstd * dgamma / n)
-      dd = -m * (scale / n) * (dbeta - mean * rstd * dgamma)
-      dc = dz * a[:, None, None, :] + c * cc[:, None, None, :] + dd[
-          :, None, None, :
-      ]
-      return dc, dpi, dgamma, dbeta
+      return _masked_bn_backward(dy, y, c, pi, gamma, beta, mean, rstd, n,
+                                 relu)
 
-    unbiased = var * n / tf.maximum(n - 1.0, 1.0)
     return (y, mean, unbiased, kept), grad
 
   y, mean, var, kept = forward(c, pi, gamma, beta)
@@ -120,6 +99,47 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
       tf.stop_gradient(var),
       tf.stop_gradient(kept),
   )
+
+
+@tf.function(jit_compile=True)
+def _masked_bn_forward(c, pi, gamma, beta, epsilon, relu):
+  """y and the masked moments of `gated_batch_norm`."""
+  m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
+  hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], c.dtype)
+  kept = tf.reduce_sum(m, axis=0)
+  n = tf.maximum(kept * hw, 1.0)
+  s1 = tf.reduce_sum(c, axis=[1, 2])
+  s2 = tf.reduce_sum(tf.square(c), axis=[1, 2])
+  mean = tf.reduce_sum(m * s1, axis=0) / n
+  var = tf.maximum(tf.reduce_sum(m * s2, axis=0) / n - tf.square(mean), 0.0)
+  rstd = tf.math.rsqrt(var + epsilon)
+  scale = gamma * rstd
+  a = scale * pi
+  b = (beta - scale * mean) * pi
+  z = c * a[:, None, None, :] + b[:, None, None, :]
+  y = tf.nn.relu(z) if relu else z
+  unbiased = var * n / tf.maximum(n - 1.0, 1.0)
+  return y, mean, rstd, n, unbiased, kept
+
+
+@tf.function(jit_compile=True)
+def _masked_bn_backward(dy, y, c, pi, gamma, beta, mean, rstd, n, relu):
+  """(dc, dpi, dgamma, dbeta) of `gated_batch_norm`."""
+  m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
+  scale = gamma * rstd
+  a = scale * pi
+  dz = tf.where(y > 0, dy, tf.zeros_like(dy)) if relu else dy
+  p1 = tf.reduce_sum(dz, axis=[1, 2])
+  p2 = tf.reduce_sum(dz * c, axis=[1, 2])
+  # sum_hw dz * xhat for each (sample, channel).
+  q = rstd * (p2 - mean * p1)
+  dbeta = tf.reduce_sum(pi * p1, axis=0)
+  dgamma = tf.reduce_sum(pi * q, axis=0)
+  dpi = (gamma * q + beta * p1) * m
+  cc = -m * (scale * rstd * dgamma / n)
+  dd = -m * (scale / n) * (dbeta - mean * rstd * dgamma)
+  dc = dz * a[:, None, None, :] + c * cc[:, None, None, :] + dd[:, None, None, :]
+  return dc, dpi, dgamma, dbeta
 
 
 GATE_INPUTS = ('sigmoid', 'identity')

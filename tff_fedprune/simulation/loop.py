@@ -155,42 +155,179 @@ def run_experiment(
   return summary
 
 
+class Rounds:
+  """One configuration's process, client data and evaluation: its rounds.
+
+  `initial_state` is the process's; `run_round` is one round as
+  `run_experiment` counts it in `round_seconds`: client data, `process.next`
+  (local training, encoding, aggregation, server update), the per-client
+  state table, and evaluation.
+  """
+
+  def __init__(self, config, build_model, fed_data, worker_addresses,
+               credentials):
+    self.config = config
+    self.fed_data = fed_data
+    self._workers = worker_addresses
+    self._credentials = credentials
+    source = fed_data.source
+
+    def model_fn(keep_ratio=config.keep_ratio):
+      return build_model(
+          input_shape=source.image_shape,
+          num_classes=source.num_classes,
+          gated=config.dynamic_pruning,
+          keep_ratio=keep_ratio,
+          gate_input=config.gate_input,
+          gated_bn=config.gated_bn,
+          gate_selection=config.gate_selection,
+          gate_balance=config.gate_balance,
+          gate_stem=config.gate_stem,
+      )
+
+    tf.keras.utils.set_random_seed(config.seed)
+    self.process = learning_process.build_learning_process(
+        model_fn,
+        fed_data.element_spec,
+        client_learning_rate=config.client_learning_rate,
+        client_momentum=config.client_momentum,
+        weight_decay=config.weight_decay,
+        algorithm=config.algorithm,
+        prox_mu=config.prox_mu,
+        salience_threshold=config.salience_threshold,
+        aggregation=config.aggregation,
+        upload_bits=config.upload_bits,
+        error_feedback=config.error_feedback,
+        measure_local_accuracy=config.measure_overfitting,
+        num_clients=config.num_clients,
+        clients_per_round=config.clients_per_round,
+        server_optimizer=config.server_optimizer,
+        server_learning_rate=config.server_learning_rate,
+    )
+    data_type = self.process.next.type_signature.parameter[1].member
+    self.table = (
+        client_states.ClientStateTable(
+            tff.types.type_to_tf_tensor_specs(data_type.client_state.element)
+        )
+        if 'client_state' in tff.structure.name_list(data_type)
+        else None
+    )
+    self.initial_state = runtime.call_watched(
+        self.process.initialize, worker_addresses, credentials=credentials
+    )
+    self.eval_model = model_fn(config.evaluation_keep_ratio)
+    self.evaluate = evaluation.Evaluator(self.eval_model)
+    self._weight_bytes = _num_bytes(
+        model_state.global_weights(self.eval_model)
+    )
+    # SCAFFOLD's variates travel too (c down, dc_k up); error-feedback
+    # residuals stay on the client.
+    self._control_size = (
+        _num_bytes(self.table.get(0))
+        if self.table is not None and not config.error_feedback else 0
+    )
+
+  def program_state(self, state):
+    """The process state, with the client state table if there is one."""
+    if self.table is None:
+      return state
+    return {'process': state, 'client_states': self.table.to_program_state()}
+
+  def load_program_state(self, saved):
+    """The process state of `saved`; restores the client state table."""
+    if self.table is None:
+      return saved
+    self.table.load_program_state(saved['client_states'])
+    return saved['process']
+
+  def run_round(self, state, round_num):
+    """(state, metrics) after round `round_num` from `state`."""
+    config, fed_data = self.config, self.fed_data
+    start = time.time()
+    clients, dropped = sample_clients(config, round_num)
+    table, evaluate = self.table, self.evaluate
+    datasets = [
+        client_work.client_data(
+            fed_data.client_train_dataset(
+                c, config.batch_size, config.local_epochs, config.seed,
+                round_num,
+            ),
+            config.keep_ratio_of(c),
+            slot=slot,
+            client_state=table.get(c) if table is not None else None,
+            upload_seed=client_work.rounding_seed(config.seed, round_num, c),
+        )
+        for slot, c in enumerate(clients)
+    ]
+    try:
+      output = runtime.call_watched(
+          lambda: self.process.next(state, datasets), self._workers,
+          credentials=self._credentials,
+      )
+    except runtime.WorkerError as e:
+      raise runtime.WorkerError(
+          f'{e} during round {round_num}; rounds up to {round_num - 1} are'
+          ' checkpointed: rerun with live workers to resume'
+      ) from e
+    state = output.state
+    if table is not None:
+      table.apply(clients, state.client_work[client_work.CLIENT_STATE_UPDATES])
+    weights = self.process.get_model_weights(state)
+    client_metrics = output.metrics['client_work']
+    upload = output.metrics['aggregator']
+    if round_num % config.eval_every == 0 or round_num == config.total_rounds:
+      result = evaluate(weights, fed_data.test_dataset())
+      test_accuracy, test_loss = result.accuracy, result.loss
+      personal_mean, personal_worst = evaluation.personalised_accuracy(
+          result.correct, fed_data.client_test
+      )
+      flops_ratio = evaluate.flops_ratio(result)
+      gate_jaccard = _mean_or_nan(result.gates.jaccard)
+      ever_kept = _mean_or_nan(result.gates.ever_kept)
+      train_accuracy = (
+          evaluate(weights, fed_data.train_eval_dataset()).accuracy
+          if config.measure_overfitting else float('nan')
+      )
+    else:
+      test_accuracy = test_loss = flops_ratio = float('nan')
+      train_accuracy = float('nan')
+      personal_mean = personal_worst = float('nan')
+      gate_jaccard = ever_kept = float('nan')
+    dense_bytes = len(clients) * self._weight_bytes
+    control_bytes = len(clients) * self._control_size
+    metrics = collections.OrderedDict(
+        test_accuracy=test_accuracy,
+        test_loss=test_loss,
+        personal_accuracy_mean=personal_mean,
+        personal_accuracy_worst10=personal_worst,
+        train_accuracy=train_accuracy,
+        local_train_accuracy=float(
+            client_metrics.get('local_train_accuracy', float('nan'))
+        ),
+        train_loss=float(client_metrics['train_loss']),
+        upload_bytes=int(upload['upload_bytes'])
+        + int(client_metrics.get('control_upload_bytes', 0)),
+        dense_upload_bytes=dense_bytes + control_bytes,
+        download_bytes=dense_bytes + control_bytes,
+        update_density=int(upload['kept_coordinates'])
+        / (len(clients) * int(upload['coordinates_per_client'])),
+        flops_ratio=flops_ratio,
+        gate_jaccard=gate_jaccard,
+        channels_ever_kept=ever_kept,
+        round_seconds=time.time() - start,
+        clients_completed=len(clients),
+        clients_dropped=len(dropped),
+        non_finite_updates=int(client_metrics['non_finite_updates']),
+    )
+    return state, metrics
+
+
 def _train(config, build_model, fed_data, progress, worker_addresses,
            credentials) -> dict:
   source = fed_data.source
-
-  def model_fn(keep_ratio=config.keep_ratio):
-    return build_model(
-        input_shape=source.image_shape,
-        num_classes=source.num_classes,
-        gated=config.dynamic_pruning,
-        keep_ratio=keep_ratio,
-        gate_input=config.gate_input,
-        gated_bn=config.gated_bn,
-        gate_selection=config.gate_selection,
-        gate_balance=config.gate_balance,
-        gate_stem=config.gate_stem,
-    )
-
-  tf.keras.utils.set_random_seed(config.seed)
-  process = learning_process.build_learning_process(
-      model_fn,
-      fed_data.element_spec,
-      client_learning_rate=config.client_learning_rate,
-      client_momentum=config.client_momentum,
-      weight_decay=config.weight_decay,
-      algorithm=config.algorithm,
-      prox_mu=config.prox_mu,
-      salience_threshold=config.salience_threshold,
-      aggregation=config.aggregation,
-      upload_bits=config.upload_bits,
-      error_feedback=config.error_feedback,
-      measure_local_accuracy=config.measure_overfitting,
-      num_clients=config.num_clients,
-      clients_per_round=config.clients_per_round,
-      server_optimizer=config.server_optimizer,
-      server_learning_rate=config.server_learning_rate,
-  )
+  rounds_of = Rounds(config, build_model, fed_data, worker_addresses,
+                     credentials)
+  process = rounds_of.process
   run_dir = config.run_dir
   checkpoint_dir = os.path.join(run_dir, 'checkpoints')
   run_directory.remove_stale_temporaries(checkpoint_dir)
@@ -203,38 +340,17 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
   tensorboard_manager = tff.program.TensorBoardReleaseManager(
       os.path.join(run_dir, 'tensorboard')
   )
-  data_type = process.next.type_signature.parameter[1].member
-  table = (
-      client_states.ClientStateTable(
-          tff.types.type_to_tf_tensor_specs(data_type.client_state.element)
-      )
-      if 'client_state' in tff.structure.name_list(data_type)
-      else None
-  )
-  initial_state = runtime.call_watched(
-      process.initialize, worker_addresses, credentials=credentials
-  )
+  initial_state = rounds_of.initial_state
   saved, last_round = asyncio.run(run_directory.load_latest_intact(
-      state_manager, _program_state(initial_state, table), checkpoint_dir
+      state_manager, rounds_of.program_state(initial_state), checkpoint_dir
   ))
   if saved is None:
     state, last_round = initial_state, 0
-  elif table is None:
-    state = saved
   else:
-    state = saved['process']
-    table.load_program_state(saved['client_states'])
+    state = rounds_of.load_program_state(saved)
 
-  eval_model = model_fn(config.evaluation_keep_ratio)
-  evaluate = evaluation.Evaluator(eval_model)
+  eval_model, evaluate = rounds_of.eval_model, rounds_of.evaluate
   weights = process.get_model_weights(state)
-  weight_bytes = _num_bytes(weights)
-  # SCAFFOLD's variates travel too (c down, dc_k up); error-feedback
-  # residuals stay on the client.
-  control_size = (
-      _num_bytes(table.get(0))
-      if table is not None and not config.error_feedback else 0
-  )
   history = _read_history(os.path.join(run_dir, 'metrics.csv'), last_round)
 
   rounds = range(last_round + 1, config.total_rounds + 1)
@@ -244,85 +360,8 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
   )
   with bar:
     for round_num in rounds:
-      start = time.time()
-      clients, dropped = sample_clients(config, round_num)
-      datasets = [
-          client_work.client_data(
-              fed_data.client_train_dataset(
-                  c, config.batch_size, config.local_epochs, config.seed,
-                  round_num,
-              ),
-              config.keep_ratio_of(c),
-              slot=slot,
-              client_state=table.get(c) if table is not None else None,
-              upload_seed=client_work.rounding_seed(
-                  config.seed, round_num, c
-              ),
-          )
-          for slot, c in enumerate(clients)
-      ]
-      try:
-        output = runtime.call_watched(
-            lambda: process.next(state, datasets), worker_addresses,
-            credentials=credentials,
-        )
-      except runtime.WorkerError as e:
-        raise runtime.WorkerError(
-            f'{e} during round {round_num}; rounds up to {round_num - 1} are'
-            ' checkpointed: rerun with live workers to resume'
-        ) from e
-      state = output.state
-      if table is not None:
-        table.apply(
-            clients, state.client_work[client_work.CLIENT_STATE_UPDATES]
-        )
+      state, metrics = rounds_of.run_round(state, round_num)
       weights = process.get_model_weights(state)
-      client_metrics = output.metrics['client_work']
-      upload = output.metrics['aggregator']
-      if round_num % config.eval_every == 0 or round_num == config.total_rounds:
-        result = evaluate(weights, fed_data.test_dataset())
-        test_accuracy, test_loss = result.accuracy, result.loss
-        personal_mean, personal_worst = evaluation.personalised_accuracy(
-            result.correct, fed_data.client_test
-        )
-        flops_ratio = evaluate.flops_ratio(result)
-        gate_jaccard = _mean_or_nan(result.gates.jaccard)
-        ever_kept = _mean_or_nan(result.gates.ever_kept)
-        train_accuracy = (
-            evaluate(weights, fed_data.train_eval_dataset()).accuracy
-            if config.measure_overfitting else float('nan')
-        )
-      else:
-        test_accuracy = test_loss = flops_ratio = float('nan')
-        train_accuracy = float('nan')
-        personal_mean = personal_worst = float('nan')
-        gate_jaccard = ever_kept = float('nan')
-      dense_bytes = len(clients) * weight_bytes
-      control_bytes = len(clients) * control_size
-      metrics = collections.OrderedDict(
-          test_accuracy=test_accuracy,
-          test_loss=test_loss,
-          personal_accuracy_mean=personal_mean,
-          personal_accuracy_worst10=personal_worst,
-          train_accuracy=train_accuracy,
-          local_train_accuracy=float(
-              client_metrics.get('local_train_accuracy', float('nan'))
-          ),
-          train_loss=float(client_metrics['train_loss']),
-          upload_bytes=int(upload['upload_bytes'])
-          + int(client_metrics.get('control_upload_bytes', 0)),
-          dense_upload_bytes=dense_bytes + control_bytes,
-          download_bytes=dense_bytes + control_bytes,
-          update_density=int(upload['kept_coordinates'])
-          / (len(clients) * int(upload['coordinates_per_client'])),
-          flops_ratio=flops_ratio,
-          gate_jaccard=gate_jaccard,
-          channels_ever_kept=ever_kept,
-          round_seconds=time.time() - start,
-          clients_completed=len(clients),
-          clients_dropped=len(dropped),
-          non_finite_updates=int(client_metrics['non_finite_updates']),
-      )
       asyncio.run(_release(metrics, round_num, csv_manager, tensorboard_manager))
       failure = _training_failure(weights, metrics)
       if failure:
@@ -332,11 +371,11 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
             ' checkpointed): lower the learning rates in a new run'
         )
       asyncio.run(
-          state_manager.save(_program_state(state, table), round_num)
+          state_manager.save(rounds_of.program_state(state), round_num)
       )
       history.append(dict(metrics, round=round_num))
       bar.set_postfix(
-          acc=f'{test_accuracy:.3f}',
+          acc=f'{metrics["test_accuracy"]:.3f}',
           up_MB=f'{sum(h["upload_bytes"] for h in history) / 1e6:.2f}',
       )
       bar.update(1)
@@ -387,13 +426,6 @@ def _training_failure(weights, metrics) -> str:
   if metrics['non_finite_updates'] == metrics['clients_completed']:
     return "every client's update was non-finite"
   return ''
-
-
-def _program_state(state, table):
-  """The process state, with the client state table if there is one."""
-  if table is None:
-    return state
-  return {'process': state, 'client_states': table.to_program_state()}
 
 
 async def _release(metrics, round_num, *managers):

@@ -217,6 +217,7 @@ class Rounds:
     )
     self.eval_model = model_fn(config.evaluation_keep_ratio)
     self.evaluate = evaluation.Evaluator(self.eval_model)
+    self.last_evaluation = None  # Test-set evaluation of the latest round.
     self._weight_bytes = _num_bytes(
         model_state.global_weights(self.eval_model)
     )
@@ -277,6 +278,7 @@ class Rounds:
     upload = output.metrics['aggregator']
     if round_num % config.eval_every == 0 or round_num == config.total_rounds:
       result = evaluate(weights, fed_data.test_dataset())
+      self.last_evaluation = result
       test_accuracy, test_loss = result.accuracy, result.loss
       personal_mean, personal_worst = evaluation.personalised_accuracy(
           result.correct, fed_data.client_test
@@ -289,6 +291,7 @@ class Rounds:
           if config.measure_overfitting else float('nan')
       )
     else:
+      self.last_evaluation = None
       test_accuracy = test_loss = flops_ratio = float('nan')
       train_accuracy = float('nan')
       personal_mean = personal_worst = float('nan')
@@ -405,7 +408,10 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
         'round': reached[0] if reached else None,
         'upload_bytes': reached[1] if reached else None,
     }
-  gates = evaluate(weights, fed_data.test_dataset()).gates
+  final = rounds_of.last_evaluation  # The last round always evaluates.
+  if final is None:  # Resumed with every round done.
+    final = evaluate(weights, fed_data.test_dataset())
+  gates = final.gates
   summary['final_gate_dynamics'] = {
       layer.name: {'jaccard': j, 'channels_ever_kept': e}
       for layer, j, e in zip(

@@ -19,7 +19,8 @@ only (a zero-saliency channel would be kept but not computed). The per-channel
 moments are moving averages of the batch moments (non-trainable model
 weights, averaged by the server like BN statistics), used in training and in
 inference alike. Only the selection changes: kept channels are still scaled
-by s.
+by s. `gate_balance` > 0 adds a load-balancing loss in training
+(`usage_balance`) that pushes every channel towards being kept equally often.
 
 A channel that is pruned for a sample is never computed for it, so it takes
 no part in that channel's batch statistics either: in training the BN moments

@@ -9,7 +9,10 @@ section 2).
 Weight decay, the FedProx term and an optional gradient correction (SCAFFOLD)
 act only on weights whose channels have been kept at least once this round,
 so with momentum they never move a coordinate outside the mask: with
-`salience_threshold=0` the masked update equals the true update.
+`salience_threshold=0` the masked update equals the true update. The
+objective adds the model's own losses (the gated layers' load-balancing
+loss, `gated_conv.usage_balance`) to the cross-entropy; the reported loss is
+the cross-entropy.
 """
 
 from collections.abc import Callable

@@ -112,6 +112,34 @@ class ReportingTest(absltest.TestCase):
     self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit', labels)
     self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit EF', labels)
 
+  def test_committed_overfitting_and_gate_balance_reports_are_recomputed(
+      self):
+    for name, cells in (('fmnist_overfitting', 2), ('gate_balance', 3)):
+      directory = os.path.join(ROOT, 'results', name)
+      paths = committed_runs(directory)
+      self.assertLen(paths, 3 * cells)
+      table = reporting.summarize([reporting.load_run(p) for p in paths])
+      self.assertLen(table, cells)
+      with open(os.path.join(directory, 'report.md')) as f:
+        report = f.read()
+      self.assertEqual(report, reporting.markdown_table(table), name)
+      if name == 'fmnist_overfitting':
+        with open(os.path.join(ROOT, 'README.md')) as f:
+          self.assertIn(report, f.read())
+    # The client gap: trained client models on their own data minus the
+    # global test accuracy, last 5 evaluated rounds, mean over seeds.
+    overfitting = os.path.join(ROOT, 'results', 'fmnist_overfitting')
+    table = reporting.summarize(
+        [reporting.load_run(p) for p in committed_runs(overfitting)])
+    for row in table:
+      cell = 'gated' if row['config']['dynamic_pruning'] else 'dense'
+      gaps = []
+      for seed in range(3):
+        rows = read_rows(os.path.join(overfitting, f'fedavg_{cell}_seed{seed}'))
+        gaps.append(np.mean([float(r['local_train_accuracy'])
+                             - float(r['test_accuracy']) for r in rows[-5:]]))
+      self.assertAlmostEqual(row['client_test_gap'], np.mean(gaps))
+
   def test_seeds_are_averaged_with_their_spread(self):
     root = self.create_tempdir().full_path
     write_run(os.path.join(root, 'a'), 0, [0.5, 0.7], [100, 100])

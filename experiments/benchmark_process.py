@@ -12,8 +12,9 @@ rounds as `round_seconds` counts them (client data, local training,
 encoding, aggregation, server update and evaluation; `loop.Rounds`). Each
 comparison runs through one owned TFF worker and alternates rounds between
 its two variants so that machine drift affects both alike, after one
-untimed round each (the first call traces). Prints the median round times
-and their ratio, measured in this run.
+untimed round each (the first call traces). Prints the median round times,
+the median CPU seconds of the worker per round and their ratios, measured in
+this run.
 """
 
 import dataclasses
@@ -48,20 +49,61 @@ _GRID_FLAGFILE = flags.DEFINE_string(
     'experiments.cifar flagfile of the gated vs dense comparison.')
 
 
-def alternate(variants, rounds):
-  """Median seconds per call of each `variants[name](i)`, i = 0..rounds.
+def process_tree_cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of `pid` and its descendants (Linux /proc)."""
+  stats = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+  tree = {pid}
+  for _ in range(len(stats)):
+    grown = {p for p, (parent, _) in stats.items() if parent in tree} - tree
+    if not grown:
+      break
+    tree |= grown
+  ticks = sum(stats[p][1] for p in tree if p in stats)
+  return ticks / os.sysconf('SC_CLK_TCK')
+
+
+def alternate(variants, rounds, worker_pid=None):
+  """Medians of each `variants[name](i)`, i = 0..rounds: wall, worker CPU.
 
   Call 0 of each is untimed; the others alternate between the variants.
+  Returns `{name: (wall seconds, CPU seconds)}`, the CPU seconds being the
+  worker process tree's (`worker_pid`; nan without one): with the clients
+  of a round running concurrently on every core, they are what a round
+  costs, and steady where wall time drifts with the machine's load.
   """
+  cpu = (lambda: process_tree_cpu_seconds(worker_pid)) if worker_pid else (
+      lambda: float('nan'))
   for run_round in variants.values():
     run_round(0)
   times = {name: [] for name in variants}
   for i in range(1, rounds + 1):
     for name, run_round in variants.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), cpu()
       run_round(i)
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+      times[name].append(
+          (time.perf_counter() - start, cpu() - start_cpu)
+      )
+  return {
+      name: tuple(float(np.median(column)) for column in zip(*t))
+      for name, t in times.items()
+  }
+
+
+def report(medians, baseline):
+  """Prints each variant's medians and their ratios to `baseline`'s."""
+  wall_0, cpu_0 = medians[baseline]
+  for name, (wall, cpu) in medians.items():
+    print(f'  {name:28s} {wall:7.3f} s/round ({wall / wall_0:.3f}x)'
+          f'   worker CPU {cpu:7.2f} s/round ({cpu / cpu_0:.3f}x)')
 
 
 def grid_config():
@@ -92,15 +134,14 @@ def benchmark_gated_rounds(rounds):
         runs[name][1], _ = variant.run_round(state, i + 1)
       return run_round
 
-    medians = alternate({name: runner(name) for name in runs}, rounds)
+    medians = alternate({name: runner(name) for name in runs}, rounds,
+                        worker.pid)
   print(f'{config.dataset}, {config.model}, {config.num_clients} clients'
         f' ({config.partition}), {config.algorithm}, gated keep'
         f' {config.keep_ratio} tau {config.salience_threshold}; median of'
         f' {rounds} whole rounds (training, encoding, aggregation,'
         ' evaluation) after one untimed round:')
-  for name, seconds in medians.items():
-    print(f'  {name:28s} {seconds:7.3f} s/round')
-  print(f'  ratio gated / dense: {medians["gated"] / medians["dense"]:.3f}')
+  report(medians, 'dense')
 
 
 def main(argv):
@@ -115,7 +156,7 @@ def main(argv):
                                   model_state.global_weights(model_fn()))
   datasets = [fed.client_train_dataset(c, _BATCH.value)
               for c in range(fed.num_clients)]
-  with runtime.local_runtime():
+  with runtime.local_runtime() as worker:
     ours = learning_process.build_learning_process(
         model_fn, fed.element_spec, client_learning_rate=0.05,
         server_optimizer='sgd', server_learning_rate=1.0,
@@ -143,13 +184,11 @@ def main(argv):
                       client_data)
       return run_round
 
-    medians = alternate({name: runner(name) for name in runs}, _ROUNDS.value)
+    medians = alternate({name: runner(name) for name in runs}, _ROUNDS.value,
+                        worker.pid)
   print(f'{_DATASET.value}, {fed.num_clients} clients, dense CNN, median of '
         f'{_ROUNDS.value} rounds after one warm-up round:')
-  for name, seconds in medians.items():
-    print(f'  {name:28s} {seconds:7.3f} s/round')
-  ratio = medians['feddp (pruning off)'] / medians['tff build_weighted_fed_avg']
-  print(f'  ratio feddp / stock: {ratio:.3f}')
+  report(medians, 'tff build_weighted_fed_avg')
   if _GRID_ROUNDS.value:
     benchmark_gated_rounds(_GRID_ROUNDS.value)
 

@@ -49,23 +49,32 @@ def num_kept(keep_ratio, channels):
 
 
 def top_k_mask(scores, k):
-  """1.0 on the k largest entries of each row (ties: lowest index), else 0."""
+  """1.0 on the k largest entries of each row (ties: lowest index), else 0.
+
+  `scores` is (rows, depth); the ones are scattered (rows * k writes).
+  """
   indices = tf.math.top_k(scores, k=k, sorted=False).indices
-  depth = tf.shape(scores)[-1]
-  return tf.reduce_sum(tf.one_hot(indices, depth, dtype=scores.dtype), axis=-2)
+  rows, depth = tf.unstack(tf.shape(scores))
+  flat = indices + depth * tf.range(rows)[:, tf.newaxis]
+  mask = tf.scatter_nd(
+      tf.reshape(flat, [-1, 1]), tf.ones([rows * k], scores.dtype),
+      [rows * depth],
+  )
+  return tf.reshape(mask, [rows, depth])
 
 
 def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
   """Training-mode BN over the kept (sample, channel) pairs, gated by pi.
 
   The moments of channel j are taken over the samples whose gate pi_j is
-  non-zero. The forward pass is one fused `c * A + B` per element, with
-  per-(sample, channel) A = gamma * rstd * pi and B = (beta - gamma * mean *
-  rstd) * pi; the backward pass two per-(sample, channel) reductions and one
-  fused `dz * A + c * C + D`, where C and D vanish for pruned pairs. Both
-  passes are compiled with XLA, which fuses their element-wise work into few
-  passes over the activations (their shapes do not depend on k, so one
-  compilation serves every keep ratio).
+  non-zero. Since pi >= 0, ReLU(BN(c) * pi) = ReLU(BN(c)) * pi, so the
+  forward pass is TF's fused batch norm with the masked moments (one kernel,
+  per-channel affine) and one multiplication by pi; the backward pass is
+  `ReluGrad`, two per-(sample, channel) reductions and one
+  `dz * A + c * C + D` with per-(sample, channel) A, C and D (C and D vanish
+  for pruned pairs). Plain TF ops: TFF's worker binary has no XLA JIT (it
+  runs `jit_compile` functions unfused), and passes over the activations are
+  what a training step pays for here.
 
   Args:
     c: conv output (B, H, W, C).
@@ -102,7 +111,6 @@ def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
   )
 
 
-@tf.function(jit_compile=True)
 def _masked_bn_forward(c, pi, gamma, beta, epsilon, relu):
   """y and the masked moments of `gated_batch_norm`."""
   m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
@@ -110,26 +118,24 @@ def _masked_bn_forward(c, pi, gamma, beta, epsilon, relu):
   kept = tf.reduce_sum(m, axis=0)
   n = tf.maximum(kept * hw, 1.0)
   s1 = tf.reduce_sum(c, axis=[1, 2])
-  s2 = tf.reduce_sum(tf.square(c), axis=[1, 2])
+  s2 = tf.square(tf.math.reduce_euclidean_norm(c, axis=[1, 2]))
   mean = tf.reduce_sum(m * s1, axis=0) / n
   var = tf.maximum(tf.reduce_sum(m * s2, axis=0) / n - tf.square(mean), 0.0)
-  rstd = tf.math.rsqrt(var + epsilon)
-  scale = gamma * rstd
-  a = scale * pi
-  b = (beta - scale * mean) * pi
-  z = c * a[:, None, None, :] + b[:, None, None, :]
-  y = tf.nn.relu(z) if relu else z
+  u = tf.raw_ops.FusedBatchNormV3(
+      x=c, scale=gamma, offset=beta, mean=mean, variance=var,
+      epsilon=epsilon, is_training=False,
+  ).y
+  y = (tf.nn.relu(u) if relu else u) * pi[:, None, None, :]
   unbiased = var * n / tf.maximum(n - 1.0, 1.0)
-  return y, mean, rstd, n, unbiased, kept
+  return y, mean, tf.math.rsqrt(var + epsilon), n, unbiased, kept
 
 
-@tf.function(jit_compile=True)
 def _masked_bn_backward(dy, y, c, pi, gamma, beta, mean, rstd, n, relu):
   """(dc, dpi, dgamma, dbeta) of `gated_batch_norm`."""
   m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
   scale = gamma * rstd
   a = scale * pi
-  dz = tf.where(y > 0, dy, tf.zeros_like(dy)) if relu else dy
+  dz = tf.raw_ops.ReluGrad(gradients=dy, features=y) if relu else dy
   p1 = tf.reduce_sum(dz, axis=[1, 2])
   p2 = tf.reduce_sum(dz * c, axis=[1, 2])
   # sum_hw dz * xhat for each (sample, channel).

@@ -52,10 +52,17 @@ def build_local_training(
 
   def local_terms(initial_trainable, correction):
     """Decay, proximal and correction gradients on kept channels only."""
-    return structure.touched(tuple(
-        weight_decay * v + prox_mu * (v - v0) + c
-        for v, v0, c in zip(trainable, initial_trainable, correction)
-    ))
+    terms = []
+    for i, v in enumerate(trainable):
+      parts = []
+      if weight_decay:
+        parts.append(weight_decay * v)
+      if prox_mu:
+        parts.append(prox_mu * (v - initial_trainable[i]))
+      if correction is not None:
+        parts.append(correction[i])
+      terms.append(tf.add_n(parts))
+    return structure.touched(tuple(terms))
 
   @tf.function
   def train(initial_weights, batches, keep_ratio, correction=None):
@@ -76,10 +83,7 @@ def build_local_training(
         objective = tf.add_n([loss] + model.losses) if model.losses else loss
       grads = tape.gradient(objective, trainable)
       if weight_decay or prox_mu or correction is not None:
-        extra = local_terms(
-            initial_weights.trainable,
-            correction or tuple(tf.zeros_like(v) for v in trainable),
-        )
+        extra = local_terms(initial_weights.trainable, correction)
         grads = tuple(g + e for g, e in zip(grads, extra))
       opt_state, new_values = optimizer.next(
           opt_state, tuple(v.read_value() for v in trainable), grads

@@ -58,10 +58,10 @@ def config_from_flags(flag_values=flags.FLAGS):
   )
 
 
-def parse_flags_or_exit(argv):
+def parse_flags_or_exit(argv, flag_values=flags.FLAGS):
   """absl's flag parsing, with its errors as one `error:` line and exit 2."""
   try:
-    return flags.FLAGS(argv)
+    return flag_values(argv)
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -41,11 +41,13 @@ class DistributedTest(parameterized.TestCase):
         for i, d in enumerate(testing.client_datasets(num_clients=4))]
     spec = testing.client_datasets()[0].element_spec
 
+    # One process (traced once) runs in both contexts.
+    process = learning_process.build_learning_process(
+        fn, spec, client_learning_rate=0.1, client_momentum=0.9,
+        algorithm=algorithm, num_clients=6, clients_per_round=4,
+        initial_weights=weights)
+
     def one_round():
-      process = learning_process.build_learning_process(
-          fn, spec, client_learning_rate=0.1, client_momentum=0.9,
-          algorithm=algorithm, num_clients=6, clients_per_round=4,
-          initial_weights=weights)
       output = process.next(process.initialize(), datasets)
       return (
           (process.get_model_weights(output.state), output.state.client_work),

@@ -155,13 +155,25 @@ def run_experiment(
   return summary
 
 
+# The last learning process built, by everything it depends on: the fields
+# a resumption may change do not change it, so stopping and resuming (or
+# rerunning) a configuration in one Python process traces it once.
+_last_process = {}
+_RESUMABLE_DEFAULTS = {
+    name: getattr(ExperimentConfig(), name)
+    for name in config_lib.RESUMABLE_FIELDS
+}
+
+
 class Rounds:
   """One configuration's process, client data and evaluation: its rounds.
 
   `initial_state` is the process's; `run_round` is one round as
   `run_experiment` counts it in `round_seconds`: client data, `process.next`
   (local training, encoding, aggregation, server update), the per-client
-  state table, and evaluation.
+  state table, and evaluation. The process is reused from the previous
+  `Rounds` if that one's configuration differed only in fields a
+  resumption may change.
   """
 
   def __init__(self, config, build_model, fed_data, worker_addresses,
@@ -186,24 +198,33 @@ class Rounds:
       )
 
     tf.keras.utils.set_random_seed(config.seed)
-    self.process = learning_process.build_learning_process(
-        model_fn,
-        fed_data.element_spec,
-        client_learning_rate=config.client_learning_rate,
-        client_momentum=config.client_momentum,
-        weight_decay=config.weight_decay,
-        algorithm=config.algorithm,
-        prox_mu=config.prox_mu,
-        salience_threshold=config.salience_threshold,
-        aggregation=config.aggregation,
-        upload_bits=config.upload_bits,
-        error_feedback=config.error_feedback,
-        measure_local_accuracy=config.measure_overfitting,
-        num_clients=config.num_clients,
-        clients_per_round=config.clients_per_round,
-        server_optimizer=config.server_optimizer,
-        server_learning_rate=config.server_learning_rate,
+    key = (
+        dataclasses.replace(config, experiment_name='', **_RESUMABLE_DEFAULTS),
+        build_model, source.image_shape, source.num_classes,
+        repr(fed_data.element_spec),
     )
+    if _last_process.get('key') != key:
+      _last_process.clear()
+      _last_process['process'] = learning_process.build_learning_process(
+          model_fn,
+          fed_data.element_spec,
+          client_learning_rate=config.client_learning_rate,
+          client_momentum=config.client_momentum,
+          weight_decay=config.weight_decay,
+          algorithm=config.algorithm,
+          prox_mu=config.prox_mu,
+          salience_threshold=config.salience_threshold,
+          aggregation=config.aggregation,
+          upload_bits=config.upload_bits,
+          error_feedback=config.error_feedback,
+          measure_local_accuracy=config.measure_overfitting,
+          num_clients=config.num_clients,
+          clients_per_round=config.clients_per_round,
+          server_optimizer=config.server_optimizer,
+          server_learning_rate=config.server_learning_rate,
+      )
+      _last_process['key'] = key
+    self.process = _last_process['process']
     data_type = self.process.next.type_signature.parameter[1].member
     self.table = (
         client_states.ClientStateTable(

@@ -1,4 +1,5 @@
-"""End-to-end tests of `python -m experiments.cifar` in a subprocess."""
+"""Tests of `python -m experiments.cifar`: end to end in subprocesses; error
+cases through the same parsing and `run` in this process."""
 
 import contextlib
 import csv

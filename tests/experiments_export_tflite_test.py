@@ -1,4 +1,5 @@
-"""End-to-end tests of `python -m experiments.export_tflite`."""
+"""Tests of `python -m experiments.export_tflite`: end to end in subprocesses;
+error cases through the same `main` in this process."""
 
 import contextlib
 import io

@@ -17,6 +17,7 @@ the median CPU seconds of the worker per round and their ratios, measured in
 this run.
 """
 
+import collections
 import dataclasses
 import os
 import time
@@ -51,24 +52,21 @@ _GRID_FLAGFILE = flags.DEFINE_string(
 
 def process_tree_cpu_seconds(pid: int) -> float:
   """User + system CPU seconds of `pid` and its descendants (Linux /proc)."""
-  stats = {}
-  for entry in os.listdir('/proc'):
-    if not entry.isdigit():
-      continue
+  children, ticks = collections.defaultdict(list), {}
+  for entry in filter(str.isdigit, os.listdir('/proc')):
     try:
       with open(f'/proc/{entry}/stat') as f:
         fields = f.read().rsplit(')', 1)[1].split()
     except OSError:
       continue
-    stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-  tree = {pid}
-  for _ in range(len(stats)):
-    grown = {p for p, (parent, _) in stats.items() if parent in tree} - tree
-    if not grown:
-      break
-    tree |= grown
-  ticks = sum(stats[p][1] for p in tree if p in stats)
-  return ticks / os.sysconf('SC_CLK_TCK')
+    children[int(fields[1])].append(int(entry))
+    ticks[int(entry)] = int(fields[11]) + int(fields[12])
+  total, pending = 0, [pid]
+  while pending:
+    p = pending.pop()
+    total += ticks.get(p, 0)
+    pending += children[p]
+  return total / os.sysconf('SC_CLK_TCK')
 
 
 def alternate(variants, rounds, worker_pid=None):

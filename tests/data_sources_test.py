@@ -227,6 +227,119 @@ class CifarTest(absltest.TestCase):
       sources.load_source('cifar10', d)
 
 
+class _RunsCommand:
+  """A pickled object that runs a shell command when unpickled."""
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return (os.system, (self.command,))
+
+
+class CifarHostileAndMalformedTest(absltest.TestCase):
+
+  def test_a_pickle_that_runs_code_is_refused_before_running(self):
+    d = self.create_tempdir().full_path
+    path, _ = write_cifar_dir(d, 'cifar10')
+    marker = os.path.join(d, 'ran')
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+      with open(os.path.join(path, 'data_batch_1'), 'wb') as f:
+        f.write(pickle.dumps(
+            {b'data': _RunsCommand(f'touch {marker}')}, protocol))
+      with self.assertRaisesRegex(sources.DataSourceError,
+                                  'data_batch_1 is not a CIFAR python batch'
+                                  '.*posix.system'):
+        sources.load_source('cifar10', d)
+      self.assertFalse(os.path.exists(marker))
+
+  def test_the_official_protocol_2_layout_loads(self):
+    d = self.create_tempdir().full_path
+    path, batches = write_cifar_dir(d, 'cifar10')
+    rng = np.random.default_rng(3)
+    for f in batches:
+      official = {
+          b'batch_label': b'training batch 1 of 5',
+          b'labels': rng.integers(0, 10, 4).tolist(),
+          b'data': rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+          b'filenames': [b'a.png', b'b.png', b'c.png', b'd.png'],
+      }
+      with open(os.path.join(path, f), 'wb') as fh:
+        fh.write(pickle.dumps(official, protocol=2))
+    source = sources.load_source('cifar10', d)
+    self.assertEqual(source.train.images.shape, (20, 32, 32, 3))
+    self.assertEqual(source.test.labels.dtype, np.int32)
+
+  def write_batch(self, d, name, data, labels):
+    path, _ = write_cifar_dir(d, 'cifar10')
+    with open(os.path.join(path, name), 'wb') as f:
+      f.write(pickle.dumps({b'data': data, b'labels': labels}, protocol=2))
+
+  def test_labels_outside_the_classes(self):
+    d = self.create_tempdir().full_path
+    self.write_batch(d, 'data_batch_2', np.zeros((2, 3072), np.uint8), [0, 10])
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                r'data_batch_2: labels span \[0, 10\]'):
+      sources.load_source('cifar10', d)
+
+  def test_float_pixels(self):
+    d = self.create_tempdir().full_path
+    data = np.full((2, 3072), np.nan, np.float32)
+    self.write_batch(d, 'test_batch', data, [0, 1])
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                'test_batch: pixel values are float32'):
+      sources.load_source('cifar10', d)
+
+  def test_empty_test_set(self):
+    d = self.create_tempdir().full_path
+    self.write_batch(d, 'test_batch', np.zeros((0, 3072), np.uint8), [])
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                'test_batch holds no images'):
+      sources.load_source('cifar10', d)
+
+
+class FashionMnistMalformedTest(absltest.TestCase):
+
+  def test_damaged_gzip_stream(self):
+    d = self.create_tempdir().full_path
+    write_fashion_mnist(d, num_train=200)
+    path = os.path.join(d, 'train-images-idx3-ubyte.gz')
+    with open(path, 'rb') as f:
+      blob = bytearray(f.read())
+    blob[len(blob) // 2:len(blob) // 2 + 64] = bytes(64)
+    with open(path, 'wb') as f:
+      f.write(bytes(blob))
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                f'cannot read {path}'):
+      sources.load_source('fashion_mnist', d)
+
+  def test_labels_outside_the_classes(self):
+    d = self.create_tempdir().full_path
+    write_fashion_mnist(d)
+    write_idx(os.path.join(d, 't10k-labels-idx1-ubyte.gz'),
+              np.array([0, 1, 2, 3, 12]))
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                't10k-labels-idx1-ubyte.gz: labels span'):
+      sources.load_source('fashion_mnist', d)
+
+  def test_test_images_of_another_shape(self):
+    d = self.create_tempdir().full_path
+    write_fashion_mnist(d)
+    write_idx(os.path.join(d, 't10k-images-idx3-ubyte.gz'),
+              np.zeros((5, 14, 14)))
+    with self.assertRaisesRegex(
+        sources.DataSourceError,
+        r't10k-images-idx3-ubyte.gz: test images of shape \(14, 14, 1\)'):
+      sources.load_source('fashion_mnist', d)
+
+  def test_empty_test_set(self):
+    d = self.create_tempdir().full_path
+    write_fashion_mnist(d, num_test=0)
+    with self.assertRaisesRegex(sources.DataSourceError,
+                                't10k-images-idx3-ubyte.gz holds no images'):
+      sources.load_source('fashion_mnist', d)
+
+
 class SyntheticAndDispatchTest(absltest.TestCase):
 
   def test_synthetic(self):

@@ -9,6 +9,7 @@ shape (N, H, W, C); labels as int32 (N,).
 
 import dataclasses
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -69,6 +70,37 @@ class ImageSource:
     return tuple(self.train.images.shape[1:])
 
 
+def _checked_labels(labels: np.ndarray, num_classes: int, where: str):
+  """`labels` as int32 if they are class ids in [0, num_classes)."""
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise DataSourceError(
+        f'{where}: labels are not integer class ids ({labels.dtype},'
+        f' shape {labels.shape})'
+    )
+  if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+    raise DataSourceError(
+        f'{where}: labels span [{labels.min()}, {labels.max()}], outside the'
+        f' {num_classes} classes [0, {num_classes - 1}]'
+    )
+  return labels.astype(np.int32)
+
+
+def _check_splits(train: LabelledImages, test: LabelledImages,
+                  train_where: str, test_where: str) -> None:
+  """Both splits hold images, of one shape, with finite pixel values."""
+  for split, where in ((train, train_where), (test, test_where)):
+    if not len(split):
+      raise DataSourceError(f'{where} holds no images')
+    if (np.issubdtype(split.images.dtype, np.floating)
+        and not np.all(np.isfinite(split.images))):
+      raise DataSourceError(f'{where} holds non-finite pixel values')
+  if train.images.shape[1:] != test.images.shape[1:]:
+    raise DataSourceError(
+        f'{test_where}: test images of shape {test.images.shape[1:]} differ'
+        f' from the training images {train.images.shape[1:]}'
+    )
+
+
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageSource:
   """scikit-learn's 8x8 handwritten digits, split per class into train/test."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
@@ -107,8 +139,10 @@ def _read_idx(path: str) -> np.ndarray:
           ' bytes'
       )
     return payload.reshape(shape)
-  except (OSError, EOFError, struct.error) as e:
-    raise DataSourceError(f'cannot read {path} ({e}): {_FASHION_MNIST_HINT}')
+  except (OSError, EOFError, struct.error, zlib.error) as e:
+    raise DataSourceError(
+        f'cannot read {path} ({e}): {_FASHION_MNIST_HINT}'
+    ) from None
 
 
 def load_fashion_mnist(data_dir: Optional[str] = None) -> ImageSource:
@@ -119,17 +153,24 @@ def load_fashion_mnist(data_dir: Optional[str] = None) -> ImageSource:
         f'Fashion-MNIST directory {data_dir} not found: {_FASHION_MNIST_HINT}'
     )
 
+  def path(prefix, kind):
+    return os.path.join(data_dir, f'{prefix}-{kind}-ubyte.gz')
+
   def split(prefix):
-    images = _read_idx(os.path.join(data_dir, f'{prefix}-images-idx3-ubyte.gz'))
-    labels = _read_idx(os.path.join(data_dir, f'{prefix}-labels-idx1-ubyte.gz'))
+    images = _read_idx(path(prefix, 'images-idx3'))
+    labels = _read_idx(path(prefix, 'labels-idx1'))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
       raise DataSourceError(
           f'{data_dir}: {prefix} images {images.shape} do not match labels'
           f' {labels.shape}'
       )
-    return LabelledImages(images[..., np.newaxis], labels.astype(np.int32))
+    labels = _checked_labels(labels, 10, path(prefix, 'labels-idx1'))
+    return LabelledImages(images[..., np.newaxis], labels)
 
-  return ImageSource('fashion_mnist', split('train'), split('t10k'), 10)
+  train, test = split('train'), split('t10k')
+  _check_splits(train, test, path('train', 'images-idx3'),
+                path('t10k', 'images-idx3'))
+  return ImageSource('fashion_mnist', train, test, 10)
 
 
 _CIFAR_LAYOUT = {
@@ -152,11 +193,33 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _decode_cifar_batch(blob: bytes, where: str, label_key: bytes):
+# What the official CIFAR python files need: dicts, bytes, lists and numpy
+# arrays (protocol-2 files make bytes with `_codecs.encode` or `bytes()`).
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+    ('_codecs', 'encode'),
+    ('__builtin__', 'bytes'),
+    ('builtins', 'bytes'),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Unpickles data only: any other global (code) is refused, not called."""
+
+  def find_class(self, module, name):
+    if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+      raise pickle.UnpicklingError(f'{module}.{name} is not CIFAR data')
+    return super().find_class(module, name)
+
+
+def _decode_cifar_batch(blob: bytes, where: str, label_key: bytes,
+                        num_classes: int):
   try:
-    batch = pickle.loads(blob, encoding='bytes')
-    data = np.asarray(batch[b'data'], np.uint8)
-    labels = np.asarray(batch[label_key], np.int32)
+    batch = _CifarUnpickler(io.BytesIO(blob), encoding='bytes').load()
+    data = np.asarray(batch[b'data'])
+    labels = np.asarray(batch[label_key])
   except Exception as e:  # pickle raises many types on corrupt input.
     raise DataSourceError(f'{where} is not a CIFAR python batch ({e!r})')
   if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
@@ -164,6 +227,11 @@ def _decode_cifar_batch(blob: bytes, where: str, label_key: bytes):
         f'{where}: data {data.shape} and labels {labels.shape} are not a CIFAR'
         ' batch'
     )
+  if data.dtype != np.uint8:
+    raise DataSourceError(
+        f'{where}: pixel values are {data.dtype}, not 8-bit integers'
+    )
+  labels = _checked_labels(labels, num_classes, where)
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return images, labels
 
@@ -188,8 +256,11 @@ def load_cifar(name: str, data_dir: Optional[str]) -> ImageSource:
   files = layout['train'] + layout['test']
 
   def read_all(fetch):
+    blobs = {f: fetch(f) for f in files}
     decoded = {
-        f: _decode_cifar_batch(*fetch(f), layout['label_key']) for f in files
+        f: _decode_cifar_batch(blob, where, layout['label_key'],
+                               layout['num_classes'])
+        for f, (blob, where) in blobs.items()
     }
 
     def split(names):
@@ -198,13 +269,10 @@ def load_cifar(name: str, data_dir: Optional[str]) -> ImageSource:
           np.concatenate([decoded[f][1] for f in names]),
       )
 
-    return ImageSource(
-        name,
-        split(layout['train']),
-        split(layout['test']),
-        layout['num_classes'],
-        augment=True,
-    )
+    train, test = split(layout['train']), split(layout['test'])
+    _check_splits(train, test, blobs[layout['train'][0]][1],
+                  blobs[layout['test'][0]][1])
+    return ImageSource(name, train, test, layout['num_classes'], augment=True)
 
   for path in candidates:
     if os.path.isdir(path) and all(

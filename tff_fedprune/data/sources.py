@@ -72,7 +72,8 @@ class ImageSource:
 
 def _checked_labels(labels: np.ndarray, num_classes: int, where: str):
   """`labels` as int32 if they are class ids in [0, num_classes)."""
-  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+  if labels.ndim != 1 or (
+      labels.size and not np.issubdtype(labels.dtype, np.integer)):
     raise DataSourceError(
         f'{where}: labels are not integer class ids ({labels.dtype},'
         f' shape {labels.shape})'

@@ -9,6 +9,7 @@ import tempfile
 import textwrap
 
 from absl.testing import absltest
+import grpc
 import numpy as np
 import tensorflow_federated as tff
 
@@ -156,6 +157,26 @@ class OwnedWorkerTest(absltest.TestCase):
 
 
 
+def read(path):
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def legacy_driver_certificate(directory, certs):
+  """(cert, key) signed by `certs`' CA without extended key usage, as
+  experiments.make_certificates made them before it set one."""
+  prefix = os.path.join(directory, 'legacy_driver')
+  run = lambda *a: subprocess.run(['openssl', *a], check=True,
+                                  capture_output=True)
+  run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
+      '-nodes', '-subj', '/CN=legacy', '-keyout', f'{prefix}.key', '-out',
+      f'{prefix}.csr')
+  run('x509', '-req', '-in', f'{prefix}.csr', '-CA', certs['ca'], '-CAkey',
+      certs['ca'][:-len('.pem')] + '.key', '-CAcreateserial', '-days', '2',
+      '-out', f'{prefix}.pem')
+  return f'{prefix}.pem', f'{prefix}.key'
+
+
 class MutualTlsWorkerTest(absltest.TestCase):
   """`python -m tff_fedprune.worker` behind mutual TLS, on loopback only."""
 
@@ -199,6 +220,41 @@ class MutualTlsWorkerTest(absltest.TestCase):
     with self.assertRaises(runtime.WorkerError):
       runtime.wait_until_ready(self.address, timeout_s=3,
                                credentials=foreign)
+
+  def test_refuses_a_worker_certificate_from_a_driver(self):
+    with self.assertRaisesRegex(runtime.WorkerError, 'lacks the clientAuth'):
+      runtime.tls_credentials(self.certs['ca'], self.certs['worker'],
+                              self.certs['worker_key'])
+    # Presented anyway (gRPC's own credentials): the worker refuses it.
+    posing = grpc.ssl_channel_credentials(
+        read(self.certs['ca']), read(self.certs['worker_key']),
+        read(self.certs['worker']))
+    with self.assertRaises(runtime.WorkerError):
+      runtime.wait_until_ready(self.address, timeout_s=3, credentials=posing)
+
+  def test_refuses_a_certificate_without_extended_key_usage(self):
+    legacy = legacy_driver_certificate(self._dir, self.certs)
+    posing = grpc.ssl_channel_credentials(
+        read(self.certs['ca']), read(legacy[1]), read(legacy[0]))
+    with self.assertRaises(runtime.WorkerError):
+      runtime.wait_until_ready(self.address, timeout_s=3, credentials=posing)
+
+  def test_a_driver_refuses_a_driver_certificate_from_a_worker(self):
+    port = worker_process._pick_free_port()
+    posing = testing.start_tls_worker(
+        dict(self.certs, worker=self.certs['driver'],
+             worker_key=self.certs['driver_key']), port)
+    try:
+      context = runtime.tls_client_context(
+          self.certs['ca'], self.certs['driver'], self.certs['driver_key'])
+      with self.assertRaisesRegex(runtime.WorkerError,
+                                  'does not accept|serverAuth'):
+        runtime.check_worker_certificate(f'localhost:{port}', context, 5)
+      runtime.check_worker_certificate(self.address, context, 5)
+    finally:
+      posing.terminate()
+      posing.wait(timeout=15)
+      posing.stdout.close()
 
   def test_only_the_tls_relay_listens_and_only_on_loopback(self):
     mine = [l for l in testing.listening_tcp_sockets()

@@ -9,13 +9,10 @@ from it: `data` (sources and partitions), `simulation` (configuration, the
 round loop, evaluation, FLOPs, reports), `runtime` (owned TFF workers and
 contexts) and `export` (TFLite).
 
-Importing the package has one side effect: it removes TFF's default execution
-context, whose `worker_binary` would outlive Python and hold its stdout.
-Computations then run only inside `runtime.local_runtime()` or another
-installed context, and calling one outside raises instead of starting an
-orphan process.
+Importing the package imports nothing (the worker service and the
+command-line programs start without TensorFlow). Importing `runtime` or
+`learning_process` removes TFF's default execution context, whose
+`worker_binary` would outlive Python and hold its stdout: computations then
+run only inside `runtime.local_runtime()` or another installed context, and
+calling one outside raises instead of starting an orphan process.
 """
-
-from tff_fedprune.runtime import contexts as _contexts
-
-_contexts.disable_default_context()

@@ -22,6 +22,8 @@ from tff_fedprune import finalizer as finalizer_lib
 from tff_fedprune import local_training
 from tff_fedprune import model_state
 from tff_fedprune import scaffold
+# Imported for its effect: no TFF default context (it would leak a worker).
+from tff_fedprune.runtime import contexts as _contexts  # pylint: disable=unused-import
 
 ALGORITHMS = ('fedavg', 'fedprox', 'fednova', 'scaffold')
 SERVER_OPTIMIZERS = finalizer_lib.SERVER_OPTIMIZERS

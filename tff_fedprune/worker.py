@@ -1,8 +1,7 @@
 """`python -m tff_fedprune.worker`: the TFF worker service (`runtime.worker`)."""
 
-from absl import app
-
+from tff_fedprune import cli
 from tff_fedprune.runtime import worker
 
 if __name__ == '__main__':
-  app.run(worker.main)
+  cli.run(worker.main)

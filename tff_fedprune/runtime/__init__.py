@@ -4,18 +4,31 @@
 execution contexts on it or on remote workers; `worker` is the
 `python -m tff_fedprune.worker` service; `relay.py` keeps the binary off the
 network (private network namespace, Unix socket or mutual TLS in front).
+
+The names below are loaded on first use, so that the worker service
+(`worker`, `worker_process`) starts without importing TensorFlow Federated.
 """
 
-from tff_fedprune.runtime.contexts import call_watched
-from tff_fedprune.runtime.contexts import create_distributed_context
-from tff_fedprune.runtime.contexts import create_remote_context
-from tff_fedprune.runtime.contexts import disable_default_context
-from tff_fedprune.runtime.contexts import local_runtime
-from tff_fedprune.runtime.worker_process import is_serving
-from tff_fedprune.runtime.worker_process import open_channel
-from tff_fedprune.runtime.worker_process import OwnedWorker
-from tff_fedprune.runtime.worker_process import parse_addresses
-from tff_fedprune.runtime.worker_process import tls_credentials
-from tff_fedprune.runtime.worker_process import wait_until_ready
-from tff_fedprune.runtime.worker_process import worker_binary_path
-from tff_fedprune.runtime.worker_process import WorkerError
+import importlib
+
+_EXPORTS = {
+    'contexts': ('call_watched', 'create_distributed_context',
+                 'create_remote_context', 'disable_default_context',
+                 'local_runtime'),
+    'worker_process': ('check_worker_certificate', 'is_local_socket',
+                       'is_serving',
+                       'open_channel', 'OwnedWorker', 'tls_client_context',
+                       'parse_addresses', 'tls_credentials',
+                       'wait_until_ready', 'worker_binary_path',
+                       'WorkerError'),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items()
+              for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+  if name not in _MODULE_OF:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  module = importlib.import_module(f'{__name__}.{_MODULE_OF[name]}')
+  return getattr(module, name)

@@ -4,7 +4,8 @@ Execution goes through TFF's own `RemoteExecutor` in a `SyncExecutionContext`,
 the same path that serves workers started on other machines (`host:port`
 addresses); with several workers, TFF's mergeable-computation context splits
 each round's clients across them. `disable_default_context` removes TFF's
-default context, whose worker process would outlive Python.
+default context, whose worker process would outlive Python; importing this
+module does so.
 """
 
 import contextlib
@@ -25,6 +26,9 @@ def disable_default_context() -> None:
   context) then raises a clear error instead of spawning an orphan process.
   """
   tff.test.set_no_default_context()
+
+
+disable_default_context()
 
 
 def _remote_executor_factory(

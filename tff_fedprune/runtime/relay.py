@@ -21,7 +21,9 @@ no privilege is needed where the kernel allows unprivileged user namespaces.
 The binary gets `--port=8000` inside the namespace. The first line on stdout
 is `ready`, or `unavailable: REASON` (exit 3) when the kernel refuses the
 namespace (the caller decides what to do; nothing was started), or
-`error: REASON` (exit 1).
+`error: REASON` (exit 1); with `--tls_port` (the worker service) those two
+go to stderr as one `error:` line instead. A TLS client must present a
+certificate with the clientAuth extended key usage.
 The binary dies with the relay and the relay with its parent
 (`PR_SET_PDEATHSIG`, set by the caller).
 """
@@ -39,12 +41,58 @@ import sys
 import threading
 import time
 
+# DER of the extendedKeyUsage extension's OID and of its two TLS purposes.
+_EXTENDED_KEY_USAGE = bytes.fromhex('551d25')  # 2.5.29.37
+SERVER_AUTH = bytes.fromhex('2b06010505070301')  # 1.3.6.1.5.5.7.3.1
+CLIENT_AUTH = bytes.fromhex('2b06010505070302')  # 1.3.6.1.5.5.7.3.2
+
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 INNER_PORT = 8000
 _CHUNK = 1 << 20
+
+
+def _der_elements(data: bytes):
+  """(tag, contents) of each DER element in `data`, in order."""
+  i = 0
+  while i < len(data):
+    tag, length = data[i], data[i + 1]
+    i += 2
+    if length & 0x80:
+      size = length & 0x7F
+      length = int.from_bytes(data[i:i + size], 'big')
+      i += size
+    yield tag, data[i:i + length]
+    i += length
+
+
+def extended_key_usages(certificate_der: bytes) -> set:
+  """The DER OIDs of a certificate's extendedKeyUsage (empty if it has none).
+
+  Certificate -> tbsCertificate -> [3] extensions -> the extension whose
+  OID is extendedKeyUsage -> OCTET STRING -> SEQUENCE OF OID.
+  """
+  certificate = next(_der_elements(certificate_der))[1]
+  tbs = next(_der_elements(certificate))[1]
+  for tag, contents in _der_elements(tbs):
+    if tag != 0xA3:
+      continue
+    for _, extension in _der_elements(next(_der_elements(contents))[1]):
+      parts = list(_der_elements(extension))
+      if parts[0] == (0x06, _EXTENDED_KEY_USAGE):
+        usages = next(_der_elements(parts[-1][1]))[1]
+        return {oid for tag, oid in _der_elements(usages) if tag == 0x06}
+  return set()
+
+
+def has_usage(certificate_der: bytes, usage: bytes) -> bool:
+  """Whether the certificate names `usage` (SERVER_AUTH or CLIENT_AUTH)."""
+  try:
+    return usage in extended_key_usages(certificate_der)
+  except (IndexError, StopIteration):
+    return False
 
 
 def enter_private_network() -> None:
@@ -104,6 +152,12 @@ def _relay(client: socket.socket, tls: ssl.SSLContext = None) -> None:
       client.settimeout(30)
       client = tls.wrap_socket(client, server_side=True)
       client.settimeout(None)
+      if not has_usage(client.getpeercert(binary_form=True), CLIENT_AUTH):
+        print('warning: refused a client certificate without the clientAuth'
+              ' extended key usage (a worker\'s certificate, or one made'
+              ' before it was required)', file=sys.stderr, flush=True)
+        client.close()
+        return
     upstream = socket.create_connection(('127.0.0.1', INNER_PORT))
   except (OSError, ssl.SSLError):
     client.close()
@@ -137,7 +191,13 @@ def main(argv) -> int:
   worker = [a for a in args.worker if a != '--']
 
   def status(line):
-    print(line, flush=True)
+    # The worker service (--tls_port) reports failures to its user on
+    # stderr; an owned worker's parent reads them from stdout.
+    if line.startswith('ready') or not args.tls_port:
+      print(line, flush=True)
+    else:
+      print(f'error: {line.removeprefix("error: ")}', file=sys.stderr,
+            flush=True)
 
   try:
     listener, tls = None, None

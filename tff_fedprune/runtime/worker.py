@@ -11,7 +11,8 @@ certificate signed by `--tls_client_ca` gets through (the experiment's
 `--worker_ca_cert`, `--worker_client_cert`, `--worker_client_key`). The
 process becomes the relay, so signals and exit status are its own, and the
 binary dies with it. Where the kernel refuses unprivileged user namespaces
-it exits 3 rather than expose the binary.
+it exits 3 rather than expose the binary. Bad flags or unusable TLS files
+are one `error:` line on stderr and exit 2 (`tff_fedprune.cli`).
 
 `--insecure_plaintext_no_auth` instead runs the bare binary on `--port`, on
 every interface, without encryption or authentication: only for a network
@@ -19,11 +20,13 @@ where every host is trusted.
 """
 
 import os
+import ssl
 import sys
 
 from absl import app
 from absl import flags
 
+from tff_fedprune.runtime import relay
 from tff_fedprune.runtime import worker_process
 
 _PORT = flags.DEFINE_integer('port', 8000, 'Port to serve on.')
@@ -65,6 +68,13 @@ def main(argv):
   for path in tls_files:
     if not os.path.isfile(path):
       raise app.UsageError(f'no such file: {path}')
+  try:
+    relay.tls_context(*tls_files)
+  except (OSError, ssl.SSLError) as e:
+    raise app.UsageError(
+        f'--tls_cert, --tls_key and --tls_client_ca must be a readable PEM'
+        f' certificate, its key and a CA certificate ({e.strerror or e})'
+    ) from None
   os.execv(sys.executable, [
       sys.executable, worker_process.RELAY,
       f'--tls_port={_PORT.value}', f'--tls_host={_HOST.value}',

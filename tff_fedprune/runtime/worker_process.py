@@ -14,19 +14,25 @@ worker falls back to a plain port and says so in one warning line.
 """
 
 import atexit
+import base64
 import ctypes
+import importlib.util
 import os
 import select
 import shutil
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 from typing import Optional
 
 import grpc
-import tensorflow_federated as tff
+
+from tff_fedprune import files
+from tff_fedprune.runtime import relay
 
 _PR_SET_PDEATHSIG = 1
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
@@ -43,7 +49,10 @@ class WorkerError(RuntimeError):
 
 def worker_binary_path() -> str:
   """Returns the path of the `worker_binary` shipped in the TFF wheel."""
-  path = os.path.join(os.path.dirname(tff.__file__), 'data', 'worker_binary')
+  spec = importlib.util.find_spec('tensorflow_federated')
+  if spec is None or not spec.origin:
+    raise WorkerError('tensorflow_federated is not installed')
+  path = os.path.join(os.path.dirname(spec.origin), 'data', 'worker_binary')
   if not os.path.isfile(path):
     raise WorkerError(f'TFF worker binary not found at {path}')
   return path
@@ -68,6 +77,29 @@ def _tie_to_parent(parent_pid: int):
 
 
 RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'relay.py')
+_SOCKET_DIR_PREFIX = 'tff_fedprune_worker_'
+
+
+def remove_dead_socket_directories() -> None:
+  """Deletes this user's worker socket directories whose owner has died.
+
+  A SIGKILLed driver cannot remove its `tff_fedprune_worker_PID_*`
+  directory; the next owned worker does.
+  """
+  pattern = re.compile(re.escape(_SOCKET_DIR_PREFIX) + r'(\d+)_\w+$')
+  root = tempfile.gettempdir()
+  for name in os.listdir(root):
+    match = pattern.match(name)
+    path = os.path.join(root, name)
+    if not match or files.pid_alive(int(match.group(1))):
+      continue
+    try:
+      info = os.lstat(path)
+    except FileNotFoundError:
+      continue
+    if info.st_uid == os.geteuid() and os.path.isdir(path) and not (
+        os.path.islink(path)):
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_status(process: subprocess.Popen, timeout_s: float) -> str:
@@ -155,7 +187,8 @@ class OwnedWorker:
     return self
 
   def _start_isolated(self, worker, popen, timeout_s) -> None:
-    socket_dir = tempfile.mkdtemp(prefix='tff_fedprune_worker_')
+    remove_dead_socket_directories()
+    socket_dir = tempfile.mkdtemp(prefix=f'{_SOCKET_DIR_PREFIX}{os.getpid()}_')
     path = os.path.join(socket_dir, 'worker.sock')
     process = subprocess.Popen(
         [sys.executable, RELAY, f'--socket={path}', '--', *worker],
@@ -201,6 +234,60 @@ class OwnedWorker:
     self.stop()
 
 
+def tls_client_context(
+    ca_cert: str, client_cert: str, client_key: str
+) -> ssl.SSLContext:
+  """A driver's side of mutual TLS; WorkerError if a file is not usable PEM.
+
+  The driver's own certificate must allow clientAuth (extended key usage).
+  """
+  context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+  context.set_alpn_protocols(['h2'])
+  try:
+    context.load_verify_locations(ca_cert)
+  except (OSError, ssl.SSLError) as e:
+    raise WorkerError(f'{ca_cert} is not a readable PEM CA certificate'
+                      f' ({e.strerror or e})') from None
+  try:
+    context.load_cert_chain(client_cert, client_key)
+  except (OSError, ssl.SSLError) as e:
+    raise WorkerError(f'{client_cert} and {client_key} are not a readable PEM'
+                      f' certificate and its key ({e.strerror or e})') from None
+  return context
+
+
+def check_worker_certificate(address: str, context: ssl.SSLContext,
+                             timeout_s: float) -> None:
+  """Raises WorkerError unless the worker at host:port presents, verified
+  by `context`, a certificate that allows serverAuth: a driver's (or any
+  client-only) certificate cannot pose as a worker."""
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  try:
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
+      with context.wrap_socket(raw, server_hostname=host) as tls:
+        der = tls.getpeercert(binary_form=True)
+  except ssl.SSLCertVerificationError as e:
+    raise WorkerError(f'the worker at {address} presents a certificate this'
+                      f' driver does not accept ({e.verify_message})') from None
+  except (OSError, ssl.SSLError) as e:
+    raise WorkerError(f'cannot reach the TLS worker at {address}'
+                      f' ({e.strerror or e})') from None
+  if not relay.has_usage(der, relay.SERVER_AUTH):
+    raise WorkerError(
+        f'the worker at {address} presents a certificate without the'
+        ' serverAuth extended key usage (a driver\'s certificate, or one made'
+        ' before it was required: regenerate with'
+        ' experiments.make_certificates)')
+
+
+def _first_certificate(pem: bytes) -> bytes:
+  """The DER of the first certificate in a PEM file (b'' if none)."""
+  match = re.search(rb'-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----',
+                    pem, re.DOTALL)
+  return base64.b64decode(match.group(1)) if match else b''
+
+
 def tls_credentials(
     ca_cert: str, client_cert: str, client_key: str
 ) -> grpc.ChannelCredentials:
@@ -212,6 +299,13 @@ def tls_credentials(
     except OSError as e:
       raise WorkerError(f'cannot read {path}: {e.strerror}') from e
 
+  tls_client_context(ca_cert, client_cert, client_key)  # Usable PEM files.
+  if not relay.has_usage(_first_certificate(read(client_cert)),
+                         relay.CLIENT_AUTH):
+    raise WorkerError(
+        f'{client_cert} lacks the clientAuth extended key usage (a worker\'s'
+        ' certificate, or one made before it was required: regenerate with'
+        ' experiments.make_certificates)')
   return grpc.ssl_channel_credentials(
       root_certificates=read(ca_cert),
       private_key=read(client_key),

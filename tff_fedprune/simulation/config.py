@@ -20,6 +20,7 @@ from tff_fedprune import error_feedback
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune.runtime import worker_process
+from tff_fedprune.simulation import run_directory
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = (
@@ -201,6 +202,14 @@ class ExperimentConfig:
         self.worker_ca_cert, self.worker_client_cert, self.worker_client_key
     )
 
+  def worker_tls_context(self):
+    """The driver's TLS context for checking --workers, or None (plaintext)."""
+    if self.insecure_workers or not self.worker_ca_cert:
+      return None
+    return worker_process.tls_client_context(
+        self.worker_ca_cert, self.worker_client_cert, self.worker_client_key
+    )
+
   @property
   def evaluation_keep_ratio(self) -> float:
     """The keep ratio of the evaluated, measured and saved global model."""
@@ -347,21 +356,55 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
     )
 
 
-def check_resumable(config: ExperimentConfig) -> None:
-  """Refuses to resume a run directory that holds another configuration."""
-  path = os.path.join(config.run_dir, 'config.json')
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = with_defaults(json.load(f))
-  current = dataclasses.asdict(config)
-  changed = sorted(
-      k
-      for k in set(saved) | set(current)
-      if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
-  )
-  if changed:
+def _stored_config(path: str) -> Optional[dict]:
+  """The configuration stored at `path` (with defaults), or None if absent."""
+  if not os.path.lexists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
     raise ConfigError(
-        f'{config.run_dir} holds a run with different {", ".join(changed)};'
-        ' use another --experiment_name or --root_output_dir'
+        f'cannot read {path} ({type(e).__name__}: {e}); move the run'
+        ' directory away or use another --experiment_name'
+    ) from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} holds no configuration (a JSON object)')
+  return with_defaults(saved)
+
+
+def check_resumable(config: ExperimentConfig) -> None:
+  """Refuses to resume a run directory that holds another configuration.
+
+  Both the run's config.json and the configuration its checkpoints are bound
+  to (`run_directory.BOUND_CONFIG`) must match `config`; checkpoints with
+  neither are refused, since nothing says what wrote them.
+  """
+  run_dir = config.run_dir
+  stored = {
+      path: _stored_config(path)
+      for path in (os.path.join(run_dir, 'config.json'),
+                   os.path.join(run_dir, run_directory.BOUND_CONFIG))
+  }
+  if (all(s is None for s in stored.values())
+      and run_directory.has_checkpoints(run_dir)):
+    raise ConfigError(
+        f'{run_dir} has checkpoints but no config.json: which configuration'
+        ' they belong to is unknown; move the directory away or use another'
+        ' --experiment_name'
     )
+  current = dataclasses.asdict(config)
+  for path, saved in stored.items():
+    if saved is None:
+      continue
+    changed = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+    )
+    if changed:
+      raise ConfigError(
+          f'{run_dir} holds a run with different {", ".join(changed)}'
+          f' ({os.path.relpath(path, run_dir)}); use another'
+          ' --experiment_name or --root_output_dir'
+      )

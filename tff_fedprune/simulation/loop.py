@@ -121,20 +121,22 @@ def run_experiment(
   workers = runtime.parse_addresses(config.workers)
   try:
     credentials = config.worker_credentials()
+    tls = config.worker_tls_context()
     for address in workers:
+      if tls is not None and not runtime.is_local_socket(address):
+        runtime.check_worker_certificate(address, tls, timeout_s=10)
       runtime.wait_until_ready(address, timeout_s=10, credentials=credentials)
   except runtime.WorkerError as e:
     raise ConfigError(f'--workers: {e}') from e
-  try:
-    os.makedirs(config.run_dir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'cannot create {config.run_dir}: {e.strerror}') from e
+  run_directory.prepare(config.root_output_dir, config.run_dir)
   with run_directory.exclusive_writer(config.run_dir):
     config_lib.check_resumable(config)  # Again: another writer may have run.
-    run_directory.write_json(
-        os.path.join(config.run_dir, 'config.json'),
-        dataclasses.asdict(config),
-    )
+    run_directory.remove_stale_temporaries(config.run_dir)
+    os.makedirs(os.path.join(config.run_dir, run_directory.CHECKPOINTS),
+                mode=0o700, exist_ok=True)
+    for name in ('config.json', run_directory.BOUND_CONFIG):
+      run_directory.write_json(os.path.join(config.run_dir, name),
+                               dataclasses.asdict(config))
     started = time.time()
     if workers:
       with tff.framework.get_context_stack().install(
@@ -353,8 +355,7 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
                      credentials)
   process = rounds_of.process
   run_dir = config.run_dir
-  checkpoint_dir = os.path.join(run_dir, 'checkpoints')
-  run_directory.remove_stale_temporaries(checkpoint_dir)
+  checkpoint_dir = os.path.join(run_dir, run_directory.CHECKPOINTS)
   state_manager = tff.program.FileProgramStateManager(
       checkpoint_dir, keep_total=3
   )
@@ -419,7 +420,8 @@ def _train(config, build_model, fed_data, progress, worker_addresses,
           'std': fed_data.std,
       },
   )
-  finished_run = reporting.load_run(run_dir)
+  finished_run = reporting.load_run(
+      run_dir, config=config_lib.with_defaults(dataclasses.asdict(config)))
   reporting.plot_runs([finished_run], os.path.join(run_dir, 'plots'))
   summary = _summary(config, fed_data, history)
   if config.target_accuracy is not None:

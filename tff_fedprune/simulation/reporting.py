@@ -97,18 +97,49 @@ class Run:
             int(self.column('upload_bytes')[:first + 1].sum()))
 
 
-def load_run(path: str) -> Run:
-  """Reads a run directory; raises ValueError naming what is missing."""
+_REQUIRED_COLUMNS = ('round', 'test_accuracy', 'upload_bytes')
+
+
+def load_run(path: str, config: dict = None) -> Run:
+  """Reads a run directory; raises ValueError naming what is unusable.
+
+  `config`: the run's configuration, if the caller has it (else config.json).
+  """
   try:
-    with open(os.path.join(path, 'config.json')) as f:
-      config = json.load(f)
-    with open(os.path.join(path, 'metrics.csv')) as f:
+    if config is None:
+      with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+        config = json.load(f)
+    with open(os.path.join(path, 'metrics.csv'), encoding='utf-8',
+              newline='') as f:
       rows = list(csv.DictReader(f))
-  except OSError as e:
-    raise ValueError(f'{path} is not a run directory: {e}') from e
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise ValueError(f'{path} is not a run directory: {e}') from None
+  except ValueError as e:
+    raise ValueError(f'{path}/config.json is not JSON ({e})') from None
+  if not isinstance(config, dict):
+    raise ValueError(f'{path}/config.json holds no configuration')
   if not rows:
     raise ValueError(f'{path} has no completed round')
+  _check_rows(path, rows)
   return Run(path, config_lib.with_defaults(config), rows)
+
+
+def _check_rows(path: str, rows: list) -> None:
+  """Every row has the required columns, with numbers; some round evaluated."""
+  where = os.path.join(path, 'metrics.csv')
+  missing = [c for c in _REQUIRED_COLUMNS if c not in rows[0]]
+  if missing:
+    raise ValueError(f'{where} lacks the columns {missing}')
+  for line, row in enumerate(rows, 2):
+    for key, value in row.items():
+      try:
+        float(value or 'nan')
+      except (TypeError, ValueError):
+        raise ValueError(
+            f'{where} line {line}: {key}={value!r} is not a number'
+        ) from None
+  if all(math.isnan(float(r['test_accuracy'] or 'nan')) for r in rows):
+    raise ValueError(f'{where} has no evaluated round')
 
 
 def _group_key(config: dict) -> tuple:
@@ -155,30 +186,75 @@ def _is_dense_reference(config: dict, of: dict) -> bool:
 def summarize(runs: list[Run], target_accuracy=None) -> list[dict]:
   """One row per group: mean and std of each figure over seeds.
 
-  `target_accuracy`: the accuracy for bytes to target (default: 95% of the
-  paired dense run's last-5 accuracy).
+  A group holds each seed once (two runs of one configuration and seed are
+  an error); labels that would repeat name what differs. Upload vs dense
+  compares the rounds both groups completed. `target_accuracy`: the accuracy
+  for bytes to target (default: 95% of the paired dense run's last-5
+  accuracy).
   """
   groups = {}
   for run in runs:
     groups.setdefault(_group_key(run.config), []).append(run)
   table = []
   for members in groups.values():
+    _check_distinct_seeds(members)
     figures = [r.figures() for r in members]
     row = {'label': _label(members[0].config), 'config': members[0].config,
-           'seeds': sorted(r.config.get('seed') for r in members)}
+           'seeds': sorted(r.config.get('seed') for r in members),
+           'runs': members}
     for name in figures[0]:
       values = np.array([f[name] for f in figures])
       row[name] = float(values.mean())
       row[f'{name}_std'] = float(values.std())
     row.update(_to_target(members, runs, target_accuracy))
     table.append(row)
+  _disambiguate_labels(table)
   for row in table:
     dense = [other for other in table
              if _is_dense_reference(other['config'], row['config'])]
     row['upload_vs_dense'] = (
-        row['upload_mb'] / dense[0]['upload_mb'] if dense else math.nan
+        _upload_ratio(row['runs'], dense[0]['runs']) if dense else math.nan
     )
+  for row in table:
+    del row['runs']
   return sorted(table, key=lambda r: r['label'])
+
+
+def _check_distinct_seeds(members: list[Run]) -> None:
+  seen = {}
+  for run in members:
+    seed = run.config.get('seed')
+    if seed in seen:
+      raise ValueError(
+          f'{seen[seed]} and {run.path} are the same configuration and seed'
+          f' {seed}; give one of them'
+      )
+    seen[seed] = run.path
+
+
+def _disambiguate_labels(table: list[dict]) -> None:
+  """Appends `field=value` of the fields that differ to repeated labels."""
+  by_label = {}
+  for row in table:
+    by_label.setdefault(row['label'], []).append(row)
+  for rows in by_label.values():
+    if len(rows) < 2:
+      continue
+    keys = sorted({k for r in rows for k in r['config']}
+                  - set(_IGNORED_FOR_GROUPING))
+    differing = [k for k in keys
+                 if len({repr(r['config'].get(k)) for r in rows}) > 1]
+    for row in rows:
+      row['label'] += ' ' + ' '.join(
+          f'{k}={row["config"].get(k)}' for k in differing)
+
+
+def _upload_ratio(runs: list[Run], dense_runs: list[Run]) -> float:
+  """Mean upload of `runs` / that of `dense_runs`, over their common rounds."""
+  rounds = min(len(r.rows) for r in runs + dense_runs)
+  upload = lambda group: np.mean(
+      [r.column('upload_bytes')[:rounds].sum() for r in group])
+  return float(upload(runs) / upload(dense_runs))
 
 
 def _to_target(members: list[Run], runs: list[Run], target_accuracy) -> dict:

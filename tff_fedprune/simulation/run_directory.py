@@ -1,19 +1,24 @@
 """A run directory's integrity: one writer, atomic files, intact checkpoints.
 
+`prepare` creates the root and run directory (0700) and refuses either if it
+is another user's or writable by others, and a run directory that is a
+symlink: resuming loads checkpoints, which run their graph when loaded.
 `exclusive_writer` holds an advisory lock (`fcntl.flock` on `RUN_DIR/lock`,
-released by the kernel when the process dies, SIGKILL included) for as long
-as a run writes there, so a second run on the same directory stops with the
-holder's pid instead of interleaving its rows. Files are written to a
-temporary name in the same directory and renamed (`write_json`,
-`save_keras_model`). Checkpoints are `tff.program.FileProgramStateManager`
-versions: `load_latest_intact` falls back to the newest version that loads,
-and `remove_stale_temporaries` deletes what a crash left half-written.
+opened without following links, released by the kernel when the process
+dies, SIGKILL included) for as long as a run writes there, so a second run on
+the same directory stops with the holder's pid instead of interleaving its
+rows. Files are written to a temporary name in the same directory and renamed
+(`write_json`, `save_keras_model`); `remove_stale_temporaries` deletes what a
+killed writer left. Checkpoints are `tff.program.FileProgramStateManager`
+versions, bound to the configuration that wrote them
+(`checkpoints/config.json`, `bind_checkpoints`); `load_latest_intact` falls
+back to the newest version that loads.
 """
 
 import contextlib
 import errno
 import fcntl
-import json
+import glob
 import os
 import shutil
 import sys
@@ -21,15 +26,38 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from tff_fedprune import files
+
+CHECKPOINTS = 'checkpoints'
+BOUND_CONFIG = os.path.join(CHECKPOINTS, 'config.json')
+
 
 class RunDirectoryError(ValueError):
   """The run directory cannot be used (held by another run, unreadable)."""
 
 
+def prepare(root: str, run_dir: str) -> None:
+  """Creates `root` and `run_dir` (0700); RunDirectoryError if unsafe.
+
+  The root may be this user's own symlink; the run directory may not be one.
+  """
+  try:
+    files.private_directory(root, allow_symlink=True)
+    files.private_directory(run_dir)
+  except files.UnsafePathError as e:
+    raise RunDirectoryError(f'refusing the output directory: {e}') from None
+  except OSError as e:
+    raise RunDirectoryError(
+        f'cannot create {e.filename or run_dir}: {e.strerror}') from None
+
+
 @contextlib.contextmanager
 def exclusive_writer(run_dir: str):
   """Holds `run_dir`'s lock; raises RunDirectoryError if another run has it."""
-  fd = os.open(os.path.join(run_dir, 'lock'), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fd = files.open_lock(os.path.join(run_dir, 'lock'))
+  except files.UnsafePathError as e:
+    raise RunDirectoryError(f'refusing the run directory: {e}') from None
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
@@ -59,10 +87,7 @@ def _json_default(value):
 
 def write_json(path: str, value) -> None:
   """Writes JSON atomically (temporary file, then rename)."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
+  files.write_json(path, value, default=_json_default)
 
 
 def save_keras_model(model: tf.keras.Model, path: str) -> None:
@@ -73,17 +98,31 @@ def save_keras_model(model: tf.keras.Model, path: str) -> None:
     model.save(tmp)
     os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
+    if os.path.lexists(tmp):
       os.remove(tmp)
 
 
-def remove_stale_temporaries(checkpoint_dir: str) -> None:
-  """Deletes `program_state_N_temp*` directories a crash left behind."""
-  if not os.path.isdir(checkpoint_dir):
-    return
-  for name in os.listdir(checkpoint_dir):
-    if '_temp' in name:
-      shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
+# What a writer of a run directory leaves while writing: its own temporaries
+# (`files.temporary_name`, Keras' `.tmpPID-model.keras`), TFF's CSV release
+# (`metrics.csv_tempNNNN`) and checkpoint saves (`program_state_N_temp*`).
+_TEMPORARIES = ('*.tmp[0-9]*', 'model/*.tmp[0-9]*', 'model/.tmp[0-9]*',
+                'metrics.csv_temp*', f'{CHECKPOINTS}/*_temp*')
+
+
+def remove_stale_temporaries(run_dir: str) -> None:
+  """Deletes the temporaries of earlier writers (call holding the lock)."""
+  for pattern in _TEMPORARIES:
+    for path in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+
+
+def has_checkpoints(run_dir: str) -> bool:
+  return bool(glob.glob(
+      os.path.join(glob.escape(run_dir), CHECKPOINTS, 'program_state_*')))
 
 
 async def load_latest_intact(state_manager, structure, checkpoint_dir: str):

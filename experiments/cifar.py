@@ -12,13 +12,10 @@ import os
 import sys
 from typing import Optional
 
-# TensorFlow's C++ start-up lines (cuDNN/cuFFT factories) would come before
-# a one-line error; set the variable to see them.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging  # pylint: disable=g-import-not-at-top
+from tff_fedprune import cli  # Before TensorFlow: it quiets its start-up.
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -58,28 +55,23 @@ def config_from_flags(flag_values=flags.FLAGS):
   )
 
 
-def parse_flags_or_exit(argv, flag_values=flags.FLAGS):
-  """absl's flag parsing, with its errors as one `error:` line and exit 2."""
-  try:
-    return flag_values(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+parse_flags_or_exit = cli.parse_flags_or_exit
 
 
 def quiet_logs():
-  logging.set_verbosity(logging.ERROR)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,unused-import
 
-  tf.get_logger().setLevel('ERROR')
+  cli.quiet_logs()
 
 
 def run(config) -> int:
   """Runs or resumes `config`; returns the process exit code.
 
-  Unusable configurations or data, or a run directory another run is
-  writing, print one `error:` line (exit 2). A worker that dies mid-round or
-  a round that makes the model non-finite ends the process (exit 3).
+  Unusable configurations or data, an unsafe run directory or one another
+  run is writing, or a file that cannot be written (a full disk, a
+  read-only directory) print one `error:` line (exit 2). A worker that dies
+  mid-round or a round that makes the model non-finite ends the process
+  (exit 3).
   """
   import keras_models  # pylint: disable=g-import-not-at-top
   from tff_fedprune import data  # pylint: disable=g-import-not-at-top
@@ -93,6 +85,9 @@ def run(config) -> int:
   except (config_lib.ConfigError, data.DataSourceError,
           data.PartitionError, run_directory.RunDirectoryError) as e:
     print(f'error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f'error: cannot write {cli.os_error_message(e)}', file=sys.stderr)
     return 2
   except loop.NonFiniteModelError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -121,4 +116,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags_or_exit)
+  cli.run(main)

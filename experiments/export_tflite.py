@@ -25,19 +25,23 @@ Before writing, the export is checked against the Keras model (for
 random inputs and on real test images of the model's dataset: float32
 exports must agree to 1e-4 on every logit of the random inputs and on top-1
 for 99.5% of the real images (else nothing is written and the exit code is
-1); quantized exports report their accuracy change. `static` also reports
-the accuracy of the dynamic model on the same images.
+1; a non-finite logit difference fails every export); quantized exports
+report their accuracy change. `static` also reports the accuracy of the
+dynamic model on the same images. Both files are written or neither
+(`files.write_together`); bad flags, or --output and --dense_output naming
+one file or a directory, are one `error:` line and exit 2.
 """
 
 import json
+import math
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+from absl import app
+from absl import flags
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging  # pylint: disable=g-import-not-at-top
+from tff_fedprune import cli  # Before TensorFlow: it quiets its start-up.
+from tff_fedprune import files  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 # TFF (imported with the model zoo) must be imported before absl runs main,
 # or Keras cannot deserialise functional models afterwards.
@@ -110,7 +114,7 @@ def load(model_dir):
       raise ExportError(f'{path} not found: --model_dir must be the model/'
                         ' directory of a finished run')
   try:
-    with open(paths[1]) as f:
+    with open(paths[1], encoding='utf-8') as f:
       preprocessing = json.load(f)
     model = tf.keras.models.load_model(paths[0])
   except Exception as e:  # pylint: disable=broad-except
@@ -118,10 +122,29 @@ def load(model_dir):
         f'cannot read the model in {model_dir} ({type(e).__name__}: {e})'
         .splitlines()[0]
     ) from e
+  check_preprocessing(preprocessing, model, paths[1])
   return model, preprocessing
 
 
-def calibration_images(model_dir, source, preprocessing, client, count):
+def check_preprocessing(preprocessing, model, path) -> None:
+  """Raises ExportError unless mean and std normalise the model's input."""
+  channels = model.input_shape[-1]
+  try:
+    mean = np.asarray(preprocessing['mean'], np.float64)
+    std = np.asarray(preprocessing['std'], np.float64)
+    preprocessing['dataset']  # pylint: disable=pointless-statement
+  except (KeyError, TypeError, ValueError) as e:
+    raise ExportError(f'{path} lacks dataset, mean or std ({e})') from None
+  for name, value in (('mean', mean), ('std', std)):
+    if value.size not in (1, channels) or not np.all(np.isfinite(value)):
+      raise ExportError(f'{path}: {name} must be 1 or {channels} finite'
+                        f' numbers, got {value.tolist()}')
+  if not np.all(std > 0):
+    raise ExportError(f'{path}: std must be > 0, got {std.tolist()}')
+
+
+def calibration_images(model_dir, source, preprocessing, client, count,
+                       expected_shape):
   """Normalised training images of the device: a client's split or a sample."""
   train = source.train.images
   if client is not None:
@@ -146,6 +169,10 @@ def calibration_images(model_dir, source, preprocessing, client, count):
       raise ExportError(f'--calibration_images must be >= 1, got {count}')
     order = np.random.default_rng(0).permutation(len(train))[:count]
     images = train[np.sort(order)]
+  if images.shape[1:] != tuple(expected_shape):
+    raise ExportError(
+        f'calibration images of shape {images.shape[1:]} do not fit the'
+        f' model\'s input {tuple(expected_shape)}')
   return ((images.astype(np.float32) - np.asarray(preprocessing['mean']))
           / np.asarray(preprocessing['std'])).astype(np.float32)
 
@@ -177,6 +204,11 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
     raise ExportError(
         f'real images are needed to {"calibrate and " * (mode == "static")}'
         f'verify: {e}') from e
+  if source.test.images.shape[1:] != tuple(model.input_shape[1:]):
+    raise ExportError(
+        f'{preprocessing["dataset"]} test images of shape'
+        f' {source.test.images.shape[1:]} do not fit the model\'s input'
+        f' {tuple(model.input_shape[1:])}')
   real = source.test.images[:num_real].astype(np.float32)
   labels = source.test.labels[:num_real]
   rng = np.random.default_rng(0)
@@ -186,7 +218,8 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
   lines = []
   if mode == 'static':
     images = calibration_images(model_dir, source, preprocessing,
-                                *(calibration or (None, 2000)))
+                                *(calibration or (None, 2000)),
+                                expected_shape=model.input_shape[1:])
     channels = tflite.static_channels(
         model, tf.data.Dataset.from_tensor_slices(images).batch(256),
         channel_multiple=channel_multiple, residual=residual)
@@ -235,9 +268,11 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
         f' {on_real["tflite_accuracy"]:.2%} ({change:+.2f} points)',
     ]
     lines += check
-    if quantize == 'none' and (
-        on_random['max_abs_diff'] > MAX_ABS_DIFF
-        or on_real['top1_agreement'] < MIN_TOP1_AGREEMENT):
+    finite = all(math.isfinite(r[k]) for r in (on_random, on_real)
+                 for k in ('max_abs_diff', 'top1_agreement'))
+    if not finite or quantize == 'none' and not (
+        on_random['max_abs_diff'] <= MAX_ABS_DIFF
+        and on_real['top1_agreement'] >= MIN_TOP1_AGREEMENT):
       raise ExportError(
           f'the {name} export does not match its Keras model: '
           + '; '.join(check))
@@ -250,31 +285,16 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
   return contents[0], contents[1], lines
 
 
-def write_both(files) -> None:
-  """Writes every (path, content) or none: temporary files, then renames."""
-  temporaries = []
-  try:
-    for path, content in files:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      tmp = f'{path}.tmp{os.getpid()}'
-      temporaries.append(tmp)
-      with open(tmp, 'wb') as f:
-        f.write(content)
-    for (path, _), tmp in zip(files, temporaries):
-      os.replace(tmp, path)
-  finally:
-    for tmp in temporaries:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  tf.get_logger().setLevel('ERROR')
-  logging.set_verbosity(logging.ERROR)
+  cli.quiet_logs()
   dense_output = _DENSE_OUTPUT.value or (
       os.path.splitext(_OUTPUT.value)[0] + '_dense.tflite')
+  try:
+    files.check_distinct_files([_OUTPUT.value, dense_output])
+  except files.UnsafePathError as e:
+    raise app.UsageError(f'--output and --dense_output: {e}') from None
   try:
     model, preprocessing = load(_MODEL_DIR.value)
     gated, dense, lines = export(
@@ -289,7 +309,9 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     return 1
   try:
-    write_both(((_OUTPUT.value, gated), (dense_output, dense)))
+    for path in (_OUTPUT.value, dense_output):
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_together(((_OUTPUT.value, gated), (dense_output, dense)))
   except OSError as e:
     print(f'error: cannot write {e.filename}: {e.strerror}', file=sys.stderr)
     return 1
@@ -300,4 +322,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

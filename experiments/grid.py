@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 
 from experiments import cifar
+from tff_fedprune import cli
 
 _ALGORITHMS = flags.DEFINE_list(
     'algorithms', ['fedavg', 'fedprox', 'fednova', 'scaffold'],
@@ -33,7 +34,19 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the grid.')
 
 
 def cells(base) -> list:
-  """The grid's configurations, in the order they run."""
+  """The grid's configurations, in the order they run.
+
+  Raises ValueError before anything runs if a list is empty or a cell's
+  configuration is invalid (an unknown algorithm, a grid name that is not a
+  directory inside --root_output_dir).
+  """
+  import keras_models  # pylint: disable=g-import-not-at-top
+  from tff_fedprune.simulation import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  for name, values in (('algorithms', _ALGORITHMS.value),
+                       ('pruning', _PRUNING.value), ('seeds', _SEEDS.value)):
+    if not values:
+      raise ValueError(f'--{name} is empty')
   if not set(_PRUNING.value) <= {'on', 'off'}:
     raise ValueError(f'--pruning takes on and/or off, got {_PRUNING.value}')
   try:
@@ -55,6 +68,9 @@ def cells(base) -> list:
             dynamic_pruning=gated,
             seed=seed,
         ))
+  config_lib.validate(base, keras_models.MODELS)
+  for config in configs:
+    config_lib.validate(config, keras_models.MODELS)
   return configs
 
 
@@ -81,7 +97,14 @@ def main(argv):
   base = cifar.config_from_flags()
   try:
     configs = cells(base)
-  except ValueError as e:
+  except ValueError as e:  # config.ConfigError included.
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  from tff_fedprune.simulation import run_directory  # pylint: disable=g-import-not-at-top
+
+  try:
+    run_directory.prepare(base.root_output_dir, base.run_dir)
+  except run_directory.RunDirectoryError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for i, config in enumerate(configs, 1):
@@ -93,10 +116,12 @@ def main(argv):
     code = cifar.run(config)
     if code:
       return code
+  from tff_fedprune import files  # pylint: disable=g-import-not-at-top
+
   runs = [reporting.load_run(c.run_dir) for c in configs]
   table = reporting.markdown_table(reporting.summarize(runs))
-  with open(os.path.join(base.run_dir, 'report.md'), 'w') as f:
-    f.write(table)
+  files.write_atomically(os.path.join(base.run_dir, 'report.md'),
+                         table.encode('utf-8'))
   reporting.plot_runs(runs, os.path.join(base.run_dir, 'plots'))
   print(table, end='')
   print(f'report: {os.path.join(base.run_dir, "report.md")}')
@@ -105,5 +130,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cifar.define_flags()
-  app.run(lambda argv: sys.exit(main(argv)),
-          flags_parser=cifar.parse_flags_or_exit)
+  cli.run(main)

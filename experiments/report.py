@@ -13,7 +13,8 @@ import sys
 from absl import app
 from absl import flags
 
-from tff_fedprune.simulation import reporting
+from tff_fedprune import cli  # Before TensorFlow: it quiets its start-up.
+from tff_fedprune.simulation import reporting  # pylint: disable=g-import-not-at-top
 
 _PLOTS_DIR = flags.DEFINE_string('plots_dir', 'plots',
                                  'Where the comparison plots are written.')
@@ -26,12 +27,15 @@ _TARGET_ACCURACY = flags.DEFINE_float(
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError('give one or more run directories')
+  target = _TARGET_ACCURACY.value
+  if target is not None and not 0 < target <= 1:
+    raise app.UsageError(f'--target_accuracy must be in (0, 1], got {target}')
   try:
     runs = [reporting.load_run(path) for path in argv[1:]]
+    table = reporting.summarize(runs, target)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  table = reporting.summarize(runs, _TARGET_ACCURACY.value)
   print(reporting.markdown_table(table), end='')
   for path in reporting.plot_runs(runs, _PLOTS_DIR.value):
     print(f'plot: {path}')
@@ -39,4 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

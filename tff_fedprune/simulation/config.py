@@ -30,6 +30,14 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Per user and out of /tmp, where another local user could create it first.
+DEFAULT_ROOT = os.path.join(
+    os.environ.get('XDG_STATE_HOME') or os.path.expanduser('~/.local/state'),
+    'tff_fedprune',
+)
+_MAX_INTEGER = 2**31 - 1
+
+
 class ConfigError(ValueError):
   """An experiment configuration is invalid."""
 
@@ -48,7 +56,8 @@ class ExperimentConfig:
       'quickstart', 'Run directory name under --root_output_dir.'
   )
   root_output_dir: str = _field(
-      '/tmp/tff_fedprune', 'Where run directories are written.'
+      DEFAULT_ROOT, 'Where run directories are written (created 0700; one'
+      " another user owns or can write to is refused)."
   )
   dataset: str = _field('digits', 'Image dataset.', data_lib.SOURCES)
   data_dir: Optional[str] = _field(
@@ -268,6 +277,15 @@ def validate(config: ExperimentConfig, model_names=()) -> None:
         not isinstance(value, float) or math.isfinite(value),
         f'--{field.name} must be finite, got {value}',
     )
+    require(
+        not isinstance(value, int) or isinstance(value, bool)
+        or field.name == 'seed' or abs(value) <= _MAX_INTEGER,
+        f'--{field.name} must be at most {_MAX_INTEGER}, got {value}',
+    )
+    require(
+        not isinstance(value, str) or _is_utf8(value),
+        f'--{field.name} must be UTF-8 text without NUL, got {value!r}',
+    )
   require(
       config.upload_bits in encoding.UPLOAD_BITS,
       f'--upload_bits must be one of {encoding.UPLOAD_BITS}, got'
@@ -371,6 +389,14 @@ def _stored_config(path: str) -> Optional[dict]:
   if not isinstance(saved, dict):
     raise ConfigError(f'{path} holds no configuration (a JSON object)')
   return with_defaults(saved)
+
+
+def _is_utf8(text: str) -> bool:
+  try:
+    text.encode('utf-8')
+    return '\x00' not in text
+  except UnicodeEncodeError:
+    return False
 
 
 def check_resumable(config: ExperimentConfig) -> None:

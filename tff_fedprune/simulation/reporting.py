@@ -71,7 +71,7 @@ class Run:
         'dense_upload_mb': float(
             self.column('dense_upload_bytes').sum() / 1e6
         ),
-        'flops_ratio': float(flops[-1]),
+        'flops_ratio': float(flops[-1]) if flops.size else math.nan,
         'wall_seconds': float(self.column('round_seconds').sum()),
         'train_test_gap': self._last_gap('train_accuracy', evaluated),
         'client_test_gap': self._last_gap('local_train_accuracy', evaluated),

@@ -106,6 +106,43 @@ class ValidateTest(parameterized.TestCase):
       with self.assertRaisesRegex(config_lib.ConfigError, field):
         config_lib.check_resumable(dataclasses.replace(config, **change))
 
+  def test_checkpoints_stay_bound_to_their_configuration(self):
+    config = testing.small_config(self.create_tempdir().full_path)
+    checkpoints = os.path.join(config.run_dir, 'checkpoints')
+    os.makedirs(os.path.join(checkpoints, 'program_state_1'))
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                'has checkpoints but no config.json'):
+      config_lib.check_resumable(config)
+    with open(os.path.join(checkpoints, 'config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(config), f)
+    config_lib.check_resumable(config)  # config.json gone: the binding says.
+    other = dataclasses.replace(config, seed=8)
+    with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(other), f)  # Edited to match another run.
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'different seed \(checkpoints/config.json\)'):
+      config_lib.check_resumable(other)
+
+  def test_a_malformed_config_json_is_a_config_error(self):
+    config = testing.small_config(self.create_tempdir().full_path)
+    os.makedirs(config.run_dir)
+    for content in ('{', '[]', '\xff'):
+      with open(os.path.join(config.run_dir, 'config.json'), 'w',
+                encoding='latin-1') as f:
+        f.write(content)
+      with self.subTest(content), self.assertRaisesRegex(
+          config_lib.ConfigError, 'config.json'):
+        config_lib.check_resumable(config)
+
+  def test_integers_and_text_in_range(self):
+    base = testing.small_config(self.create_tempdir().full_path)
+    for change, message in ((dict(batch_size=2**40), 'batch_size must be at'),
+                            (dict(data_dir='a\udcff'), 'data_dir must be UTF-8'),
+                            (dict(experiment_name='a\x00'), 'NUL')):
+      with self.subTest(message), self.assertRaisesRegex(
+          config_lib.ConfigError, message):
+        config_lib.validate(dataclasses.replace(base, **change))
+
   def test_every_field_has_help(self):
     for field in dataclasses.fields(config_lib.ExperimentConfig):
       self.assertTrue(config_lib.help_text(field), field.name)

@@ -204,6 +204,47 @@ class ReportingTest(absltest.TestCase):
         self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
       self.assertGreater(os.path.getsize(path), 10_000)
 
+  def test_one_seed_twice_is_an_error(self):
+    root = self.create_tempdir().full_path
+    for name in ('a', 'b'):
+      write_run(os.path.join(root, name), 0, [0.5, 0.6], [10, 10])
+    with self.assertRaisesRegex(ValueError, 'same configuration and seed 0'):
+      reporting.summarize([reporting.load_run(os.path.join(root, n))
+                           for n in ('a', 'b')])
+
+  def test_labels_name_what_differs(self):
+    root = self.create_tempdir().full_path
+    for name, dataset in (('a', 'digits'), ('b', 'fashion_mnist')):
+      write_run(os.path.join(root, name), 0, [0.5, 0.6], [10, 10])
+      path = os.path.join(root, name, 'config.json')
+      with open(path) as f:
+        config = json.load(f)
+      with open(path, 'w') as f:
+        json.dump(dict(config, dataset=dataset), f)
+    table = reporting.summarize([reporting.load_run(os.path.join(root, n))
+                                 for n in ('a', 'b')])
+    self.assertEqual(
+        [r['label'] for r in table],
+        ['fedavg gated keep 0.7 dataset=digits',
+         'fedavg gated keep 0.7 dataset=fashion_mnist'])
+
+  def test_upload_vs_dense_over_the_rounds_both_completed(self):
+    root = self.create_tempdir().full_path
+    write_run(os.path.join(root, 'gated'), 0, [0.5, 0.6], [10, 10])
+    write_run(os.path.join(root, 'dense'), 0, [0.5, 0.6, 0.7, 0.8],
+              [40, 40, 40, 40], dynamic_pruning=False)
+    table = reporting.summarize([reporting.load_run(os.path.join(root, n))
+                                 for n in ('gated', 'dense')])
+    gated = [r for r in table if r['config']['dynamic_pruning']][0]
+    self.assertAlmostEqual(gated['upload_vs_dense'], 0.25)
+
+  def test_malformed_metrics(self):
+    root = self.create_tempdir().full_path
+    write_run(os.path.join(root, 'r'), 0, [0.5, 'high'], [10, 10])
+    with self.assertRaisesRegex(ValueError,
+                                "line 3: test_accuracy='high' is not a number"):
+      reporting.load_run(os.path.join(root, 'r'))
+
   def test_not_a_run_directory(self):
     with self.assertRaisesRegex(ValueError, 'not a run directory'):
       reporting.load_run(self.create_tempdir().full_path)

@@ -158,7 +158,8 @@ class CliTest(absltest.TestCase):
     self.assertLess(len(rows(killed)), 4)
     saved = [int(d.rsplit('_', 1)[1]) for d in os.listdir(
         os.path.join(killed, 'quickstart', 'checkpoints'))
-             if d.rsplit('_', 1)[1].isdigit()]
+             if d.startswith('program_state_')
+             and d.rsplit('_', 1)[1].isdigit()]
     self.assertNotEmpty(saved)
     rerun = run_cli(*args, f'--root_output_dir={killed}')
     self.assertEqual(rerun.returncode, 0)

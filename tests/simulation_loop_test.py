@@ -158,8 +158,8 @@ class RunDirectoryTest(absltest.TestCase):
     self.assertEqual([r['round'] for r in rows], ['1', '2'])
     self.assertEqual([r['non_finite_updates'] for r in rows], ['0', '2'])
     self.assertEqual(
-        os.listdir(os.path.join(config.run_dir, 'checkpoints')),
-        ['program_state_1'])
+        sorted(os.listdir(os.path.join(config.run_dir, 'checkpoints'))),
+        ['config.json', 'program_state_1'])
 
   def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(self):
     root = self.create_tempdir().full_path

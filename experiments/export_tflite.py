@@ -313,7 +313,7 @@ def main(argv):
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     files.write_together(((_OUTPUT.value, gated), (dense_output, dense)))
   except OSError as e:
-    print(f'error: cannot write {e.filename}: {e.strerror}', file=sys.stderr)
+    print(f'error: cannot write {cli.os_error_message(e)}', file=sys.stderr)
     return 1
   for line in lines:
     print(line)

@@ -2,10 +2,10 @@
 
 TFF's `worker_binary` always listens on every interface, unauthenticated,
 and runs whatever TensorFlow graph a client sends. This script (standard
-library only, run as a file so that it starts without importing TFF) puts the
-binary in a private network namespace of its own, where its port exists only
-on a loopback interface nobody else can reach, and relays bytes to that port
-from one front end:
+library and `cryptography` only, run as a file so that it starts without
+importing TFF) puts the binary in a private network namespace of its own,
+where its port exists only on a loopback interface nobody else can reach, and
+relays bytes to that port from one front end:
 
 * `--socket=PATH`: a Unix socket with owner-only permissions (the local
   runtime; gRPC clients reach it as `unix:PATH`);
@@ -41,10 +41,11 @@ import sys
 import threading
 import time
 
-# DER of the extendedKeyUsage extension's OID and of its two TLS purposes.
-_EXTENDED_KEY_USAGE = bytes.fromhex('551d25')  # 2.5.29.37
-SERVER_AUTH = bytes.fromhex('2b06010505070301')  # 1.3.6.1.5.5.7.3.1
-CLIENT_AUTH = bytes.fromhex('2b06010505070302')  # 1.3.6.1.5.5.7.3.2
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -54,45 +55,15 @@ INNER_PORT = 8000
 _CHUNK = 1 << 20
 
 
-def _der_elements(data: bytes):
-  """(tag, contents) of each DER element in `data`, in order."""
-  i = 0
-  while i < len(data):
-    tag, length = data[i], data[i + 1]
-    i += 2
-    if length & 0x80:
-      size = length & 0x7F
-      length = int.from_bytes(data[i:i + size], 'big')
-      i += size
-    yield tag, data[i:i + length]
-    i += length
-
-
-def extended_key_usages(certificate_der: bytes) -> set:
-  """The DER OIDs of a certificate's extendedKeyUsage (empty if it has none).
-
-  Certificate -> tbsCertificate -> [3] extensions -> the extension whose
-  OID is extendedKeyUsage -> OCTET STRING -> SEQUENCE OF OID.
-  """
-  certificate = next(_der_elements(certificate_der))[1]
-  tbs = next(_der_elements(certificate))[1]
-  for tag, contents in _der_elements(tbs):
-    if tag != 0xA3:
-      continue
-    for _, extension in _der_elements(next(_der_elements(contents))[1]):
-      parts = list(_der_elements(extension))
-      if parts[0] == (0x06, _EXTENDED_KEY_USAGE):
-        usages = next(_der_elements(parts[-1][1]))[1]
-        return {oid for tag, oid in _der_elements(usages) if tag == 0x06}
-  return set()
-
-
-def has_usage(certificate_der: bytes, usage: bytes) -> bool:
-  """Whether the certificate names `usage` (SERVER_AUTH or CLIENT_AUTH)."""
+def allows(certificate: x509.Certificate, usage: x509.ObjectIdentifier):
+  """Whether the certificate's extended key usage names `usage` (one without
+  the extension allows nothing here: it predates the rule)."""
   try:
-    return usage in extended_key_usages(certificate_der)
-  except (IndexError, StopIteration):
+    usages = certificate.extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage).value
+  except x509.ExtensionNotFound:
     return False
+  return usage in usages
 
 
 def enter_private_network() -> None:
@@ -152,7 +123,8 @@ def _relay(client: socket.socket, tls: ssl.SSLContext = None) -> None:
       client.settimeout(30)
       client = tls.wrap_socket(client, server_side=True)
       client.settimeout(None)
-      if not has_usage(client.getpeercert(binary_form=True), CLIENT_AUTH):
+      peer = x509.load_der_x509_certificate(client.getpeercert(True))
+      if not allows(peer, CLIENT_AUTH):
         print('warning: refused a client certificate without the clientAuth'
               ' extended key usage (a worker\'s certificate, or one made'
               ' before it was required)', file=sys.stderr, flush=True)

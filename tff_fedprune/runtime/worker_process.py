@@ -14,21 +14,22 @@ worker falls back to a plain port and says so in one warning line.
 """
 
 import atexit
-import base64
 import ctypes
 import importlib.util
 import os
+import re
 import select
 import shutil
-import re
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
 from typing import Optional
 
+from cryptography import x509
 import grpc
 
 from tff_fedprune import files
@@ -97,8 +98,7 @@ def remove_dead_socket_directories() -> None:
       info = os.lstat(path)
     except FileNotFoundError:
       continue
-    if info.st_uid == os.geteuid() and os.path.isdir(path) and not (
-        os.path.islink(path)):
+    if info.st_uid == os.geteuid() and stat.S_ISDIR(info.st_mode):
       shutil.rmtree(path, ignore_errors=True)
 
 
@@ -237,10 +237,8 @@ class OwnedWorker:
 def tls_client_context(
     ca_cert: str, client_cert: str, client_key: str
 ) -> ssl.SSLContext:
-  """A driver's side of mutual TLS; WorkerError if a file is not usable PEM.
-
-  The driver's own certificate must allow clientAuth (extended key usage).
-  """
+  """A driver's side of mutual TLS; WorkerError if a file is not usable PEM
+  or the driver's certificate does not allow clientAuth."""
   context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
   context.set_alpn_protocols(['h2'])
   try:
@@ -253,6 +251,12 @@ def tls_client_context(
   except (OSError, ssl.SSLError) as e:
     raise WorkerError(f'{client_cert} and {client_key} are not a readable PEM'
                       f' certificate and its key ({e.strerror or e})') from None
+  if not relay.allows(x509.load_pem_x509_certificate(_read(client_cert)),
+                      relay.CLIENT_AUTH):
+    raise WorkerError(
+        f'{client_cert} lacks the clientAuth extended key usage (a worker\'s'
+        ' certificate, or one made before it was required: regenerate with'
+        ' experiments.make_certificates)')
   return context
 
 
@@ -273,7 +277,7 @@ def check_worker_certificate(address: str, context: ssl.SSLContext,
   except (OSError, ssl.SSLError) as e:
     raise WorkerError(f'cannot reach the TLS worker at {address}'
                       f' ({e.strerror or e})') from None
-  if not relay.has_usage(der, relay.SERVER_AUTH):
+  if not relay.allows(x509.load_der_x509_certificate(der), relay.SERVER_AUTH):
     raise WorkerError(
         f'the worker at {address} presents a certificate without the'
         ' serverAuth extended key usage (a driver\'s certificate, or one made'
@@ -281,35 +285,23 @@ def check_worker_certificate(address: str, context: ssl.SSLContext,
         ' experiments.make_certificates)')
 
 
-def _first_certificate(pem: bytes) -> bytes:
-  """The DER of the first certificate in a PEM file (b'' if none)."""
-  match = re.search(rb'-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----',
-                    pem, re.DOTALL)
-  return base64.b64decode(match.group(1)) if match else b''
+def _read(path: str) -> bytes:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise WorkerError(f'cannot read {path}: {e.strerror}') from e
 
 
 def tls_credentials(
     ca_cert: str, client_cert: str, client_key: str
 ) -> grpc.ChannelCredentials:
   """Mutual-TLS credentials of a driver for `python -m tff_fedprune.worker`."""
-  def read(path):
-    try:
-      with open(path, 'rb') as f:
-        return f.read()
-    except OSError as e:
-      raise WorkerError(f'cannot read {path}: {e.strerror}') from e
-
-  tls_client_context(ca_cert, client_cert, client_key)  # Usable PEM files.
-  if not relay.has_usage(_first_certificate(read(client_cert)),
-                         relay.CLIENT_AUTH):
-    raise WorkerError(
-        f'{client_cert} lacks the clientAuth extended key usage (a worker\'s'
-        ' certificate, or one made before it was required: regenerate with'
-        ' experiments.make_certificates)')
+  tls_client_context(ca_cert, client_cert, client_key)  # Checks the files.
   return grpc.ssl_channel_credentials(
-      root_certificates=read(ca_cert),
-      private_key=read(client_key),
-      certificate_chain=read(client_cert),
+      root_certificates=_read(ca_cert),
+      private_key=_read(client_key),
+      certificate_chain=_read(client_cert),
   )
 
 

@@ -72,7 +72,7 @@ class ReportingTest(absltest.TestCase):
     with open(os.path.join(GRID, 'report.md')) as f:
       report = f.read()
     self.assertEqual(report, reporting.markdown_table(table))
-    with open(os.path.join(ROOT, 'README.md')) as f:
+    with open(os.path.join(ROOT, 'docs', 'results.md')) as f:
       self.assertIn(report, f.read())
     cells = {}
     for path in paths:
@@ -106,7 +106,7 @@ class ReportingTest(absltest.TestCase):
     with open(os.path.join(ROOT, 'results', 'upload_comparison.md')) as f:
       report = f.read()
     self.assertEqual(report, reporting.markdown_table(table))
-    with open(os.path.join(ROOT, 'README.md')) as f:
+    with open(os.path.join(ROOT, 'docs', 'results.md')) as f:
       self.assertIn(report, f.read())
     labels = {r['label'] for r in table}
     self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit', labels)
@@ -124,7 +124,7 @@ class ReportingTest(absltest.TestCase):
         report = f.read()
       self.assertEqual(report, reporting.markdown_table(table), name)
       if name == 'fmnist_overfitting':
-        with open(os.path.join(ROOT, 'README.md')) as f:
+        with open(os.path.join(ROOT, 'docs', 'results.md')) as f:
           self.assertIn(report, f.read())
     # The client gap: trained client models on their own data minus the
     # global test accuracy, last 5 evaluated rounds, mean over seeds.

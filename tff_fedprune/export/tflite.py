@@ -51,7 +51,7 @@ RUNTIMES = ('tensorflow', 'litert')
 # A `channels` value: the layer computes every channel (still scaled by s).
 ALL_CHANNELS = None
 # Gate every layer: on LiteRT's XNNPACK no zoo layer measured gains from its
-# top-k (README, "Phones"), but this keeps the export the model as trained.
+# top-k (docs/export.md), but this keeps the export the model as trained.
 DEFAULT_GATE_MIN_FLOPS = 0.0
 
 
@@ -436,7 +436,7 @@ def gate_policy(model: tf.keras.Model, min_flops: float) -> dict:
   A layer's size is its dense convolution's FLOPs per image. Such a layer
   still scales its channels by their input-dependent saliency (a gate is not
   a constant), but has no top-k: on XNNPACK a small layer's gathered filters
-  cost more than the channels they skip (README, "Phones").
+  cost more than the channels they skip (docs/export.md).
   """
   return {l.name: ALL_CHANNELS for l in gated_conv.gated_layers(model)
           if flops.layer_flops(l) < min_flops}

@@ -48,8 +48,9 @@ class ErrorFeedbackTest(testing.LocalRuntimeTestCase):
         train = local_training.build_local_training(
             fn(), tff.learning.optimizers.build_sgdm(LR),
             salience_threshold=THRESHOLD)
-        delta, mask, _, _, _ = train(
+        local = train(
             start, datasets[i], tf.data.Dataset.from_tensors(np.float32(0.5)))
+        delta, mask = local.delta, local.mask
         seeds = encoding.tensor_seeds(
             tf.constant(client_work.rounding_seed(SEED, round_num, i)),
             len(residual[i]))

@@ -69,7 +69,7 @@ class LearningProcessTest(testing.LocalRuntimeTestCase):
       train = local_training.build_local_training(
           fn(), tff.learning.optimizers.build_sgdm(0.1))
       delta = train(weights, d,
-                    tf.data.Dataset.from_tensors(np.float32(0.5)))[0]
+                    tf.data.Dataset.from_tensors(np.float32(0.5))).delta
       trained = fn()
       model_state.assign_weights(trained, tf.nest.map_structure(
           lambda w, x: w - x.numpy(), weights, delta))

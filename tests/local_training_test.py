@@ -39,9 +39,9 @@ class LocalTrainingTest(parameterized.TestCase):
     args = [initial, batches(), keep(ratio)]
     if correction:
       args.append(tuple(tf.random.normal(v.shape) for v in initial.trainable))
-    delta, mask, n, _, steps = train(*args)
-    self.assertEqual(int(steps), 2)
-    return model, delta, mask, int(n)
+    local = train(*args)
+    self.assertEqual(int(local.steps), 2)
+    return model, local.delta, local.mask, int(local.num_examples)
 
   @parameterized.parameters(
       dict(weight_decay=5e-3), dict(prox_mu=0.5),
@@ -114,7 +114,7 @@ class LocalTrainingTest(parameterized.TestCase):
                                     model_state.global_weights(model))
     train = local_training.build_local_training(
         model, tff.learning.optimizers.build_sgdm(0.1), weight_decay=1e-3)
-    _, mask, *_ = train(initial, batches(), keep(0.3))
+    mask = train(initial, batches(), keep(0.3)).mask
     self.assertTrue(all(np.all(m.numpy() == 1) for m in tf.nest.flatten(mask)))
 
 

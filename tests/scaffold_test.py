@@ -56,9 +56,10 @@ class ScaffoldTest(testing.LocalRuntimeTestCase):
         train = local_training.build_local_training(
             fn(), tff.learning.optimizers.build_sgdm(lr, momentum or None))
         correction = tuple(a - b for a, b in zip(c, c_k[i]))
-        delta, mask, _, _, steps = train(
+        local = train(
             start, d, tf.data.Dataset.from_tensors(np.float32(0.5)),
             correction)
+        delta, mask, steps = local.delta, local.mask, local.steps
         # Momentum steps j = 1..K move the weights by lr (1 - m^j) / (1 - m).
         a_k = sum((1 - momentum**j) / (1 - momentum)
                   for j in range(1, int(steps) + 1))

@@ -13,7 +13,7 @@ The plain weighted mean of the authors' code (`aggregation='fedavg'`),
 
 counts a client that did not send coordinate i as a zero change, shrinking
 the coordinate by the share of clients that did not send it; it is kept for
-ablations. Clients encode their update with `encoding.TensorCodec`
+ablations. Clients encode their update with `uplink.Uplink`
 (the mask travels with it; with `upload_bits` < 32 the kept values are
 stochastically rounded, seeded by the value's `rounding_seed`, which stays on
 the client); the server decodes inside `federated_aggregate`,
@@ -28,6 +28,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import encoding
+from tff_fedprune import uplink as uplink_lib
 
 
 AGGREGATIONS = ('count_aware', 'fedavg')
@@ -50,13 +51,9 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       value_type: tff.types.StructType,
       weight_type: tff.types.TensorType,
   ) -> tff.templates.AggregationProcess:
-    update_type = value_type['update']
-    specs = tff.types.type_to_tf_tensor_specs(update_type)
+    specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
     spec_list = tf.nest.flatten(specs)
-    codec_list = [
-        encoding.TensorCodec(s.shape, self._bits) for s in spec_list
-    ]
-    total = sum(c.size for c in codec_list)
+    uplink = uplink_lib.Uplink(specs, self._bits)
     if (self._bits < 32
         and 'rounding_seed' not in tff.structure.name_list(value_type)):
       raise ValueError(
@@ -65,28 +62,8 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
 
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
-      seeds = encoding.tensor_seeds(
-          value['rounding_seed'] if self._bits < 32 else None, len(codec_list)
-      )
-      encoded = [
-          c.encode(u, m, seed)
-          for c, u, m, seed in zip(
-              codec_list,
-              tf.nest.flatten(value['update']),
-              tf.nest.flatten(value['mask']),
-              seeds,
-          )
-      ]
-      kept = tf.add_n([
-          tf.cast(tf.reduce_sum(m), tf.int64)
-          for m in tf.nest.flatten(value['mask'])
-      ])
-      nbytes = tf.add_n([encoding.encoded_bytes(e) for e in encoded])
-      message = collections.OrderedDict(encoded=encoded, weight=weight)
-      return (
-          message,
-          collections.OrderedDict(upload_bytes=nbytes, kept_coordinates=kept),
-      )
+      seed = value['rounding_seed'] if self._bits < 32 else None
+      return uplink.message(value['update'], value['mask'], seed, weight)
 
     def zeros():
       return [tf.zeros(s.shape, s.dtype) for s in spec_list]
@@ -104,13 +81,10 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     def accumulate(accumulator, message):
       weight = tf.cast(message['weight'], tf.float32)
       numerator, denominator = [], []
-      for c, e, num, den in zip(
-          codec_list,
-          message['encoded'],
-          accumulator['numerator'],
-          accumulator['denominator'],
+      updates, masks = uplink.decode(message['encoded'])
+      for update, mask, num, den in zip(
+          updates, masks, accumulator['numerator'], accumulator['denominator']
       ):
-        update, mask = c.decode(e)
         numerator.append(num + weight * update)
         sent = mask if self._count_aware else tf.ones_like(mask)
         denominator.append(den + weight * sent)
@@ -151,7 +125,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
               upload_bytes=tff.federated_sum(sizes['upload_bytes']),
               kept_coordinates=tff.federated_sum(sizes['kept_coordinates']),
               coordinates_per_client=tff.federated_value(
-                  np.int64(total), tff.SERVER
+                  np.int64(uplink.coordinates), tff.SERVER
               ),
           )
       )

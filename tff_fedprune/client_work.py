@@ -6,13 +6,10 @@ devices) and reports `OrderedDict(update=delta * M, mask=M)`, where delta is
 applies) over all global weights, BN moving statistics included, and M the
 channel-structured salience mask (`local_training`, `salience`).
 
-What differs between FedAvg, FedProx, FedNova and SCAFFOLD is an `Algorithm`:
-its server state broadcast to every client (O(model)), the per-client state
-the driver keeps and hands each client as client data (SCAFFOLD's c_k), a
-gradient correction, what a client adds to its result, how the server state
-moves, and the aggregator around the count-aware mean. The base class is
-FedAvg, `FedProx` adds the proximal term; `fednova` and `scaffold` override
-the hooks.
+What differs between FedAvg, FedProx, FedNova and SCAFFOLD is an
+`algorithm.Algorithm`: the server state it broadcasts, the per-client state
+the driver keeps and hands each client as client data, a gradient
+correction, the client's output and the aggregator around the mean.
 
 Per-client state goes back by the client's slot in the round: each client
 returns the change of its state, `federated_aggregate` scatters it into row
@@ -22,71 +19,17 @@ client it put in that slot (`simulation.client_states`).
 """
 
 import collections
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fedprune import algorithm as algorithm_lib
 from tff_fedprune import local_training
 from tff_fedprune import model_state
 
 CLIENT_STATE_UPDATES = 'client_state_updates'
-
-
-class Algorithm:
-  """A federated algorithm's hooks into the client work; as it is, FedAvg."""
-
-  name = 'fedavg'
-  prox_mu = 0.0  # The FedProx coefficient of the local loss.
-  metric_names = ()  # Client metrics `finish` adds, summed over clients.
-
-  def server_state_spec(self, trainable_specs) -> collections.OrderedDict:
-    """Specs of the state broadcast to every client (O(model))."""
-    del trainable_specs
-    return collections.OrderedDict()
-
-  def client_state_spec(self, trainable_specs) -> collections.OrderedDict:
-    """Specs of the state the driver keeps per client (empty: none)."""
-    del trainable_specs
-    return collections.OrderedDict()
-
-  def correction(self, server_state, client_state) -> Optional[tuple]:
-    """A trainable-shaped term added to every kept local gradient."""
-    del server_state, client_state
-    return None
-
-  def finish(
-      self, *, update, delta, mask, steps, server_state, client_state,
-      rounding_seed,
-  ) -> tuple[Any, dict, Any, dict]:
-    """`(update, result extras, client state change, metrics)`.
-
-    `update` is the masked update; the extras join the client's result for
-    the aggregator; the metrics are named by `metric_names`.
-    """
-    del delta, mask, steps, server_state, client_state, rounding_seed
-    return update, {}, None, {}
-
-  def update_server_state(self, state, client_state_updates):
-    """The new server state from the round's per-slot client state changes."""
-    del client_state_updates
-    return state
-
-  def aggregator(
-      self, factory: tff.aggregators.WeightedAggregationFactory
-  ) -> tff.aggregators.WeightedAggregationFactory:
-    """The aggregator of `OrderedDict(update, mask, **extras)` results."""
-    return factory
-
-
-class FedProx(Algorithm):
-  """FedAvg whose local loss adds (mu / 2) ||w - w_0||^2."""
-
-  name = 'fedprox'
-
-  def __init__(self, prox_mu: float):
-    self.prox_mu = prox_mu
 
 
 def rounding_seed(seed: int, round_num: int, client_id: int) -> np.ndarray:
@@ -149,7 +92,7 @@ def build_client_work(
     learning_rate: float,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
-    algorithm: Optional[Algorithm] = None,
+    algorithm: Optional[algorithm_lib.Algorithm] = None,
     salience_threshold: float = 0.0,
     clients_per_round: int = 0,
     measure_local_accuracy: bool = False,
@@ -178,7 +121,7 @@ def build_client_work(
     weighted by the number of examples (0 when the update is not finite,
     which then counts in `non_finite_updates`).
   """
-  algorithm = algorithm or Algorithm()
+  algorithm = algorithm or algorithm_lib.Algorithm()
   with tf.Graph().as_default():
     weights_type = model_state.weights_type_from_keras(model_fn())
   trainable_specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
@@ -212,42 +155,43 @@ def build_client_work(
     client_state = (
         _first(data['client_state'], client_spec) if client_spec else None
     )
-    correction = algorithm.correction(server_state, client_state)
+    correction = algorithm.gradient_correction(server_state, client_state)
     args = [initial_weights, data['batches'], data['keep_ratio']]
-    outputs = train(*args, *([correction] if correction is not None else []))
-    delta, mask, num_examples, loss_sum, steps = outputs[:5]
-    update = tf.nest.map_structure(tf.multiply, delta, mask)
+    local = train(*args, *([correction] if correction is not None else []))
     seed = _first(data['rounding_seed'], tf.TensorSpec([2], tf.int64))
-    update, extras, state_change, extra_metrics = algorithm.finish(
-        update=update, delta=delta, mask=mask, steps=steps,
+    output = algorithm.client_output(algorithm_lib.ClientRound(
+        local=local,
+        update=tf.nest.map_structure(tf.multiply, local.delta, local.mask),
         server_state=server_state, client_state=client_state,
         rounding_seed=seed,
-    )
+    ))
+    update = output.update
     finite = tf.reduce_all(
         [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
     )
     zero_unless_finite = lambda u: tf.where(finite, u, tf.zeros_like(u))
     update = tf.nest.map_structure(zero_unless_finite, update)
+    num_examples = local.num_examples
     weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
     mean_loss = tf.math.divide_no_nan(
-        loss_sum, tf.cast(num_examples, tf.float32)
+        local.loss_sum, tf.cast(num_examples, tf.float32)
     )
     metrics = collections.OrderedDict(
         loss=tf.where(finite, mean_loss, 0.0),
         num_examples=tf.where(finite, num_examples, 0),
         non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
-        **extra_metrics,
+        **output.metrics,
     )
     if measure_local_accuracy:
-      metrics['local_accuracy'] = outputs[5]
+      metrics['local_accuracy'] = local.accuracy
       metrics['finite'] = tf.cast(finite, tf.float32)
     if client_spec:
       metrics['slot'] = _first(data['slot'], tf.TensorSpec([], tf.int32))
       metrics['state_change'] = tf.nest.map_structure(
-          zero_unless_finite, state_change
+          zero_unless_finite, output.state_change
       )
     result = collections.OrderedDict(
-        update=update, mask=mask, rounding_seed=seed, **extras
+        update=update, mask=local.mask, rounding_seed=seed, **output.extras
     )
     return tff.learning.templates.ClientResult(result, weight), metrics
 

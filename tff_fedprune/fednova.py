@@ -14,9 +14,8 @@ import collections
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_fedprune import client_work
-
-SCALE_BYTES = 4  # a_k travels as one float32.
+from tff_fedprune import algorithm
+from tff_fedprune import uplink
 
 
 def normalizer(steps, momentum: float):
@@ -28,7 +27,7 @@ def normalizer(steps, momentum: float):
   return (steps - m * (1.0 - m**steps) / (1.0 - m)) / (1.0 - m)
 
 
-class FedNova(client_work.Algorithm):
+class FedNova(algorithm.Algorithm):
   """Clients send update / a_k and a_k; the server rescales the mean."""
 
   name = 'fednova'
@@ -36,17 +35,15 @@ class FedNova(client_work.Algorithm):
   def __init__(self, momentum: float):
     self.momentum = momentum
 
-  def finish(self, *, update, delta, mask, steps, server_state, client_state,
-             rounding_seed):
-    del delta, mask, server_state, client_state, rounding_seed
-    a_k = normalizer(steps, self.momentum)
+  def client_output(self, client):
+    a_k = normalizer(client.local.steps, self.momentum)
     update = tff.learning.models.ModelWeights(
         tf.nest.map_structure(
-            lambda u: u / tf.maximum(a_k, 1e-12), update.trainable
+            lambda u: u / tf.maximum(a_k, 1e-12), client.update.trainable
         ),
-        update.non_trainable,
+        client.update.non_trainable,
     )
-    return update, {'scale': a_k}, None, {}
+    return algorithm.ClientOutput(update, extras={'scale': a_k})
 
   def aggregator(self, factory):
     return StepRescaledMeanFactory(factory)
@@ -82,7 +79,7 @@ class StepRescaledMeanFactory(tff.aggregators.WeightedAggregationFactory):
       return (
           inner_value,
           weight * value['scale'],
-          tf.constant(SCALE_BYTES, tf.int64),
+          tf.constant(uplink.SCALAR_BYTES, tf.int64),
       )
 
     @tff.tensorflow.computation(mean_type, tf.float32, weight_type)

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import aggregation as aggregation_lib
+from tff_fedprune import algorithm as algorithm_lib
 from tff_fedprune import client_work as client_work_lib
 from tff_fedprune import error_feedback as error_feedback_lib
 from tff_fedprune import fednova
@@ -36,12 +37,12 @@ def build_algorithm(
     num_clients: int = 0,
     learning_rate: float = 0.0,
     momentum: float = 0.0,
-) -> client_work_lib.Algorithm:
+) -> algorithm_lib.Algorithm:
   """The client-work hooks of algorithm `name` (one of `ALGORITHMS`)."""
   if name == 'fedavg':
-    return client_work_lib.Algorithm()
+    return algorithm_lib.Algorithm()
   if name == 'fedprox':
-    return client_work_lib.FedProx(prox_mu)
+    return algorithm_lib.FedProx(prox_mu)
   if name == 'fednova':
     return fednova.FedNova(momentum)
   if name == 'scaffold':

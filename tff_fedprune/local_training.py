@@ -20,6 +20,7 @@ from collections.abc import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fedprune import algorithm
 from tff_fedprune import model_state
 from tff_fedprune import salience
 
@@ -35,14 +36,14 @@ def build_local_training(
     salience_threshold: float = 0.0,
     measure_accuracy: bool = False,
 ):
-  """A `tf.function` training `model` on one client's data.
+  """A function training `model` on one client's data.
 
   Its arguments are the initial global weights, the client's batches, its
   keep ratio (a 1-element dataset) and optionally a gradient correction.
-  It returns `(delta, mask, num_examples, loss_sum, steps)`: the unmasked
-  update `initial - trained` of the global weights, the round's salience
-  mask, and the number of local steps taken; with `measure_accuracy`, also
-  the trained model's accuracy on the same batches (inference mode, a second
+  It returns an `algorithm.LocalResult`: the unmasked update
+  `initial - trained` of the global weights, the round's salience mask, the
+  examples, loss sum and local steps; with `measure_accuracy`, also the
+  trained model's accuracy on the same batches (inference mode, a second
   pass), which measures how far a client fits its own data.
   """
   loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -117,4 +118,7 @@ def build_local_training(
     )
     return outputs + (accuracy,)
 
-  return train
+  def train_client(*args) -> algorithm.LocalResult:
+    return algorithm.LocalResult(*train(*args))
+
+  return train_client

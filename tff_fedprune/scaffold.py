@@ -20,16 +20,17 @@ import collections
 
 import tensorflow as tf
 
-from tff_fedprune import client_work
-from tff_fedprune import encoding
+from tff_fedprune import algorithm
 from tff_fedprune import fednova
+from tff_fedprune import uplink
 
 
-class Scaffold(client_work.Algorithm):
+class Scaffold(algorithm.Algorithm):
   """Control variates c (server, broadcast) and c_k (per client)."""
 
   name = 'scaffold'
   metric_names = ('control_upload_bytes',)
+  state_travels = True  # c goes down with the model, dc_k comes back.
 
   def __init__(self, num_clients: int, learning_rate: float, momentum: float):
     if num_clients < 1:
@@ -44,31 +45,29 @@ class Scaffold(client_work.Algorithm):
   def client_state_spec(self, trainable_specs):
     return collections.OrderedDict(c_k=tuple(trainable_specs))
 
-  def correction(self, server_state, client_state):
+  def gradient_correction(self, server_state, client_state):
     return tuple(
         a - b for a, b in zip(server_state['c'], client_state['c_k'])
     )
 
-  def finish(self, *, update, delta, mask, steps, server_state, client_state,
-             rounding_seed):
-    del client_state, rounding_seed
+  def client_output(self, client):
+    local = client.local
     k_lr = (
-        fednova.normalizer(tf.maximum(steps, 1), self.momentum)
+        fednova.normalizer(tf.maximum(local.steps, 1), self.momentum)
         * self.learning_rate
     )
+    masks = local.mask.trainable
     control_delta = tuple(
         m * (d / k_lr - ci)
-        for m, d, ci in zip(mask.trainable, delta.trainable, server_state['c'])
+        for m, d, ci in zip(masks, local.delta.trainable,
+                            client.server_state['c'])
     )
-    upload = tf.add_n([
-        encoding.encoded_bytes(encoding.TensorCodec(cd.shape).encode(cd, m))
-        for cd, m in zip(control_delta, mask.trainable)
-    ])
-    return (
-        update,
-        {},
-        collections.OrderedDict(c_k=control_delta),
-        {'control_upload_bytes': upload},
+    specs = [tf.TensorSpec(cd.shape, cd.dtype) for cd in control_delta]
+    return algorithm.ClientOutput(
+        client.update,
+        state_change=collections.OrderedDict(c_k=control_delta),
+        metrics={'control_upload_bytes': uplink.Uplink(specs).upload_bytes(
+            control_delta, masks)},
     )
 
   def update_server_state(self, state, client_state_updates):

@@ -9,8 +9,8 @@ CNN from the same initial weights on the same client datasets. Then, unless
 `--grid_rounds=0`, a gated and a dense run of the flagfile's configuration
 (the Fashion-MNIST grid's by default: FedAvg, keep 0.7, tau 0.5): whole
 rounds as `round_seconds` counts them (client data, local training,
-encoding, aggregation, server update and evaluation; `loop.Rounds`). Each
-comparison runs through one owned TFF worker and alternates rounds between
+encoding, aggregation, server update and evaluation: `program.RoundRunner`).
+Each comparison runs through one owned TFF worker and alternates rounds between
 its two variants so that machine drift affects both alike, after one
 untimed round each (the first call traces). Prints the median round times,
 the median CPU seconds of the worker per round and their ratios, measured in
@@ -36,7 +36,9 @@ from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune import model_state  # pylint: disable=g-import-not-at-top
 from tff_fedprune import learning_process  # pylint: disable=g-import-not-at-top
 from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
+from tff_fedprune.simulation import data_source  # pylint: disable=g-import-not-at-top
 from tff_fedprune.simulation import loop  # pylint: disable=g-import-not-at-top
+from tff_fedprune.simulation import program  # pylint: disable=g-import-not-at-top
 from experiments import cifar  # pylint: disable=g-import-not-at-top
 
 _ROUNDS = flags.DEFINE_integer('rounds', 8, 'Timed rounds per process.')
@@ -115,21 +117,22 @@ def grid_config():
 def benchmark_gated_rounds(rounds):
   """Gated vs dense rounds of --grid_flagfile's configuration."""
   config = grid_config()
-  fed_data = loop.load_data(config)
+  fed_data = data_source.load_data(config)
   build = keras_models.BUILDERS[config.model]
   with runtime.local_runtime() as worker:
     runs = {}
     for name, gated in (('dense', False), ('gated', True)):
-      variant = loop.Rounds(
-          dataclasses.replace(config, dynamic_pruning=gated,
-                              total_rounds=rounds + 1),
-          build, fed_data, [worker.address], None)
-      runs[name] = [variant, variant.initial_state]
+      variant = dataclasses.replace(config, dynamic_pruning=gated,
+                                    total_rounds=rounds + 1)
+      parts = loop.build_parts(variant, build, fed_data)
+      run_round = program.RoundRunner(
+          parts.process, parts.data_source, parts.evaluation, parts.traffic)
+      runs[name] = [run_round, parts.process.initialize()]
 
     def runner(name):
       def run_round(i):
-        variant, state = runs[name]
-        runs[name][1], _ = variant.run_round(state, i + 1)
+        round_runner, state = runs[name]
+        runs[name][1] = round_runner(state, i + 1)[0]
       return run_round
 
     medians = alternate({name: runner(name) for name in runs}, rounds,

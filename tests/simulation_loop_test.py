@@ -17,6 +17,7 @@ import keras_models
 from tests import testing
 from tff_fedprune import gated_conv
 from tff_fedprune.simulation import config as config_lib
+from tff_fedprune.simulation import data_source
 from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import loop
 from tff_fedprune.simulation import run_directory
@@ -27,8 +28,9 @@ def read_rows(run_dir):
     return list(csv.DictReader(f))
 
 
-def run(config):
-  return loop.run_experiment(config, keras_models.BUILDERS, progress=False)
+def run(config, built=None):
+  return loop.run_experiment(config, keras_models.BUILDERS, progress=False,
+                             built=built)
 
 
 class RunExperimentTest(parameterized.TestCase):
@@ -42,13 +44,16 @@ class RunExperimentTest(parameterized.TestCase):
     straight = testing.small_config(os.path.join(root, 'a'),
                                     algorithm=algorithm,
                                     upload_bits=upload_bits)
-    run(straight)
+    # One process serves all three runs (they differ in resumable fields).
+    built = loop.build_process(straight, keras_models.BUILDERS['cnn'],
+                               data_source.load_data(straight))
+    run(straight, built)
     interrupted = testing.small_config(os.path.join(root, 'b'), total_rounds=2,
                                        algorithm=algorithm,
                                        upload_bits=upload_bits)
-    run(interrupted)
+    run(interrupted, built)
     self.assertLen(read_rows(interrupted.run_dir), 2)
-    summary = run(dataclasses.replace(interrupted, total_rounds=3))
+    summary = run(dataclasses.replace(interrupted, total_rounds=3), built)
 
     a, b = read_rows(straight.run_dir), read_rows(interrupted.run_dir)
     self.assertEqual([r['round'] for r in b], ['1', '2', '3'])
@@ -69,7 +74,7 @@ class RunExperimentTest(parameterized.TestCase):
     # A finished run reruns as a no-op with the same rows; a target accuracy
     # (resumable) adds the upload it took to reach it.
     summary = run(dataclasses.replace(
-        interrupted, total_rounds=3, target_accuracy=1e-6))
+        interrupted, total_rounds=3, target_accuracy=1e-6), built)
     self.assertLen(read_rows(interrupted.run_dir), 3)
     self.assertEqual(summary['upload_to_target'], {
         'target_accuracy': 1e-6, 'round': 1,
@@ -105,7 +110,7 @@ class RunExperimentTest(parameterized.TestCase):
     # Over-fitting figures: the saved global model on the pooled training
     # data, and the trained clients on their own data.
     row = read_rows(config.run_dir)[0]
-    train_data = loop.load_data(config).train_eval_dataset()
+    train_data = data_source.load_data(config).train_eval_dataset()
     correct = sum(
         int(np.sum(np.argmax(model(x, training=False), -1) == y.numpy()))
         for x, y in train_data)
@@ -129,10 +134,9 @@ class RunExperimentTest(parameterized.TestCase):
       self.assertEqual(row['clients_dropped'], '3')
       self.assertEqual(row['clients_completed'], '7')
       self.assertNotEqual(row['test_accuracy'], 'nan')
-    completing, dropped = loop.sample_clients(config, 1)
-    self.assertLen(set(completing) | set(dropped), 10)
-    self.assertEqual(loop.sample_clients(config, 1),
-                     (completing, dropped))
+    clients = data_source.sample_clients(config, 1)
+    self.assertLen(set(clients.completing) | set(clients.dropped), 10)
+    self.assertEqual(data_source.sample_clients(config, 1), clients)
 
   def test_refuses_to_resume_a_different_configuration(self):
     root = self.create_tempdir().full_path

@@ -3,10 +3,11 @@
 The method, in the order of a round (docs/design.md): `gated_conv` (the gated
 layer), `model_state` (global weights vs client-local state), `salience`
 (channel-structured masks), `local_training`, `client_work` (with the
-algorithm-specific parts in `fednova` and `scaffold`), `encoding`,
-`aggregation`, `finalizer` and `learning_process` (their composition). Apart
-from it: `data` (sources and partitions), `simulation` (configuration, the
-round loop, evaluation, FLOPs, reports), `runtime` (owned TFF workers and
+algorithm hooks of `algorithm`, `fednova`, `scaffold` and `error_feedback`),
+`uplink` and `encoding` (what a client sends), `aggregation`, `finalizer` and
+`learning_process` (their composition). Apart from it: `data` (sources and
+partitions), `simulation` (configuration, the training program, evaluation,
+FLOPs, reports), `runtime` (owned TFF workers and
 contexts) and `export` (TFLite).
 
 Importing the package imports nothing (the worker service and the

@@ -8,7 +8,7 @@ server optimizer (`finalizer`) with
 (`get_model_weights`, program state) works on it unchanged.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -37,17 +37,27 @@ def build_algorithm(
     num_clients: int = 0,
     learning_rate: float = 0.0,
     momentum: float = 0.0,
+    error_feedback: bool = False,
+    upload_bits: int = 32,
 ) -> algorithm_lib.Algorithm:
-  """The client-work hooks of algorithm `name` (one of `ALGORITHMS`)."""
+  """The client-work hooks of algorithm `name` (one of `ALGORITHMS`).
+
+  With `error_feedback` they are wrapped in `error_feedback.ErrorFeedback`
+  for uploads of `upload_bits`.
+  """
   if name == 'fedavg':
-    return algorithm_lib.Algorithm()
-  if name == 'fedprox':
-    return algorithm_lib.FedProx(prox_mu)
-  if name == 'fednova':
-    return fednova.FedNova(momentum)
-  if name == 'scaffold':
-    return scaffold.Scaffold(num_clients, learning_rate, momentum)
-  raise ValueError(f'unknown algorithm {name!r}; choose from {ALGORITHMS}')
+    hooks = algorithm_lib.Algorithm()
+  elif name == 'fedprox':
+    hooks = algorithm_lib.FedProx(prox_mu)
+  elif name == 'fednova':
+    hooks = fednova.FedNova(momentum)
+  elif name == 'scaffold':
+    hooks = scaffold.Scaffold(num_clients, learning_rate, momentum)
+  else:
+    raise ValueError(f'unknown algorithm {name!r}; choose from {ALGORITHMS}')
+  if error_feedback:
+    return error_feedback_lib.ErrorFeedback(hooks, upload_bits)
+  return hooks
 
 
 def build_learning_process(
@@ -57,7 +67,7 @@ def build_learning_process(
     client_learning_rate: float,
     client_momentum: float = 0.0,
     weight_decay: float = 0.0,
-    algorithm: str = 'fedavg',
+    algorithm: Union[str, algorithm_lib.Algorithm] = 'fedavg',
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
     aggregation: str = 'count_aware',
@@ -78,7 +88,9 @@ def build_learning_process(
     client_learning_rate: client SGD learning rate.
     client_momentum: client SGD momentum.
     weight_decay: client L2 weight decay.
-    algorithm: one of `ALGORITHMS`.
+    algorithm: an `algorithm.Algorithm` (e.g. from `build_algorithm`), or
+      the name of one of `ALGORITHMS`, built with `prox_mu`, `num_clients`
+      and `error_feedback`.
     prox_mu: FedProx proximal coefficient (used by 'fedprox' only).
     salience_threshold: tau of the salience mask (docs/design.md section 2).
     aggregation: one of `aggregation.AGGREGATIONS`: the count-aware mean or
@@ -101,12 +113,13 @@ def build_learning_process(
   Returns:
     A `tff.learning.templates.LearningProcess`.
   """
-  hooks = build_algorithm(
-      algorithm, prox_mu=prox_mu, num_clients=num_clients,
-      learning_rate=client_learning_rate, momentum=client_momentum,
+  hooks = algorithm if isinstance(algorithm, algorithm_lib.Algorithm) else (
+      build_algorithm(
+          algorithm, prox_mu=prox_mu, num_clients=num_clients,
+          learning_rate=client_learning_rate, momentum=client_momentum,
+          error_feedback=error_feedback, upload_bits=upload_bits,
+      )
   )
-  if error_feedback:
-    hooks = error_feedback_lib.ErrorFeedback(hooks, upload_bits)
   if initial_weights is None:
     initial_weights = tf.nest.map_structure(
         lambda v: v.numpy(), model_state.global_weights(model_fn())

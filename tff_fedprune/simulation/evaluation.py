@@ -98,3 +98,69 @@ def personalised_accuracy(
     raise ValueError('no client has a test split')
   worst = np.sort(per_client)[: max(1, math.ceil(worst_share * len(per_client)))]
   return float(per_client.mean()), float(worst.mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalModelMetrics:
+  """A round's measurements of the global model (NaN when not evaluated)."""
+
+  test_accuracy: float = math.nan
+  test_loss: float = math.nan
+  personal_accuracy_mean: float = math.nan
+  personal_accuracy_worst10: float = math.nan
+  train_accuracy: float = math.nan
+  flops_ratio: float = math.nan
+  gate_jaccard: float = math.nan
+  channels_ever_kept: float = math.nan
+
+
+def _mean_or_nan(values) -> float:
+  return float(np.mean(values)) if values else math.nan
+
+
+class RoundEvaluation:
+  """Evaluates the global model every `eval_every` rounds and the last.
+
+  Each evaluation is one pass over the test set (accuracy, loss, per-client
+  accuracy, FLOPs and gate dynamics), plus one over the pooled training
+  data when `measure_train_accuracy`.
+  """
+
+  def __init__(self, model: tf.keras.Model, fed_data, *, eval_every: int,
+               total_rounds: int, measure_train_accuracy: bool = False):
+    self.model = model
+    self.evaluate = Evaluator(model)
+    self._fed_data = fed_data
+    self._eval_every = eval_every
+    self._total_rounds = total_rounds
+    self._train_accuracy = measure_train_accuracy
+
+  def due(self, round_num: int) -> bool:
+    return (round_num % self._eval_every == 0
+            or round_num == self._total_rounds)
+
+  def test(self, weights) -> Evaluation:
+    return self.evaluate(weights, self._fed_data.test_dataset())
+
+  def __call__(self, weights, round_num: int):
+    """(metrics, test-set `Evaluation` or None) of round `round_num`."""
+    if not self.due(round_num):
+      return GlobalModelMetrics(), None
+    result = self.test(weights)
+    personal_mean, personal_worst = personalised_accuracy(
+        result.correct, self._fed_data.client_test
+    )
+    train_accuracy = (
+        self.evaluate(weights, self._fed_data.train_eval_dataset()).accuracy
+        if self._train_accuracy else math.nan
+    )
+    return GlobalModelMetrics(
+        test_accuracy=result.accuracy,
+        test_loss=result.loss,
+        personal_accuracy_mean=personal_mean,
+        personal_accuracy_worst10=personal_worst,
+        train_accuracy=train_accuracy,
+        flops_ratio=self.evaluate.flops_ratio(result),
+        gate_jaccard=_mean_or_nan(result.gates.jaccard),
+        channels_ever_kept=_mean_or_nan(result.gates.ever_kept),
+    ), result

@@ -11,8 +11,8 @@ rows. Files are written to a temporary name in the same directory and renamed
 (`write_json`, `save_keras_model`); `remove_stale_temporaries` deletes what a
 killed writer left. Checkpoints are `tff.program.FileProgramStateManager`
 versions, bound to the configuration that wrote them
-(`checkpoints/config.json`, `bind_checkpoints`); `load_latest_intact` falls
-back to the newest version that loads.
+(`checkpoints/config.json`); `CheckpointManager.load_latest` falls back to
+the newest version that loads.
 """
 
 import contextlib
@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from tff_fedprune import files
 
@@ -125,29 +126,36 @@ def has_checkpoints(run_dir: str) -> bool:
       os.path.join(glob.escape(run_dir), CHECKPOINTS, 'program_state_*')))
 
 
-async def load_latest_intact(state_manager, structure, checkpoint_dir: str):
-  """`(state, version)` of the newest checkpoint that loads, or (None, 0).
+class CheckpointManager(tff.program.FileProgramStateManager):
+  """TFF's file state manager whose `load_latest` skips unreadable versions.
 
   A version that fails to load is reported on stderr with its path and
   moved aside to `program_state_N_unreadable` (which is no version, so the
   rerun round can save there); if versions exist but none loads,
   RunDirectoryError.
   """
-  versions = sorted(await state_manager.get_versions() or [], reverse=True)
-  for version in versions:
-    try:
-      return await state_manager.load(version, structure), version
-    except Exception as e:  # pylint: disable=broad-except
-      path = os.path.join(checkpoint_dir, f'program_state_{version}')
-      aside = f'{path}_unreadable'
-      shutil.rmtree(aside, ignore_errors=True)
-      os.replace(path, aside)
-      print(f'warning: checkpoint {path} is unreadable'
-            f' ({type(e).__name__}), moved to {aside}; trying an older one',
-            file=sys.stderr, flush=True)
-  if versions:
-    raise RunDirectoryError(
-        f'no checkpoint under {checkpoint_dir} can be read; move the'
-        ' directory away to start over'
-    )
-  return None, 0
+
+  def __init__(self, checkpoint_dir: str, keep_total: int = 3):
+    super().__init__(checkpoint_dir, keep_total=keep_total)
+    self.checkpoint_dir = checkpoint_dir
+
+  async def load_latest(self, structure):
+    """`(state, version)` of the newest checkpoint that loads, or (None, 0)."""
+    versions = sorted(await self.get_versions() or [], reverse=True)
+    for version in versions:
+      try:
+        return await self.load(version, structure), version
+      except Exception as e:  # pylint: disable=broad-except
+        path = os.path.join(self.checkpoint_dir, f'program_state_{version}')
+        aside = f'{path}_unreadable'
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        print(f'warning: checkpoint {path} is unreadable'
+              f' ({type(e).__name__}), moved to {aside}; trying an older one',
+              file=sys.stderr, flush=True)
+    if versions:
+      raise RunDirectoryError(
+          f'no checkpoint under {self.checkpoint_dir} can be read; move the'
+          ' directory away to start over'
+      )
+    return None, 0

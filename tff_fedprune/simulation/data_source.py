@@ -1,0 +1,96 @@
+"""The training clients of a simulated federation, round by round.
+
+`ClientDataSource` owns who takes part in a round (`sample`: seeded by the
+run's seed and the round, so a resumed run samples as an uninterrupted one)
+and what each client brings (`inputs`: its shuffled batches for the round,
+its keep ratio and the seed of its upload rounding), as TFF's
+`tff.program.FederatedDataSource` owns a program's client data. Per-client
+state is not here: `stateful_process.ClientStateProcess` keeps it.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tff_fedprune import client_work
+from tff_fedprune import data as data_lib
+from tff_fedprune.simulation.config import ExperimentConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundClients:
+  """A round's sampled clients: those that complete and those that drop."""
+
+  completing: list[int]
+  dropped: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientInput:
+  """One client's input to a round, before any per-client state joins it."""
+
+  client_id: int
+  batches: tf.data.Dataset
+  keep_ratio: float
+  rounding_seed: np.ndarray
+
+
+def load_data(config: ExperimentConfig) -> data_lib.FederatedData:
+  """The configured dataset, split into the configured clients."""
+  source = data_lib.load_source(config.dataset, config.data_dir)
+  return data_lib.federate(
+      source,
+      config.num_clients,
+      config.partition,
+      seed=config.seed,
+      dirichlet_alpha=config.dirichlet_alpha,
+      classes_per_client=config.classes_per_client,
+  )
+
+
+def sample_clients(config: ExperimentConfig, round_num: int) -> RoundClients:
+  """The round's clients: seeded, identical on resume.
+
+  `client_failure_rate` of the sampled clients (rounded, at least one
+  client left) drop out, as devices lost mid-round.
+  """
+  rng = np.random.default_rng([config.seed, round_num])
+  chosen = rng.choice(config.num_clients, config.clients_per_round, False)
+  num_dropped = min(
+      int(round(config.client_failure_rate * len(chosen))), len(chosen) - 1
+  )
+  dropped = rng.choice(chosen, num_dropped, replace=False)
+  completing = [int(c) for c in chosen if c not in dropped]
+  return RoundClients(sorted(completing), sorted(int(c) for c in dropped))
+
+
+class ClientDataSource:
+  """Samples a configuration's clients and serves their round inputs."""
+
+  def __init__(self, config: ExperimentConfig, fed_data: data_lib.FederatedData):
+    self.config = config
+    self.fed_data = fed_data
+
+  @property
+  def element_spec(self):
+    return self.fed_data.element_spec
+
+  def sample(self, round_num: int) -> RoundClients:
+    return sample_clients(self.config, round_num)
+
+  def inputs(self, round_num: int, client_ids) -> list[ClientInput]:
+    """The inputs of `client_ids` to round `round_num`."""
+    config = self.config
+    return [
+        ClientInput(
+            client_id=c,
+            batches=self.fed_data.client_train_dataset(
+                c, config.batch_size, config.local_epochs, config.seed,
+                round_num,
+            ),
+            keep_ratio=config.keep_ratio_of(c),
+            rounding_seed=client_work.rounding_seed(config.seed, round_num, c),
+        )
+        for c in client_ids
+    ]

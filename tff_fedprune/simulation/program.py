@@ -1,0 +1,232 @@
+"""The training program: rounds, their metrics, releases and saved state.
+
+`train_model` has the shape of `tff.learning.programs.train_model`: it is
+handed the process, the data source, the program-state manager, the release
+managers of the per-round metrics and the evaluation, resumes from the
+latest intact saved state, and runs the remaining rounds. It differs where
+calling TFF's would change the outputs: no round-0 state is saved, the
+evaluation of a round is part of that round's metrics (one `metrics.csv`
+row), and a round whose model is not finite stops the program before its
+state is saved. Within a round the metrics are released before the state is
+saved, so a crash at any point either replays the round (the CSV release
+replaces its row) or finds it complete.
+"""
+
+import asyncio
+import collections
+import csv
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+import tqdm
+
+from tff_fedprune import runtime
+from tff_fedprune.simulation import data_source as data_source_lib
+from tff_fedprune.simulation import evaluation as evaluation_lib
+from tff_fedprune.simulation import stateful_process
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundMetrics:
+  """One round's row of `metrics.csv` (its fields are the columns)."""
+
+  test_accuracy: float
+  test_loss: float
+  personal_accuracy_mean: float
+  personal_accuracy_worst10: float
+  train_accuracy: float
+  local_train_accuracy: float
+  train_loss: float
+  upload_bytes: int
+  dense_upload_bytes: int
+  download_bytes: int
+  update_density: float
+  flops_ratio: float
+  gate_jaccard: float
+  channels_ever_kept: float
+  round_seconds: float
+  clients_completed: int
+  clients_dropped: int
+  non_finite_updates: int
+
+  def release_value(self) -> collections.OrderedDict:
+    return collections.OrderedDict(dataclasses.asdict(self))
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(RoundMetrics))
+
+
+class NonFiniteModelError(RuntimeError):
+  """A round left a model that cannot be trained; its state was not saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+  """Dense bytes each sampled client would exchange each way in a round."""
+
+  model_bytes: int  # The global weights.
+  state_bytes: int  # Per-client state that travels (SCAFFOLD's variates).
+
+  @property
+  def per_client(self) -> int:
+    return self.model_bytes + self.state_bytes
+
+
+@dataclasses.dataclass
+class RoundRunner:
+  """One round as `round_seconds` counts it.
+
+  Client data, `process.next` (local training, encoding, aggregation, server
+  update), the per-client state table and the evaluation. `call` runs the
+  process's computations (e.g. `runtime.call_watched` on the workers).
+  """
+
+  process: stateful_process.ClientStateProcess
+  data_source: data_source_lib.ClientDataSource
+  evaluation: evaluation_lib.RoundEvaluation
+  traffic: Traffic
+  call: Callable[[Callable[[], Any]], Any] = lambda computation: computation()
+
+  def __call__(self, state, round_num: int):
+    """(state, `RoundMetrics`, test `Evaluation` or None) after the round."""
+    start = time.time()
+    clients = self.data_source.sample(round_num)
+    inputs = self.data_source.inputs(round_num, clients.completing)
+    try:
+      output = self.call(lambda: self.process.next(state, inputs))
+    except runtime.WorkerError as e:
+      raise runtime.WorkerError(
+          f'{e} during round {round_num}; rounds up to {round_num - 1} are'
+          ' checkpointed: rerun with live workers to resume'
+      ) from e
+    weights = self.process.get_model_weights(output.state)
+    model, result = self.evaluation(weights, round_num)
+    client_metrics = output.metrics['client_work']
+    upload = output.metrics['aggregator']
+    completed = len(clients.completing)
+    dense_bytes = completed * self.traffic.per_client
+    metrics = RoundMetrics(
+        **dataclasses.asdict(model),
+        local_train_accuracy=float(
+            client_metrics.get('local_train_accuracy', math.nan)
+        ),
+        train_loss=float(client_metrics['train_loss']),
+        upload_bytes=int(upload['upload_bytes'])
+        + int(client_metrics.get('control_upload_bytes', 0)),
+        dense_upload_bytes=dense_bytes,
+        download_bytes=dense_bytes,
+        update_density=int(upload['kept_coordinates'])
+        / (completed * int(upload['coordinates_per_client'])),
+        round_seconds=time.time() - start,
+        clients_completed=completed,
+        clients_dropped=len(clients.dropped),
+        non_finite_updates=int(client_metrics['non_finite_updates']),
+    )
+    return output.state, metrics, result
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+  """Where `train_model` left the run."""
+
+  state: Any
+  history: list[dict]  # Every completed round's metrics, with its number.
+  last_evaluation: Optional[evaluation_lib.Evaluation]  # None if no round ran.
+
+
+def train_model(
+    *,
+    train_process: stateful_process.ClientStateProcess,
+    train_data_source: data_source_lib.ClientDataSource,
+    train_total_rounds: int,
+    program_state_manager: tff.program.ProgramStateManager,
+    train_metrics_managers: Sequence[tff.program.ReleaseManager],
+    evaluation: evaluation_lib.RoundEvaluation,
+    traffic: Traffic,
+    initial_state,
+    metrics_csv: str,
+    call: Callable[[Callable[[], Any]], Any] = lambda computation: computation(),
+    progress: bool = True,
+) -> TrainingResult:
+  """Resumes from the latest intact saved state and trains to the last round.
+
+  `metrics_csv` is the CSV the managers release to, from which the history
+  of the rounds done before resuming is read.
+  """
+  run_round = RoundRunner(train_process, train_data_source, evaluation,
+                          traffic, call)
+  state, last_round = _resume(train_process, program_state_manager,
+                              initial_state)
+  history = read_history(metrics_csv, last_round)
+  last_evaluation = None
+  bar = tqdm.tqdm(
+      total=train_total_rounds, initial=last_round, desc='rounds',
+      unit='round', disable=not progress,
+  )
+  with bar:
+    for round_num in range(last_round + 1, train_total_rounds + 1):
+      state, metrics, last_evaluation = run_round(state, round_num)
+      values = metrics.release_value()
+      asyncio.run(_release(values, round_num, train_metrics_managers))
+      _check_trainable(train_process.get_model_weights(state), metrics,
+                       round_num)
+      asyncio.run(program_state_manager.save(
+          train_process.program_state(state), round_num))
+      history.append(dict(values, round=round_num))
+      bar.set_postfix(
+          acc=f'{metrics.test_accuracy:.3f}',
+          up_MB=f'{sum(h["upload_bytes"] for h in history) / 1e6:.2f}',
+      )
+      bar.update(1)
+  return TrainingResult(state, history, last_evaluation)
+
+
+def _resume(process, program_state_manager, initial_state):
+  """(state, last completed round) from the latest intact saved state."""
+  saved, last_round = asyncio.run(program_state_manager.load_latest(
+      process.program_state(initial_state)))
+  if saved is None:
+    return initial_state, 0
+  return process.load_program_state(saved), last_round
+
+
+def _check_trainable(weights, metrics: RoundMetrics, round_num: int) -> None:
+  """Raises `NonFiniteModelError` if training cannot go on after the round."""
+  if not all(np.all(np.isfinite(w)) for w in tf.nest.flatten(weights)):
+    failure = 'the global model is not finite'
+  elif metrics.non_finite_updates == metrics.clients_completed:
+    failure = "every client's update was non-finite"
+  else:
+    return
+  raise NonFiniteModelError(
+      f'round {round_num}: {failure} (its metrics are in metrics.csv,'
+      f' its state was not saved; rounds up to {round_num - 1} are'
+      ' checkpointed): lower the learning rates in a new run'
+  )
+
+
+async def _release(values, round_num, managers):
+  await asyncio.gather(*(m.release(values, key=round_num) for m in managers))
+
+
+def read_history(path: str, last_round: int) -> list[dict]:
+  """Rows of metrics.csv for rounds up to `last_round` (resume)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  history = []
+  for row in rows:
+    r = int(row['round'])
+    if r <= last_round:
+      history.append(
+          {'round': r, **{k: float(row[k]) for k in COLUMNS if k in row}}
+      )
+  return history

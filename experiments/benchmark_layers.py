@@ -22,6 +22,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
+from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune.simulation import flops  # pylint: disable=g-import-not-at-top
 
@@ -60,13 +61,13 @@ def _time_steps(step, x, y, steps):
 def benchmark_training(batch_size, steps, repeats):
   x = tf.random.normal([batch_size, 32, 32, 3])
   y = tf.random.uniform([batch_size], 0, 10, tf.int32)
-  variants = {'dense': dict(gated=False)}
+  variants = {'dense': None}
   for ratio in (0.5, 0.7, 1.0):
-    variants[f'gated keep {ratio}'] = dict(gated=True, keep_ratio=ratio)
+    variants[f'gated keep {ratio}'] = gated_conv.GateSpec(keep_ratio=ratio)
   steps_fns = {}
-  for name, kwargs in variants.items():
+  for name, gate in variants.items():
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model('resnet32', (32, 32, 3), 10, **kwargs)
+    model = keras_models.build_model('resnet32', (32, 32, 3), 10, gate)
     steps_fns[name] = _train_step_fn(model)
   times = {name: [] for name in variants}
   for _ in range(repeats):  # Alternate to share any drift in machine load.
@@ -90,8 +91,9 @@ def benchmark_flops():
     line = f'  {name:9s} dense {flops.dense_flops(dense) / 1e6:7.1f} MFLOPs'
     for ratio in (0.5, 0.7):
       tf.keras.utils.set_random_seed(0)
-      model = keras_models.build_model(name, (32, 32, 3), 10, gated=True,
-                                       keep_ratio=ratio)
+      model = keras_models.build_model(
+          name, (32, 32, 3), 10,
+          gate=gated_conv.GateSpec.from_flags(keep_ratio=ratio))
       line += f'   keep {ratio}: {flops.dynamic_flops_ratio(model, images):.3f}'
     print(line)
   try:
@@ -103,8 +105,9 @@ def benchmark_flops():
   line = '  cnn on Fashion-MNIST test set (10000 real images):'
   for ratio in (0.5, 0.7):
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model('cnn', (28, 28, 1), 10, gated=True,
-                                     keep_ratio=ratio)
+    model = keras_models.build_model(
+        'cnn', (28, 28, 1), 10,
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=ratio))
     line += f'   keep {ratio}: {flops.dynamic_flops_ratio(model, test):.3f}'
   print(line)
 

@@ -33,6 +33,7 @@ import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
 from experiments import make_certificates  # pylint: disable=g-import-not-at-top
 import keras_models  # pylint: disable=g-import-not-at-top
+from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
 from tff_fedprune import client_work  # pylint: disable=g-import-not-at-top
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune import learning_process  # pylint: disable=g-import-not-at-top
@@ -49,8 +50,8 @@ def main(argv):
   source = data.load_source(_DATASET.value)
   fed = data.federate(source, _CLIENTS.value, 'iid', seed=0)
   model_fn = lambda: keras_models.build_model(
-      'cnn', source.image_shape, source.num_classes, gated=True,
-      keep_ratio=0.7)
+      'cnn', source.image_shape, source.num_classes,
+      gate=gated_conv.GateSpec.from_flags(keep_ratio=0.7))
   tf.keras.utils.set_random_seed(0)
   client_data = [client_work.client_data(fed.client_train_dataset(c, 32), 0.7)
                  for c in range(fed.num_clients)]

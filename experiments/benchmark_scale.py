@@ -32,6 +32,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
+from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
 from tff_fedprune import client_work  # pylint: disable=g-import-not-at-top
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune import learning_process  # pylint: disable=g-import-not-at-top
@@ -97,8 +98,8 @@ def main(argv):
   source = data.load_source('digits')
   fed = data.federate(source, _NUM_CLIENTS, 'iid', seed=0)
   model_fn = lambda: keras_models.build_model(
-      'cnn', source.image_shape, source.num_classes, gated=True,
-      keep_ratio=0.7)
+      'cnn', source.image_shape, source.num_classes,
+      gate=gated_conv.GateSpec.from_flags(keep_ratio=0.7))
   tf.keras.utils.set_random_seed(0)
   print(f'digits, {_NUM_CLIENTS} clients of about '
         f'{len(source.train) // _NUM_CLIENTS} images, gated CNN keep 0.7, '

@@ -190,7 +190,8 @@ def per_layer(keep_ratio):
   rng = np.random.default_rng(0)
   shapes = []
   for name in _MODELS.value:
-    model = keras_models.build_model(name, _SHAPES[name], 10, gated=True)
+    model = keras_models.build_model(
+        name, _SHAPES[name], 10, gate=gated_conv.GateSpec())
     for layer in gated_conv.gated_layers(model):
       shape = (layer.output_shape[1], layer.input_shape[-1], layer.filters,
                gated_conv.feeding_gate(layer) is not None)
@@ -243,7 +244,8 @@ def main(argv):
   for name in _MODELS.value:
     shape = _SHAPES[name]
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model(name, shape, 10, gated=True)
+    model = keras_models.build_model(
+        name, shape, 10, gate=gated_conv.GateSpec())
     image = np.random.default_rng(0).uniform(0, 255, (1,) + shape)
     image = image.astype(np.float32)
     mean, std = np.full(shape[-1], 127.5), np.full(shape[-1], 64.0)

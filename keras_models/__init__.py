@@ -1,8 +1,8 @@
 """Model zoo: architectures only, each with a dense and a gated variant.
 
-`BUILDERS` maps each name to `(input_shape=, num_classes=, gated=,
-keep_ratio=, gate_input=, gated_bn=, gate_selection=, gate_balance=,
-gate_stem=) -> tf.keras.Model`; the gated layer is `tff_fedprune.gated_conv`.
+`BUILDERS` maps each name to `(input_shape=, num_classes=, gate=) ->
+tf.keras.Model`, `gate` a `tff_fedprune.gated_conv.GateSpec` (None: the
+dense model); the gated layer is `tff_fedprune.gated_conv.GatedConv2D`.
 """
 
 import functools
@@ -21,10 +21,10 @@ BUILDERS = {
 MODELS = tuple(BUILDERS)
 
 
-def build_model(name: str, input_shape, num_classes: int, **kwargs):
-  """Builds `name` (one of `MODELS`); kwargs as `BUILDERS` takes them."""
+def build_model(name: str, input_shape, num_classes: int, gate=None):
+  """Builds `name` (one of `MODELS`) gated by `gate` (None: dense)."""
   if name not in BUILDERS:
     raise ValueError(f'unknown model {name!r}; choose from {MODELS}')
   return BUILDERS[name](
-      input_shape=input_shape, num_classes=num_classes, **kwargs
+      input_shape=input_shape, num_classes=num_classes, gate=gate
   )

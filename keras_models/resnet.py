@@ -6,9 +6,12 @@ convolution is a `GatedConv2D`; the second of each basic block has no ReLU of
 its own: the ReLU follows the residual addition.
 """
 
+from typing import Optional
+
 import tensorflow as tf
 
 from tff_fedprune.gated_conv import GatedConv2D
+from tff_fedprune.gated_conv import GateSpec
 
 STAGE_FILTERS = (16, 32, 64)
 
@@ -41,35 +44,28 @@ def build_resnet(
     depth: int = 32,
     input_shape=(32, 32, 3),
     num_classes: int = 10,
-    gated: bool = False,
-    keep_ratio: float = 1.0,
-    gate_input: str = 'sigmoid',
-    gated_bn: str = 'masked',
-    gate_selection: str = 'saliency',
-    gate_balance: float = 0.0,
-    gate_stem: bool = True,
+    gate: Optional[GateSpec] = None,
 ) -> tf.keras.Model:
   """ResNet-`depth` (20, 32, 56, ...: depth = 6n + 2) returning logits.
 
-  With `gate_stem=False` the first convolution is not gated (the authors'
-  ResNet).
+  `gate` None is the dense model; without `gate.stem` the first
+  convolution is not gated (the authors' ResNet).
   """
   if (depth - 2) % 6:
     raise ValueError(f'CIFAR ResNet depth must be 6n + 2, got {depth}')
   blocks = (depth - 2) // 6
-  gate = dict(gated=gated, keep_ratio=keep_ratio, gate_input=gate_input,
-              gated_bn=gated_bn, gate_selection=gate_selection,
-              gate_balance=gate_balance)
   inputs = tf.keras.Input(input_shape, name='images')
-  x = GatedConv2D(STAGE_FILTERS[0], name='stem',
-                  **dict(gate, gated=gated and gate_stem))(inputs)
+  stem_gate = gate if gate is not None and gate.stem else None
+  x = GatedConv2D(STAGE_FILTERS[0], gate=stem_gate, name='stem')(inputs)
   for stage, filters in enumerate(STAGE_FILTERS):
     for block in range(blocks):
       stride = 2 if stage and not block else 1
       name = f'stage{stage + 1}_block{block + 1}'
       shortcut = _shortcut(x, filters, stride, name)
-      y = GatedConv2D(filters, strides=stride, name=f'{name}_conv1', **gate)(x)
-      y = GatedConv2D(filters, relu=False, name=f'{name}_conv2', **gate)(y)
+      y = GatedConv2D(filters, strides=stride, gate=gate,
+                      name=f'{name}_conv1')(x)
+      y = GatedConv2D(filters, relu=False, gate=gate,
+                      name=f'{name}_conv2')(y)
       x = tf.keras.layers.Add(name=f'{name}_add')([y, shortcut])
       x = tf.keras.layers.ReLU(name=f'{name}_relu')(x)
   x = tf.keras.layers.GlobalAveragePooling2D(name='gap')(x)

@@ -1,8 +1,11 @@
 """VGG-11 with batch normalisation for 32x32 (and 28x28) images."""
 
+from typing import Optional
+
 import tensorflow as tf
 
 from tff_fedprune.gated_conv import GatedConv2D
+from tff_fedprune.gated_conv import GateSpec
 
 VGG11 = (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M')
 
@@ -10,17 +13,12 @@ VGG11 = (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M')
 def build_vgg11(
     input_shape=(32, 32, 3),
     num_classes: int = 10,
-    gated: bool = False,
-    keep_ratio: float = 1.0,
-    gate_input: str = 'sigmoid',
-    gated_bn: str = 'masked',
-    gate_selection: str = 'saliency',
-    gate_balance: float = 0.0,
-    gate_stem: bool = True,
+    gate: Optional[GateSpec] = None,
 ) -> tf.keras.Model:
   """VGG-11 features (every conv a `GatedConv2D`), then a 512-512 MLP head.
 
-  With `gate_stem=False` the first convolution is not gated.
+  `gate` None is the dense model; without `gate.stem` the first
+  convolution is not gated.
   """
   inputs = tf.keras.Input(input_shape, name='images')
   x = inputs
@@ -31,10 +29,8 @@ def build_vgg11(
       x = tf.keras.layers.MaxPool2D(padding='same', name=f'pool{pool}')(x)
     else:
       conv += 1
-      x = GatedConv2D(item, gated=gated and (gate_stem or conv > 1),
-                      keep_ratio=keep_ratio, gate_input=gate_input,
-                      gated_bn=gated_bn, gate_selection=gate_selection,
-                      gate_balance=gate_balance,
+      stem = conv == 1 and gate is not None and not gate.stem
+      x = GatedConv2D(item, gate=None if stem else gate,
                       name=f'conv{conv}')(x)
   x = tf.keras.layers.Flatten(name='flatten')(x)
   x = tf.keras.layers.Dense(512, activation='relu', name='fc1')(x)

@@ -16,6 +16,7 @@ import keras_models
 from experiments import export_tflite
 from tests import testing
 from tff_fedprune import data
+from tff_fedprune import gated_conv
 from tff_fedprune import model_state
 from tff_fedprune.export import tflite
 
@@ -47,8 +48,9 @@ class ExportCliTest(absltest.TestCase):
     model_dir = self.create_tempdir().full_path
     source = data.load_source('digits')
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model('cnn', source.image_shape, 10, gated=True,
-                                     keep_ratio=0.7)
+    model = keras_models.build_model(
+        'cnn', source.image_shape, 10,
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.7))
     model.save(os.path.join(model_dir, 'model.keras'))
     mean, std = [7.0], [6.0]
     with open(os.path.join(model_dir, 'preprocessing.json'), 'w') as f:
@@ -86,8 +88,9 @@ class ExportCliTest(absltest.TestCase):
     os.makedirs(model_dir)
     source = data.load_source('digits')
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model('cnn', source.image_shape, 10, gated=True,
-                                     keep_ratio=0.5, gate_input='identity')
+    model = keras_models.build_model(
+        'cnn', source.image_shape, 10,
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5, gate_input='identity'))
     model.save(os.path.join(model_dir, 'model.keras'))
     with open(os.path.join(model_dir, 'preprocessing.json'), 'w') as f:
       json.dump({'dataset': 'digits', 'image_shape': source.image_shape,
@@ -136,7 +139,8 @@ class ExportCliTest(absltest.TestCase):
 
   def test_static_export_checks_its_input(self):
     source = data.load_source('digits')
-    model = keras_models.build_model('cnn', source.image_shape, 10, gated=True)
+    model = keras_models.build_model(
+        'cnn', source.image_shape, 10, gate=gated_conv.GateSpec())
     preprocessing = {'dataset': 'digits', 'mean': [7.0], 'std': [6.0]}
     model_dir = os.path.join(self.create_tempdir().full_path, 'model')
     for kwargs, message in (

@@ -22,8 +22,8 @@ MEAN, STD = 100.0, 50.0
 def trained_looking_model(name, gated=True, **kwargs):
   """A zoo model with non-trivial BN statistics, scales and gate biases."""
   tf.keras.utils.set_random_seed(0)
-  model = keras_models.build_model(name, SHAPES[name], 10, gated=gated,
-                                   **kwargs)
+  gate = gated_conv.GateSpec.from_flags(**kwargs) if gated else None
+  model = keras_models.build_model(name, SHAPES[name], 10, gate=gate)
   rng = np.random.default_rng(0)
   for layer in model.layers:
     if isinstance(layer, gated_conv.GatedConv2D):
@@ -34,7 +34,7 @@ def trained_looking_model(name, gated=True, **kwargs):
       layer.beta.assign(rng.normal(0, 0.2, c))
       if layer.gated:
         layer.gate_bias.assign(rng.normal(0, 0.5, c))
-      if layer.gated and layer.gate_selection != 'saliency':
+      if layer.gated and layer.gate.selection != 'saliency':
         layer.saliency_mean.assign(rng.uniform(0.0, 1.0, c))
         layer.saliency_variance.assign(rng.uniform(0.1, 1.0, c))
   return model

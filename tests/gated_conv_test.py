@@ -13,7 +13,11 @@ from tff_fedprune import model_state
 
 def built_layer(cin=4, cout=8, keep_ratio=0.5, seed=0, **kwargs):
   tf.keras.utils.set_random_seed(seed)
-  layer = gated_conv.GatedConv2D(cout, keep_ratio=keep_ratio, **kwargs)
+  flags = {k: kwargs.pop(k) for k in list(kwargs)
+           if k in gated_conv.GateSpec.FLAG_NAMES.values()}
+  layer = gated_conv.GatedConv2D(
+      cout, gate=gated_conv.GateSpec.from_flags(keep_ratio=keep_ratio, **flags),
+      **kwargs)
   layer.build((None, 6, 6, cin))
   # Spread the BN parameters so that every channel matters differently.
   layer.gamma.assign(tf.random.uniform([cout], 0.5, 1.5))
@@ -128,7 +132,8 @@ class GatedConv2DTest(parameterized.TestCase):
       from_pruned = tape.gradient(loss, x).numpy()[1]
       self.assertEqual(bool(np.any(from_pruned != 0)), reaches, gated_bn)
     with self.assertRaisesRegex(ValueError, 'gated_bn'):
-      gated_conv.GatedConv2D(4, gated_bn='batch')
+      gated_conv.GatedConv2D(
+          4, gate=gated_conv.GateSpec.from_flags(gated_bn='batch'))
 
   def test_full_and_masked_agree_in_inference(self):
     masked = built_layer(keep_ratio=0.5)
@@ -147,7 +152,8 @@ class GatedConv2DTest(parameterized.TestCase):
         tf.nn.relu(tf.sigmoid(z) @ sigmoid.gate_kernel + sigmoid.gate_bias),
         rtol=1e-6)
     with self.assertRaisesRegex(ValueError, 'gate_input'):
-      gated_conv.GatedConv2D(4, gate_input='tanh')
+      gated_conv.GatedConv2D(
+          4, gate=gated_conv.GateSpec.from_flags(gate_input='tanh'))
 
   def test_pruned_channels_get_exactly_zero_gradient_from_each_sample(self):
     layer = built_layer(keep_ratio=0.5)
@@ -181,7 +187,7 @@ class GatedConv2DTest(parameterized.TestCase):
 
   def test_next_layer_rows_of_zero_input_channels_get_no_gradient(self):
     first = built_layer(keep_ratio=0.25)
-    second = gated_conv.GatedConv2D(3, gated=False)
+    second = gated_conv.GatedConv2D(3, gate=None)
     x = self.x[:1]
     with tf.GradientTape() as tape:
       loss = loss_of(second(first(x, training=True), training=True))
@@ -286,15 +292,17 @@ class GatedConv2DTest(parameterized.TestCase):
   def test_rejects_bad_keep_ratio(self):
     for ratio in (0.0, -0.1, 1.5):
       with self.assertRaisesRegex(ValueError, 'keep_ratio'):
-        gated_conv.GatedConv2D(4, keep_ratio=ratio)
+        gated_conv.GatedConv2D(
+            4, gate=gated_conv.GateSpec.from_flags(keep_ratio=ratio))
 
 
 class ModelStateTest(absltest.TestCase):
 
   def model(self, gated=True):
     inputs = tf.keras.Input((8, 8, 2))
-    x = gated_conv.GatedConv2D(4, gated=gated, keep_ratio=0.5, name='a')(inputs)
-    x = gated_conv.GatedConv2D(6, gated=gated, keep_ratio=0.5, name='b')(x)
+    gate = gated_conv.GateSpec(keep_ratio=0.5) if gated else None
+    x = gated_conv.GatedConv2D(4, name='a', gate=gate)(inputs)
+    x = gated_conv.GatedConv2D(6, name='b', gate=gate)(x)
     return tf.keras.Model(inputs, x)
 
   def test_global_weights_exclude_local_state(self):
@@ -336,9 +344,12 @@ class SerializationTest(parameterized.TestCase):
   def test_round_trip_is_bit_exact(self, fmt):
     tf.keras.utils.set_random_seed(3)
     inputs = tf.keras.Input((8, 8, 3))
-    x = gated_conv.GatedConv2D(8, keep_ratio=0.7, name='g')(inputs)
-    x = gated_conv.GatedConv2D(8, relu=False, strides=2, keep_ratio=0.7,
-                           name='h')(x)
+    x = gated_conv.GatedConv2D(
+        8, name='g',
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.7))(inputs)
+    x = gated_conv.GatedConv2D(
+        8, relu=False, strides=2, name='h',
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.7))(x)
     model = tf.keras.Model(inputs, x)
     data = tf.random.normal([4, 8, 8, 3])
     model(data, training=True)  # Move the statistics off their defaults.
@@ -355,13 +366,14 @@ class SerializationTest(parameterized.TestCase):
       self.assertFalse(np.array_equal(model(data), loaded(data)))
 
   def test_gate_input_is_saved_and_old_configs_mean_sigmoid(self):
-    layer = gated_conv.GatedConv2D(4, gate_input='identity')
+    layer = gated_conv.GatedConv2D(
+        4, gate=gated_conv.GateSpec.from_flags(gate_input='identity'))
     config = layer.get_config()
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gate_input, 'identity')
+        gated_conv.GatedConv2D.from_config(config).gate.input, 'identity')
     del config['gate_input']  # As written before the option existed.
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gate_input, 'sigmoid')
+        gated_conv.GatedConv2D.from_config(config).gate.input, 'sigmoid')
 
   @parameterized.parameters('centered', 'standardized')
   def test_relative_selection_ranks_deviation_from_the_channel_moments(
@@ -400,12 +412,13 @@ class SerializationTest(parameterized.TestCase):
     self.assertGreater(len({tuple(row) for row in (pi != 0)}), 1)
     config = layer.get_config()
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gate_selection, selection)
+        gated_conv.GatedConv2D.from_config(config).gate.selection, selection)
     del config['gate_selection']
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gate_selection, 'saliency')
+        gated_conv.GatedConv2D.from_config(config).gate.selection, 'saliency')
     with self.assertRaisesRegex(ValueError, 'gate_selection'):
-      gated_conv.GatedConv2D(4, gate_selection='random')
+      gated_conv.GatedConv2D(
+          4, gate=gated_conv.GateSpec.from_flags(gate_selection='random'))
 
   def test_usage_balance_is_one_when_balanced_and_larger_when_static(self):
     static_s = tf.constant([[2.0, 2.0, 1.0, 1.0]] * 4)
@@ -439,20 +452,22 @@ class SerializationTest(parameterized.TestCase):
     self.assertEmpty(plain.losses)
     config = layer.get_config()
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gate_balance, 0.3)
+        gated_conv.GatedConv2D.from_config(config).gate.balance, 0.3)
     del config['gate_balance']
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gate_balance, 0.0)
+        gated_conv.GatedConv2D.from_config(config).gate.balance, 0.0)
     with self.assertRaisesRegex(ValueError, 'gate_balance'):
-      gated_conv.GatedConv2D(4, gate_balance=-1.0)
+      gated_conv.GatedConv2D(
+          4, gate=gated_conv.GateSpec.from_flags(gate_balance=-1.0))
 
   def test_gated_bn_is_saved_and_old_configs_mean_masked(self):
-    config = gated_conv.GatedConv2D(4, gated_bn='full').get_config()
+    config = gated_conv.GatedConv2D(
+        4, gate=gated_conv.GateSpec.from_flags(gated_bn='full')).get_config()
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gated_bn, 'full')
+        gated_conv.GatedConv2D.from_config(config).gate.batch_stats, 'full')
     del config['gated_bn']
     self.assertEqual(
-        gated_conv.GatedConv2D.from_config(config).gated_bn, 'masked')
+        gated_conv.GatedConv2D.from_config(config).gate.batch_stats, 'masked')
 
 
 if __name__ == '__main__':

@@ -37,8 +37,9 @@ class ModelZooTest(parameterized.TestCase):
       ('vgg11', (28, 28, 1), 10))
   def test_shapes_and_gated_variant(self, name, shape, classes):
     dense = keras_models.build_model(name, shape, classes)
-    gated = keras_models.build_model(name, shape, classes, gated=True,
-                                     keep_ratio=0.5)
+    gated = keras_models.build_model(
+        name, shape, classes,
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5))
     x = tf.random.normal((2,) + shape)
     for model in (dense, gated):
       self.assertEqual(model(x, training=False).shape, (2, classes))
@@ -58,9 +59,10 @@ class ModelZooTest(parameterized.TestCase):
                             ('vgg11', (16, 16, 3)))
   def test_dense_stem_leaves_only_the_first_convolution_ungated(self, name,
                                                                  shape):
-    with_stem = keras_models.build_model(name, shape, 10, gated=True)
-    without = keras_models.build_model(name, shape, 10, gated=True,
-                                       gate_stem=False)
+    with_stem = keras_models.build_model(
+        name, shape, 10, gate=gated_conv.GateSpec())
+    without = keras_models.build_model(
+        name, shape, 10, gate=gated_conv.GateSpec.from_flags(gate_stem=False))
     convs = [l for l in without.layers
              if isinstance(l, gated_conv.GatedConv2D)]
     self.assertFalse(convs[0].gated)
@@ -71,10 +73,11 @@ class ModelZooTest(parameterized.TestCase):
   @parameterized.parameters(('cnn', (8, 8, 1)), ('resnet20', (16, 16, 3)),
                             ('vgg11', (16, 16, 3)))
   def test_variants_reach_every_convolution(self, name, shape):
-    model = keras_models.build_model(name, shape, 10, gated=True,
-                                     gate_input='identity', gated_bn='full')
+    model = keras_models.build_model(
+        name, shape, 10,
+        gate=gated_conv.GateSpec(input='identity', batch_stats='full'))
     convs = [l for l in model.layers if isinstance(l, gated_conv.GatedConv2D)]
-    self.assertEqual({(l.gate_input, l.gated_bn) for l in convs},
+    self.assertEqual({(l.gate.input, l.gate.batch_stats) for l in convs},
                      {('identity', 'full')})
 
   @parameterized.parameters(20, 32, 56)
@@ -85,7 +88,8 @@ class ModelZooTest(parameterized.TestCase):
 
   def test_resnet32_has_the_papers_size(self):
     dense = keras_models.build_model('resnet32', (32, 32, 3), 10)
-    gated = keras_models.build_model('resnet32', (32, 32, 3), 10, gated=True)
+    gated = keras_models.build_model(
+        'resnet32', (32, 32, 3), 10, gate=gated_conv.GateSpec())
     self.assertEqual(dense.count_params(), 466_426)  # ~0.46M, as the paper.
     self.assertEqual(sum(int(np.prod(v.shape)) for v in
                          model_state.global_weights(gated).trainable), 516_538)
@@ -99,7 +103,8 @@ class ModelZooTest(parameterized.TestCase):
     self.assertEqual(vgg.count_params(), 9_759_178)
 
   def test_resnet_loads_from_keras_file_in_safe_mode(self):
-    model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
+    model = keras_models.build_resnet(
+        20, gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5))
     path = self.create_tempfile(file_path='resnet.keras').full_path
     model.save(path)
     loaded = tf.keras.models.load_model(path, safe_mode=True)

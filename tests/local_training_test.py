@@ -29,8 +29,9 @@ class LocalTrainingTest(parameterized.TestCase):
   def train(self, threshold=0.0, ratio=0.25, correction=False,
             gate_balance=0.0, **kwargs):
     tf.keras.utils.set_random_seed(0)
-    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True,
-                                     gate_balance=gate_balance)
+    model = keras_models.build_model(
+        'cnn', (8, 8, 1), 10,
+        gate=gated_conv.GateSpec.from_flags(gate_balance=gate_balance))
     initial = tf.nest.map_structure(lambda v: v.numpy(),
                                     model_state.global_weights(model))
     optimizer = tff.learning.optimizers.build_sgdm(0.1, momentum=0.9)
@@ -62,7 +63,7 @@ class LocalTrainingTest(parameterized.TestCase):
     _, balanced, _, _ = self.train(ratio=0.5, gate_balance=1.0)
     names = [v.name for v in tf.nest.flatten(
         model_state.global_weights(keras_models.build_model(
-            'cnn', (8, 8, 1), 10, gated=True)))]
+            'cnn', (8, 8, 1), 10, gate=gated_conv.GateSpec())))]
     for name, a, b in zip(names, tf.nest.flatten(plain),
                           tf.nest.flatten(balanced)):
       if 'gate_bias' in name:
@@ -83,7 +84,8 @@ class LocalTrainingTest(parameterized.TestCase):
     self.assertTrue(np.all(masks['logits/kernel:0'] == 1))
 
   def test_restricting_by_channel_vectors_equals_the_full_masks(self):
-    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True)
+    model = keras_models.build_model(
+        'cnn', (8, 8, 1), 10, gate=gated_conv.GateSpec())
     structure = salience.ChannelStructure(model)
     rng = np.random.default_rng(0)
     channels = [tf.constant((rng.random(l.filters) < 0.5).astype(np.float32))

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_models
+from tff_fedprune import gated_conv
 from tff_fedprune.simulation import evaluation
 from tff_fedprune import model_state
 from tff_fedprune.simulation import flops
@@ -33,8 +34,9 @@ class EvaluatorTest(absltest.TestCase):
 
   def test_matches_keras_evaluate_in_example_order(self):
     tf.keras.utils.set_random_seed(1)
-    model = keras_models.build_model('cnn', (8, 8, 1), 10, gated=True,
-                                     keep_ratio=0.5)
+    model = keras_models.build_model(
+        'cnn', (8, 8, 1), 10,
+        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5))
     images = np.random.default_rng(0).normal(size=(70, 8, 8, 1))
     images = images.astype(np.float32)
     labels = np.random.default_rng(1).integers(0, 10, 70).astype(np.int32)

@@ -11,10 +11,10 @@ from tff_fedprune import gated_conv
 
 def two_block_model(gated, keep_ratio=0.5):
   inputs = tf.keras.Input((8, 8, 2))
-  x = gated_conv.GatedConv2D(4, gated=gated, keep_ratio=keep_ratio, name='a')(
-      inputs)
+  gate = gated_conv.GateSpec(keep_ratio=keep_ratio) if gated else None
+  x = gated_conv.GatedConv2D(4, name='a', gate=gate)(inputs)
   x = tf.keras.layers.MaxPool2D(name='pool')(x)
-  x = gated_conv.GatedConv2D(6, gated=gated, keep_ratio=keep_ratio, name='b')(x)
+  x = gated_conv.GatedConv2D(6, name='b', gate=gate)(x)
   x = tf.keras.layers.GlobalAveragePooling2D()(x)
   outputs = tf.keras.layers.Dense(3)(x)
   model = tf.keras.Model(inputs, outputs)
@@ -55,7 +55,8 @@ class FlopsTest(absltest.TestCase):
     self.assertEqual(flops.top_k_flops(model, 1.0), full)
 
   def test_residual_inputs_are_full_width(self):
-    model = keras_models.build_resnet(20, gated=True, keep_ratio=0.5)
+    model = keras_models.build_resnet(
+        20, gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5))
     feeders = {l.name: gated_conv.feeding_gate(l)
                for l in gated_conv.gated_layers(model)}
     self.assertIsNone(feeders['stem'])
@@ -67,7 +68,8 @@ class FlopsTest(absltest.TestCase):
     data = tf.data.Dataset.from_tensor_slices(
         tf.random.normal([8, 32, 32, 3])).batch(8)
     ratios = [flops.dynamic_flops_ratio(
-        keras_models.build_resnet(20, gated=True, keep_ratio=r), data)
+        keras_models.build_resnet(
+            20, gate=gated_conv.GateSpec.from_flags(keep_ratio=r)), data)
               for r in (0.5, 0.7, 1.0)]
     self.assertLess(ratios[0], ratios[1])
     self.assertLess(ratios[1], ratios[2])

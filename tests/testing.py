@@ -14,6 +14,7 @@ import tensorflow_federated as tff
 
 from experiments import make_certificates as make_certificates_lib
 import keras_models
+from tff_fedprune import gated_conv
 from tff_fedprune import model_state
 from tff_fedprune import runtime
 from tff_fedprune.simulation import config as config_lib
@@ -39,8 +40,9 @@ class LocalRuntimeTestCase(parameterized.TestCase):
 
 def model_fn(gated=False):
   """A builder of the small CNN on 8x8x1 inputs (keep ratio 0.5 if gated)."""
-  return lambda: keras_models.build_model('cnn', (8, 8, 1), 10, gated=gated,
-                                          keep_ratio=0.5)
+  return lambda: keras_models.build_model(
+      'cnn', (8, 8, 1), 10,
+      gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5) if gated else None)
 
 
 def client_datasets(num_clients=3, n=12, seed=0, poison=None):

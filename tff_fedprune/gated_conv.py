@@ -39,6 +39,10 @@ With `gated=False` the layer is the dense conv-BN-ReLU baseline with the same
 parameter names.
 """
 
+import dataclasses
+from typing import Optional
+
+import numpy as np
 import tensorflow as tf
 
 
@@ -152,6 +156,68 @@ def _masked_bn_backward(dy, y, c, pi, gamma, beta, mean, rstd, n, relu):
 GATE_INPUTS = ('sigmoid', 'identity')
 GATED_BNS = ('masked', 'full')
 GATE_SELECTIONS = ('saliency', 'centered', 'standardized')
+CHANNEL_POLICIES = ('top_k',)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+  """How the gated layers of a model choose and compute their channels.
+
+  One value for the layer, the model builders, the driver and the exporter.
+  `policy` is how a layer's kept channels are chosen: 'top_k', the k
+  channels of each input's highest `selection` scores (learned gates); the
+  channel policies of sub-model methods (a fixed prefix of channels) are to
+  join it. `stem` is read by the builders: whether the first convolution is
+  gated too. The flag and `get_config` names of each field are `FLAG_NAMES`.
+  """
+
+  keep_ratio: float = 1.0
+  selection: str = 'saliency'  # GATE_SELECTIONS.
+  input: str = 'sigmoid'  # GATE_INPUTS: what the gate reads.
+  batch_stats: str = 'masked'  # GATED_BNS: training BN moments.
+  balance: float = 0.0  # Weight of the load-balancing loss.
+  stem: bool = True
+  policy: str = 'top_k'  # CHANNEL_POLICIES.
+
+  FLAG_NAMES = {
+      'keep_ratio': 'keep_ratio', 'selection': 'gate_selection',
+      'input': 'gate_input', 'batch_stats': 'gated_bn',
+      'balance': 'gate_balance', 'stem': 'gate_stem',
+  }
+
+  def __post_init__(self):
+    def require(ok, field, expected):
+      if not ok:
+        value = getattr(self, field)
+        raise ValueError(f'{self.FLAG_NAMES.get(field, field)} must be'
+                         f' {expected}, got {value!r}')
+
+    require(0 < self.keep_ratio <= 1, 'keep_ratio', 'in (0, 1]')
+    require(self.selection in GATE_SELECTIONS, 'selection',
+            f'one of {GATE_SELECTIONS}')
+    require(self.input in GATE_INPUTS, 'input', f'one of {GATE_INPUTS}')
+    require(self.batch_stats in GATED_BNS, 'batch_stats',
+            f'one of {GATED_BNS}')
+    require(self.balance >= 0, 'balance', '>= 0')
+    require(self.policy in CHANNEL_POLICIES, 'policy',
+            f'one of {CHANNEL_POLICIES}')
+
+  @classmethod
+  def from_flags(cls, **flags) -> 'GateSpec':
+    """The spec of flag-named values (`keep_ratio=`, `gate_input=`, ...)."""
+    fields = {flag: field for field, flag in cls.FLAG_NAMES.items()}
+    unknown = set(flags) - set(fields)
+    if unknown:
+      raise TypeError(f'unknown gate options {sorted(unknown)}')
+    return cls(**{fields[k]: v for k, v in flags.items()})
+
+  def flags(self) -> dict:
+    """The flag-named values (`from_flags` inverts it)."""
+    return {flag: getattr(self, field)
+            for field, flag in self.FLAG_NAMES.items()}
+
+  def with_keep_ratio(self, keep_ratio: float) -> 'GateSpec':
+    return dataclasses.replace(self, keep_ratio=float(keep_ratio))
 
 
 def usage_balance(s, pi):
@@ -179,6 +245,10 @@ def relative_scores(s, mean, variance, selection: str, epsilon: float):
   return tf.where(s > 0, score, tf.float32.min)
 
 
+# A `fixed_channels` value: every channel (still scaled by its saliency).
+ALL = 'all'
+
+
 @tf.keras.utils.register_keras_serializable(package='tff_fedprune')
 class GatedConv2D(tf.keras.layers.Layer):
   """Conv -> BN -> per-sample top-k channel gate -> (ReLU).
@@ -193,47 +263,47 @@ class GatedConv2D(tf.keras.layers.Layer):
       filters: int,
       kernel_size: int = 3,
       strides: int = 1,
-      gated: bool = True,
-      keep_ratio: float = 1.0,
+      gate: Optional[GateSpec] = GateSpec(),
       relu: bool = True,
       momentum: float = 0.9,
       epsilon: float = 1e-5,
-      gate_input: str = 'sigmoid',
-      gated_bn: str = 'masked',
-      gate_selection: str = 'saliency',
-      gate_balance: float = 0.0,
+      fixed_channels=None,
       **kwargs,
   ):
+    """`gate=None` is the dense block; `fixed_channels` see `fix_channels`."""
     super().__init__(**kwargs)
-    if not 0 < keep_ratio <= 1:
-      raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
-    if gate_input not in GATE_INPUTS:
-      raise ValueError(
-          f'gate_input must be one of {GATE_INPUTS}, got {gate_input!r}'
-      )
-    if gated_bn not in GATED_BNS:
-      raise ValueError(
-          f'gated_bn must be one of {GATED_BNS}, got {gated_bn!r}'
-      )
-    if gate_selection not in GATE_SELECTIONS:
-      raise ValueError(
-          f'gate_selection must be one of {GATE_SELECTIONS}, got'
-          f' {gate_selection!r}'
-      )
-    if not gate_balance >= 0:
-      raise ValueError(f'gate_balance must be >= 0, got {gate_balance}')
-    self.gate_balance = float(gate_balance)
-    self.gate_input = gate_input
-    self.gated_bn = gated_bn
-    self.gate_selection = gate_selection
+    self.gate = gate
     self.filters = int(filters)
     self.kernel_size = int(kernel_size)
     self.strides = int(strides)
-    self.gated = bool(gated)
-    self.initial_keep_ratio = float(keep_ratio)
     self.relu = bool(relu)
     self.momentum = float(momentum)
     self.epsilon = float(epsilon)
+    self.fixed_channels = None
+    if fixed_channels is not None:
+      self.fix_channels(fixed_channels)
+
+  @property
+  def gated(self) -> bool:
+    return self.gate is not None
+
+  def fix_channels(self, channels) -> None:
+    """Keeps `channels` (indices, or `ALL`) for every input instead of top-k.
+
+    Saliency still scales the kept channels. This is what a static,
+    device-specialised export computes (`export.tflite`); None restores the
+    per-input top-k. Set it before the layer's call is traced.
+    """
+    if channels is None or isinstance(channels, str):
+      if channels not in (None, ALL):
+        raise ValueError(f'channels must be indices, {ALL!r} or None')
+      self.fixed_channels = channels
+      return
+    kept = np.unique(np.asarray(channels, np.int64))
+    if not len(kept) or kept[0] < 0 or kept[-1] >= self.filters:
+      raise ValueError(f'channels of {self.name!r} must be a non-empty'
+                       f' subset of 0..{self.filters - 1}')
+    self.fixed_channels = kept
 
   def build(self, input_shape):
     cin = int(input_shape[-1])
@@ -260,7 +330,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       )
       self.keep_ratio = self.add_weight(
           'keep_ratio', (), trainable=False,
-          initializer=tf.keras.initializers.Constant(self.initial_keep_ratio),
+          initializer=tf.keras.initializers.Constant(self.gate.keep_ratio),
       )
       self.kept_count = self.add_weight(
           'kept_count', (cout,), initializer='zeros', trainable=False
@@ -271,7 +341,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       self.local_variables = [
           self.keep_ratio, self.kept_count, self.samples_seen
       ]
-      if self.gate_selection != 'saliency':
+      if self.gate.selection != 'saliency':
         self.saliency_mean = self.add_weight(
             'saliency_mean', (cout,), initializer='zeros', trainable=False
         )
@@ -285,7 +355,7 @@ class GatedConv2D(tf.keras.layers.Layer):
 
   def subsample(self, pooled):
     """z from the input's global average pool: sigmoid or identity."""
-    return tf.sigmoid(pooled) if self.gate_input == 'sigmoid' else pooled
+    return tf.sigmoid(pooled) if self.gate.input == 'sigmoid' else pooled
 
   def saliency(self, x):
     """s (B, C_out) = ReLU(z @ W_g + b_g), z = subsample(GAP(x))."""
@@ -293,7 +363,15 @@ class GatedConv2D(tf.keras.layers.Layer):
     return tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
 
   def top_k(self, s):
-    """The 0/1 mask of the k = max(1, round(rho * C_out)) largest scores."""
+    """The 0/1 mask of the k = max(1, round(rho * C_out)) largest scores.
+
+    With `fixed_channels`, the mask of that set for every input.
+    """
+    if self.fixed_channels is not None:
+      mask = np.zeros(self.filters, np.float32)
+      mask[slice(None) if isinstance(self.fixed_channels, str)
+           else self.fixed_channels] = 1.0
+      return tf.ones_like(s) * mask
     return top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
                                                     self.filters))
 
@@ -305,7 +383,7 @@ class GatedConv2D(tf.keras.layers.Layer):
     ones in inference changed the selection so much that the quickstart's
     test accuracy fell to 59% (standardized; 95.5% this way).
     """
-    if self.gate_selection == 'saliency':
+    if self.gate.selection == 'saliency':
       return s
     s = tf.stop_gradient(s)
     if training:
@@ -316,7 +394,7 @@ class GatedConv2D(tf.keras.layers.Layer):
           (self.saliency_variance - variance) * decay
       )
     return relative_scores(
-        s, self.saliency_mean, self.saliency_variance, self.gate_selection,
+        s, self.saliency_mean, self.saliency_variance, self.gate.selection,
         self.epsilon,
     )
 
@@ -328,8 +406,8 @@ class GatedConv2D(tf.keras.layers.Layer):
     """
     s = self.saliency(x)
     pi = s * self.top_k(self.selection_scores(s, training))
-    if training and self.gate_balance:
-      self.add_loss(self.gate_balance * usage_balance(s, pi))
+    if training and self.gate.balance:
+      self.add_loss(self.gate.balance * usage_balance(s, pi))
     return pi
 
   def _update_moving(self, mean, var, valid):
@@ -348,7 +426,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       y = self._batch_norm(c, training)
       return tf.nn.relu(y) if self.relu else y
     pi = self.channel_gates(x, training)
-    if training and self.gated_bn == 'masked':
+    if training and self.gate.batch_stats == 'masked':
       y, mean, var, kept = gated_batch_norm(
           c, pi, self.gamma, self.beta, self.epsilon, self.relu
       )
@@ -385,21 +463,31 @@ class GatedConv2D(tf.keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
+    gate = self.gate or GateSpec()
     config.update(
         filters=self.filters,
         kernel_size=self.kernel_size,
         strides=self.strides,
         gated=self.gated,
-        keep_ratio=self.initial_keep_ratio,
         relu=self.relu,
         momentum=self.momentum,
         epsilon=self.epsilon,
-        gate_input=self.gate_input,
-        gated_bn=self.gated_bn,
-        gate_selection=self.gate_selection,
-        gate_balance=self.gate_balance,
+        **{k: v for k, v in gate.flags().items() if k != 'gate_stem'},
     )
+    if self.fixed_channels is not None:
+      config['fixed_channels'] = (
+          ALL if isinstance(self.fixed_channels, str)
+          else [int(c) for c in self.fixed_channels])
     return config
+
+  @classmethod
+  def from_config(cls, config):
+    """The layer of a `get_config` (flat gate keys, as saved models hold)."""
+    config = dict(config)
+    flags = {k: config.pop(k) for k in list(config)
+             if k in GateSpec.FLAG_NAMES.values()}
+    gated = config.pop('gated', True)
+    return cls(gate=GateSpec.from_flags(**flags) if gated else None, **config)
 
 
 def gated_layers(model: tf.keras.Model) -> list[GatedConv2D]:

@@ -149,7 +149,7 @@ class _FoldedConv:
       self.gate_pruned = (
           self.zero_point * gate_kernel.sum(axis=0) + self.gate_bias
       )
-      if layer.gate_selection != 'saliency':
+      if layer.gate.selection != 'saliency':
         self.saliency_moments = (layer.saliency_mean.numpy(),
                                  layer.saliency_variance.numpy())
 
@@ -199,11 +199,11 @@ class _FoldedConv:
   def gated(self, x, k: int) -> _Compact:
     s = tf.nn.relu(self.gate_logits(x))[0]
     layer = self.layer
-    if layer.gate_selection == 'saliency':
+    if layer.gate.selection == 'saliency':
       saliency, kept = tf.math.top_k(s, k=k)
     else:
       _, kept = tf.math.top_k(gated_conv.relative_scores(
-          s, *self.saliency_moments, layer.gate_selection, layer.epsilon),
+          s, *self.saliency_moments, layer.gate.selection, layer.epsilon),
           k=k)
       saliency = tf.gather(s, kept)
     # Gathers along leading axes only (whole rows: contiguous copies).

@@ -219,6 +219,20 @@ class ExperimentConfig:
         self.worker_ca_cert, self.worker_client_cert, self.worker_client_key
     )
 
+  def gate(self, keep_ratio: Optional[float] = None):
+    """The `gated_conv.GateSpec` of the model (None: dense), at `keep_ratio`.
+
+    The keep ratio defaults to --keep_ratio.
+    """
+    if not self.dynamic_pruning:
+      return None
+    return gated_conv.GateSpec.from_flags(
+        keep_ratio=self.keep_ratio if keep_ratio is None else keep_ratio,
+        gate_input=self.gate_input, gated_bn=self.gated_bn,
+        gate_selection=self.gate_selection, gate_balance=self.gate_balance,
+        gate_stem=self.gate_stem,
+    )
+
   @property
   def evaluation_keep_ratio(self) -> float:
     """The keep ratio of the evaluated, measured and saved global model."""

@@ -68,7 +68,8 @@ def sample_clients(config: ExperimentConfig, round_num: int) -> RoundClients:
 class ClientDataSource:
   """Samples a configuration's clients and serves their round inputs."""
 
-  def __init__(self, config: ExperimentConfig, fed_data: data_lib.FederatedData):
+  def __init__(self, config: ExperimentConfig,
+               fed_data: data_lib.FederatedData):
     self.config = config
     self.fed_data = fed_data
 

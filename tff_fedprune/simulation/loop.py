@@ -56,20 +56,14 @@ def model_fn_of(config: ExperimentConfig, build_model: ModelBuilder,
     return build_model(
         input_shape=source.image_shape,
         num_classes=source.num_classes,
-        gated=config.dynamic_pruning,
-        keep_ratio=keep_ratio,
-        gate_input=config.gate_input,
-        gated_bn=config.gated_bn,
-        gate_selection=config.gate_selection,
-        gate_balance=config.gate_balance,
-        gate_stem=config.gate_stem,
+        gate=config.gate(keep_ratio),
     )
 
   return model_fn
 
 
 def _process_key(config: ExperimentConfig) -> ExperimentConfig:
-  """`config` without the fields a resumption or another directory may change."""
+  """`config` less the fields a resumption or another directory may change."""
   defaults = ExperimentConfig()
   return dataclasses.replace(
       config, experiment_name='',
@@ -138,8 +132,7 @@ def run_experiment(
   """Runs (or resumes) `config` to `total_rounds`; returns the summary.
 
   `models` maps each architecture name to its builder
-  `(input_shape=, num_classes=, gated=, keep_ratio=, gate_input=,
-  gated_bn=, gate_selection=, gate_balance=, gate_stem=) -> Model` (e.g.
+  `(input_shape=, num_classes=, gate=) -> Model` (e.g.
   `keras_models.BUILDERS`). `built` is a process from `build_process` to
   reuse (it must `serve` `config`). Raises
   `ConfigError`, `data.DataSourceError` or `data.PartitionError` before

@@ -152,7 +152,8 @@ def train_model(
     traffic: Traffic,
     initial_state,
     metrics_csv: str,
-    call: Callable[[Callable[[], Any]], Any] = lambda computation: computation(),
+    call: Callable[[Callable[[], Any]], Any] = lambda computation: (
+        computation()),
     progress: bool = True,
 ) -> TrainingResult:
   """Resumes from the latest intact saved state and trains to the last round.

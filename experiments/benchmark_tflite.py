@@ -49,6 +49,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
 from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
+from tff_fedprune.export import channels as channel_maps
 from tff_fedprune.export import tflite  # pylint: disable=g-import-not-at-top
 from tff_fedprune.simulation import flops  # pylint: disable=g-import-not-at-top
 
@@ -97,25 +98,25 @@ def variants(model):
   # Which channels a static layer keeps does not change its cost.
   calibration = tf.data.Dataset.from_tensor_slices(np.random.default_rng(1)
       .normal(size=(8,) + model.input_shape[1:]).astype(np.float32)).batch(8)
-  residuals = (tflite.RESIDUALS if model.name.startswith('resnet')
+  residuals = (channel_maps.RESIDUALS if model.name.startswith('resnet')
                else ('full',))
   yield 'dense', dict(dense=True), None
   for rho in map(float, _KEEP_RATIOS.value):
     top_k = {l.name: int(gated_conv.num_kept(rho, l.filters)) for l in gated}
     yield f'dynamic {rho}', dict(keep_ratio=rho), top_k
-    policy = tflite.gate_policy(model, _GATE_MIN_FLOPS.value)
+    policy = channel_maps.gate_policy(model, _GATE_MIN_FLOPS.value)
     if policy:
       yield (f'dynamic {rho}, policy', dict(keep_ratio=rho, channels=policy),
              dict(top_k, **{n: model.get_layer(n).filters for n in policy}))
     for multiple, residual in itertools.product(
         map(int, _CHANNEL_MULTIPLES.value), residuals):
-      channels = tflite.static_channels(model, calibration, rho, multiple,
+      channels = channel_maps.static_channels(model, calibration, rho, multiple,
                                         residual)
       label = f'static {rho}' + (f', {residual} residual'
                                  if len(residuals) > 1 else '')
       label += f', k multiple of {multiple}' if multiple > 1 else ''
       yield label, dict(channels=channels), {
-          n: model.get_layer(n).filters if c is tflite.ALL_CHANNELS
+          n: model.get_layer(n).filters if c is channel_maps.ALL_CHANNELS
           else len(c) for n, c in channels.items()}
 
 

@@ -1,7 +1,7 @@
 """Exports a trained model to TFLite for phones, and verifies the export.
 
   python -m experiments.export_tflite --model_dir=RUN_DIR/model \\
-      --output=model.tflite [--mode=dynamic|static] [--keep_ratio=0.7] \\
+      --output=model.tflite [--mode=static|dynamic] [--keep_ratio=0.7] \\
       [--quantize=none|float16|dynamic_int8]
 
 Writes --output and --dense_output (default: OUTPUT_dense.tflite), the same
@@ -9,20 +9,21 @@ weights without gates. Both take raw pixels of shape (1, H, W, C) as input
 `images` and return `logits` through the `serving_default` signature
 (tff_fedprune.export.tflite):
 
-* `--mode=dynamic` (default): every gated layer computes only its top-k
-  channels for each input, as the model trained (`--gate_min_flops` exports
-  smaller layers at full width, still scaled by their saliency);
-* `--mode=static`: a device-specialised model. Each gated layer keeps the k
-  channels its gates select most often on the device's own data (the run's
-  client `--calibration_client`, or `--calibration_images` of the dataset's
-  training set; never the test images it is scored on): constant, smaller
-  convolutions without top-k, gather or scatter, which XNNPACK runs. The
-  federation trains one dynamic model; each device gets the sub-model its
-  data uses.
+* `--mode=static` (default, the phone path): a device-specialised model.
+  Each gated layer keeps the k channels its gates select most often on the
+  device's own data (the run's client `--calibration_client`, or
+  `--calibration_images` of the dataset's training set; never the test
+  images it is scored on): constant, smaller convolutions without top-k,
+  gather or scatter, which XNNPACK runs. The federation trains one dynamic
+  model; each device gets the sub-model its data uses.
+* `--mode=dynamic`: every gated layer computes only its top-k channels for
+  each input, as the model trained (`--gate_min_flops` exports smaller
+  layers at full width, still scaled by their saliency); slower than dense
+  on LiteRT (docs/export.md).
 
 Before writing, the export is checked against the Keras model (for
-`static`, the Keras model with each top-k replaced by the fixed set) on
-random inputs and on real test images of the model's dataset: float32
+`static`, `channels.reference_model`: each top-k replaced by the fixed
+set) on random inputs and on real test images of the model's dataset: float32
 exports must agree to 1e-4 on every logit of the random inputs and on top-1
 for 99.5% of the real images (else nothing is written and the exit code is
 1; a non-finite logit difference fails every export); quantized exports
@@ -51,6 +52,7 @@ import keras_models  # pylint: disable=g-import-not-at-top,unused-import
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune import gated_conv  # pylint: disable=g-import-not-at-top
 from tff_fedprune import model_state  # pylint: disable=g-import-not-at-top
+from tff_fedprune.export import channels as channel_maps
 from tff_fedprune.export import tflite  # pylint: disable=g-import-not-at-top
 
 _MODEL_DIR = flags.DEFINE_string(
@@ -67,9 +69,9 @@ _KEEP_RATIO = flags.DEFINE_float(
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none',
                               ['none', 'float16', 'dynamic_int8'],
                               'Post-training quantization of both files.')
-_MODE = flags.DEFINE_enum('mode', 'dynamic', ['dynamic', 'static'],
-                          'Per-input top-k channels, or a fixed channel set'
-                          ' per layer calibrated on the device\'s data.')
+_MODE = flags.DEFINE_enum('mode', 'static', ['static', 'dynamic'],
+                          'A fixed channel set per layer calibrated on the'
+                          ' device\'s data, or per-input top-k channels.')
 _CALIBRATION_CLIENT = flags.DEFINE_integer(
     'calibration_client', None, 'static: calibrate on this client\'s'
     ' training split of the run (partition read from the run\'s'
@@ -81,7 +83,8 @@ _CHANNEL_MULTIPLE = flags.DEFINE_integer(
     'channel_multiple', 1, 'static: round each layer\'s k to the nearest'
     ' multiple (XNNPACK computes channels in tiles of 8 or 16).')
 _RESIDUAL = flags.DEFINE_enum(
-    'residual', 'full', list(tflite.RESIDUALS), 'static, residual networks:'
+    'residual', 'full', list(channel_maps.RESIDUALS),
+    'static, residual networks:'
     ' prune every gated layer (full-width residual stream), only the'
     ' layers inside blocks (inner), or also narrow the residual stream to'
     ' one channel set per stage (shared: fastest, costs accuracy).')
@@ -220,16 +223,16 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
     images = calibration_images(model_dir, source, preprocessing,
                                 *(calibration or (None, 2000)),
                                 expected_shape=model.input_shape[1:])
-    channels = tflite.static_channels(
+    channels = channel_maps.static_channels(
         model, tf.data.Dataset.from_tensor_slices(images).batch(256),
         channel_multiple=channel_multiple, residual=residual)
     lines.append(
         f'static channels from {len(images)} training images: ' + ', '.join(
-            f'{n} ' + ('all' if c is tflite.ALL_CHANNELS else
+            f'{n} ' + ('all' if c is channel_maps.ALL_CHANNELS else
                        f'{len(c)}/{model.get_layer(n).output_shape[-1]}')
             for n, c in channels.items()))
   else:
-    channels = tflite.gate_policy(model, gate_min_flops)
+    channels = channel_maps.gate_policy(model, gate_min_flops)
     if channels:
       lines.append('exported at full width (--gate_min_flops): '
                    + ', '.join(channels))

@@ -18,6 +18,7 @@ from tests import testing
 from tff_fedprune import data
 from tff_fedprune import gated_conv
 from tff_fedprune import model_state
+from tff_fedprune.export import channels as channel_maps
 from tff_fedprune.export import tflite
 
 
@@ -58,7 +59,7 @@ class ExportCliTest(absltest.TestCase):
                  'mean': mean, 'std': std}, f)
     output = os.path.join(self.create_tempdir().full_path, 'out', 'm.tflite')
     result = export_cli(f'--model_dir={model_dir}', f'--output={output}',
-                        '--keep_ratio=0.5')
+                        '--mode=dynamic', '--keep_ratio=0.5')
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('keep ratio [0.5]', result.stdout)
     self.assertIn('real test images (359)', result.stdout)
@@ -77,7 +78,7 @@ class ExportCliTest(absltest.TestCase):
 
     quantized = output.replace('m.tflite', 'q.tflite')
     result = export_cli(f'--model_dir={model_dir}', f'--output={quantized}',
-                        '--quantize=dynamic_int8')
+                        '--mode=dynamic', '--quantize=dynamic_int8')
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('points)', result.stdout)
     self.assertLess(os.path.getsize(quantized), os.path.getsize(output))
@@ -90,7 +91,7 @@ class ExportCliTest(absltest.TestCase):
     tf.keras.utils.set_random_seed(0)
     model = keras_models.build_model(
         'cnn', source.image_shape, 10,
-        gate=gated_conv.GateSpec.from_flags(keep_ratio=0.5, gate_input='identity'))
+        gate=gated_conv.GateSpec(keep_ratio=0.5, input='identity'))
     model.save(os.path.join(model_dir, 'model.keras'))
     with open(os.path.join(model_dir, 'preprocessing.json'), 'w') as f:
       json.dump({'dataset': 'digits', 'image_shape': source.image_shape,
@@ -114,7 +115,7 @@ class ExportCliTest(absltest.TestCase):
     # The channels the client's images keep most often, as the library
     # picks them.
     images = ((source.train.images[federated.client_train[2]] - 7.0) / 6.0)
-    channels = tflite.static_channels(
+    channels = channel_maps.static_channels(
         model, tf.data.Dataset.from_tensor_slices(
             images.astype(np.float32)).batch(256))
     test = source.test.images[:10].astype(np.float32)

@@ -10,6 +10,7 @@ import tensorflow as tf
 import keras_models
 from tff_fedprune import gated_conv
 from tff_fedprune import model_state
+from tff_fedprune.export import channels as channel_maps
 from tff_fedprune.export import tflite
 from tff_fedprune.simulation import flops
 
@@ -160,7 +161,7 @@ class StaticExportTest(parameterized.TestCase):
                                                           keep_ratio):
     model = trained_looking_model(name)
     model_state.set_keep_ratio(model, keep_ratio)
-    channels = tflite.static_channels(model, calibration(name))
+    channels = channel_maps.static_channels(model, calibration(name))
     content = tflite.convert(
         tflite.inference_function(model, [MEAN], [STD], channels=channels))
     images = raw_images(name, 8)
@@ -177,11 +178,12 @@ class StaticExportTest(parameterized.TestCase):
   def test_residual_modes_equal_keras_with_fixed_channels(self, residual):
     model = trained_looking_model('resnet20')
     model_state.set_keep_ratio(model, 0.5)
-    channels = tflite.static_channels(model, calibration('resnet20'),
+    channels = channel_maps.static_channels(model, calibration('resnet20'),
                                       residual=residual)
     writers = [n for n in channels if n == 'stem' or n.endswith('_conv2')]
     if residual == 'inner':
-      self.assertTrue(all(channels[n] is tflite.ALL_CHANNELS for n in writers))
+      self.assertTrue(all(channels[n] is channel_maps.ALL_CHANNELS
+                          for n in writers))
       self.assertFalse([n for n in channels if n.endswith('_add')])
     else:
       # One set per stage, shared by its additions and the layers writing
@@ -208,7 +210,7 @@ class StaticExportTest(parameterized.TestCase):
     model = trained_looking_model('cnn')
     model_state.set_keep_ratio(model, 0.5)
     frequency = flops.measure_gates(model, calibration('cnn')).frequency
-    channels = tflite.static_channels(model, calibration('cnn'))
+    channels = channel_maps.static_channels(model, calibration('cnn'))
     for layer, share in zip(gated_conv.gated_layers(model), frequency):
       kept = channels[layer.name]
       self.assertLen(kept, layer.filters // 2)
@@ -219,7 +221,7 @@ class StaticExportTest(parameterized.TestCase):
     for layer in gated_conv.gated_layers(model):
       layer.gate_kernel.assign(tf.zeros_like(layer.gate_kernel))
       layer.gate_bias.assign(np.linspace(0.1, 1.0, layer.filters)[::-1])
-    channels = tflite.static_channels(model, calibration('cnn'))
+    channels = channel_maps.static_channels(model, calibration('cnn'))
     self.assertEqual({n: c.tolist() for n, c in channels.items()},
                      {'block1': list(range(8)), 'block2': list(range(16)),
                       'block3': list(range(32))})
@@ -231,46 +233,50 @@ class StaticExportTest(parameterized.TestCase):
 
   def test_channel_multiple_rounds_k(self):
     model = trained_looking_model('cnn')
-    channels = tflite.static_channels(model, calibration('cnn'),
+    channels = channel_maps.static_channels(model, calibration('cnn'),
                                       keep_ratio=0.7, channel_multiple=8)
     # 0.7 of 16, 32, 64 is 11, 22, 45: nearest multiples of 8.
     self.assertEqual([len(c) for c in channels.values()], [8, 24, 48])
-    self.assertEqual(tflite.rounded_k(0.1, 16, 8), 8)
-    self.assertEqual(tflite.rounded_k(1.0, 20, 8), 20)
+    self.assertEqual(channel_maps.rounded_k(0.1, 16, 8), 8)
+    self.assertEqual(channel_maps.rounded_k(1.0, 20, 8), 20)
     with self.assertRaisesRegex(ValueError, 'channel_multiple'):
-      tflite.static_channels(model, calibration('cnn'), channel_multiple=0)
+      channel_maps.static_channels(model, calibration('cnn'),
+                                   channel_multiple=0)
 
   def test_bad_static_input(self):
     model = trained_looking_model('cnn')
     with self.assertRaisesRegex(ValueError, 'no gated layers'):
-      tflite.static_channels(trained_looking_model('cnn', gated=False),
+      channel_maps.static_channels(trained_looking_model('cnn', gated=False),
                              calibration('cnn'))
     with self.assertRaisesRegex(ValueError, 'no calibration images'):
-      tflite.static_channels(model, calibration('cnn').take(0))
+      channel_maps.static_channels(model, calibration('cnn').take(0))
     with self.assertRaisesRegex(ValueError, 'keep_ratio'):
-      tflite.static_channels(model, calibration('cnn'), keep_ratio=1.5)
+      channel_maps.static_channels(model, calibration('cnn'), keep_ratio=1.5)
     with self.assertRaisesRegex(ValueError, 'neither a gated layer'):
       tflite.inference_function(model, [MEAN], [STD], channels={'gap': None})
     with self.assertRaisesRegex(ValueError, 'residual must be one of'):
-      tflite.static_channels(model, calibration('cnn'), residual='half')
+      channel_maps.static_channels(model, calibration('cnn'), residual='half')
     with self.assertRaisesRegex(ValueError, 'needs a channel set'):
       tflite.inference_function(
           trained_looking_model('resnet20'), [MEAN], [STD],
-          channels={'stage1_block1_add': tflite.ALL_CHANNELS})
+          channels={'stage1_block1_add': channel_maps.ALL_CHANNELS})
     with self.assertRaisesRegex(ValueError, 'non-empty subset'):
       tflite.inference_function(model, [MEAN], [STD],
                                 channels={'block1': [16]})
 
-  def test_fixed_channels_restores_the_dynamic_model(self):
+  def test_reference_model_is_a_copy_with_fixed_channels(self):
     model = trained_looking_model('resnet20')
     images = raw_images('resnet20', 4)
     before = keras_logits(model, images)
-    for channels in ({'stage2_block1_conv1': [0, 1]},
-                     {'stage3_block3_add': [0, 1]}):
-      with tflite.fixed_channels(model, channels):
-        self.assertGreater(
-            np.abs(keras_logits(model, images) - before).max(), 1e-3)
+    for fixed in ({'stage2_block1_conv1': [0, 1]},
+                  {'stage3_block3_add': [0, 1]}):
+      reference = channel_maps.reference_model(model, fixed)
+      self.assertGreater(
+          np.abs(keras_logits(reference, images) - before).max(), 1e-3)
       np.testing.assert_array_equal(keras_logits(model, images), before)
+    layer = reference.get_layer('stage3_block3_add')
+    self.assertIsInstance(layer, channel_maps.MaskedAdd)
+    self.assertEqual(layer.kept, [0, 1])
 
 
 class GatePolicyTest(absltest.TestCase):
@@ -281,12 +287,12 @@ class GatePolicyTest(absltest.TestCase):
     sizes = {l.name: flops.layer_flops(l)
              for l in gated_conv.gated_layers(model)}
     threshold = sorted(set(sizes.values()))[1]
-    policy = tflite.gate_policy(model, threshold)
+    policy = channel_maps.gate_policy(model, threshold)
     self.assertEqual(set(policy),
                      {n for n, f in sizes.items() if f < threshold})
     self.assertNotEmpty(policy)
     self.assertLess(len(policy), len(sizes))
-    self.assertEqual(tflite.gate_policy(model, 0.0), {})
+    self.assertEqual(channel_maps.gate_policy(model, 0.0), {})
     content = tflite.convert(
         tflite.inference_function(model, [MEAN], [STD], channels=policy))
     # Parity: the Keras model with those layers at keep 1.0.

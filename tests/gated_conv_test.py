@@ -472,3 +472,39 @@ class SerializationTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class FixedChannelsTest(absltest.TestCase):
+
+  def test_fixed_set_replaces_top_k_for_every_input_and_is_saved(self):
+    layer = built_layer(keep_ratio=0.25)
+    x = tf.random.normal([5, 6, 6, 4], seed=1)
+    layer.fix_channels([6, 1, 1])
+    pi = layer.channel_gates(x).numpy()
+    s = layer.saliency(x).numpy()
+    np.testing.assert_array_equal(pi[:, [0, 2, 3, 4, 5, 7]], 0)
+    np.testing.assert_allclose(pi[:, [1, 6]], s[:, [1, 6]])
+    config = layer.get_config()
+    self.assertEqual(config['fixed_channels'], [1, 6])
+    restored = gated_conv.GatedConv2D.from_config(config)
+    np.testing.assert_array_equal(restored.fixed_channels, [1, 6])
+    layer.fix_channels(gated_conv.ALL)
+    np.testing.assert_allclose(layer.channel_gates(x), s)
+    layer.fix_channels(None)
+    self.assertEqual(int(np.sum(layer.channel_gates(x).numpy()[0] != 0)),
+                     int(np.sum(s[0] != 0) and 2))
+    self.assertNotIn('fixed_channels', layer.get_config())
+    with self.assertRaisesRegex(ValueError, 'non-empty subset'):
+      layer.fix_channels([8])
+
+  def test_gate_spec_checks_its_fields_by_flag_name(self):
+    spec = gated_conv.GateSpec.from_flags(keep_ratio=0.5, gated_bn='full')
+    self.assertEqual((spec.keep_ratio, spec.batch_stats), (0.5, 'full'))
+    self.assertEqual(gated_conv.GateSpec.from_flags(**spec.flags()), spec)
+    for flags, name in ((dict(gate_input='tanh'), 'gate_input'),
+                        (dict(gate_balance=-1.0), 'gate_balance'),
+                        (dict(keep_ratio=0.0), 'keep_ratio')):
+      with self.assertRaisesRegex(ValueError, name):
+        gated_conv.GateSpec.from_flags(**flags)
+    with self.assertRaisesRegex(TypeError, 'unknown gate options'):
+      gated_conv.GateSpec.from_flags(gated=True)

@@ -515,15 +515,21 @@ CHANNEL_PRESERVING = (
 )
 
 
+def inbound_layers(layer: tf.keras.layers.Layer) -> list:
+  """The layers whose outputs `layer` reads in its (first) functional call."""
+  inbound = layer.inbound_nodes[0].inbound_layers
+  return inbound if isinstance(inbound, list) else [inbound]
+
+
 def channel_source(layer: tf.keras.layers.Layer):
   """The nearest layer before `layer` other than pooling and activations.
 
   Its output reaches `layer`'s input channel-for-channel (a list if that
   layer has several inputs).
   """
-  source = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+  source = layer.inbound_nodes[0].inbound_layers
   while isinstance(source, CHANNEL_PRESERVING):
-    source = source._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
+    source = source.inbound_nodes[0].inbound_layers
   return source
 
 

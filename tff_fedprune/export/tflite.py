@@ -17,15 +17,20 @@ kept channels:
   scattered to full width (a one-hot matmul) only where a full-width tensor
   is needed: residual additions, the classifier head, other layers.
 
-With `channels`, the named gated layers instead keep a fixed channel set for
-every input (`ALL_CHANNELS`: every channel): their kernels, BN and gate are
+With `channels` (a channel map, `export.channels`), the named gated layers
+instead keep a fixed channel set for every input (`ALL_CHANNELS`: every
+channel): their kernels, BN and gate are
 sliced at export, so the convolution has constant filters (which XNNPACK
 packs) and only the saliency of the kept channels is computed at run time
 (a pooling and a small constant FULLY_CONNECTED) to scale them. With a set
 for every gated layer (`static_channels` picks the channels a device's own
 data selects most often) the graph has no TOPK_V2, GATHER or SCATTER_ND at
-all: the static, device-specialised export. `fixed_channels` makes the Keras
-model compute the same, for parity checks and accuracy.
+all: the static, device-specialised export. `channels.reference_model` is
+the Keras model that computes the same, for parity checks and accuracy.
+
+Each layer is exported by the rule of its class (`EXPORT_RULES`), in the
+order of the model's layers, reading its inputs from
+`gated_conv.inbound_layers`.
 
 Inputs are raw pixels (the dataset's own scale); the normalisation used in
 training is part of the graph. With `dense=True` the same model is exported
@@ -34,7 +39,6 @@ otherwise run. `convert` produces a TFLite flatbuffer with builtin ops only
 and the `serving_default` signature (input `images`, output `logits`).
 """
 
-import contextlib
 import dataclasses
 import tempfile
 from typing import Mapping, Optional
@@ -43,13 +47,11 @@ import numpy as np
 import tensorflow as tf
 
 from tff_fedprune import gated_conv
-from tff_fedprune.simulation import flops
+from tff_fedprune.export import channels as channel_maps
 
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
 RUNTIMES = ('tensorflow', 'litert')
-# A `channels` value: the layer computes every channel (still scaled by s).
-ALL_CHANNELS = None
 # Gate every layer: on LiteRT's XNNPACK no zoo layer measured gains from its
 # top-k (docs/export.md), but this keeps the export the model as trained.
 DEFAULT_GATE_MIN_FLOPS = 0.0
@@ -182,7 +184,8 @@ class _FoldedConv:
     Everything but the input's pool, the saliency of the kept channels and
     the convolution with constant filters is sliced here, at export.
     """
-    kept = np.arange(self.layer.filters) if kept is ALL_CHANNELS else kept
+    kept = (np.arange(self.layer.filters)
+            if kept is channel_maps.ALL_CHANNELS else kept)
     if isinstance(x, _Compact) and not x.fixed:
       x = x.full()
     saliency = tf.nn.relu(self.gate_logits(x, kept))
@@ -221,11 +224,6 @@ class _FoldedConv:
     return _Compact(y, kept, self.layer.filters)
 
 
-def _inbound(layer):
-  inbound = layer._inbound_nodes[0].inbound_layers  # pylint: disable=protected-access
-  return inbound if isinstance(inbound, list) else [inbound]
-
-
 def _dense_on_fixed(layer: tf.keras.layers.Dense, weights, x: _Compact):
   """A Dense layer on a fixed-set input: only the rows of the kept inputs."""
   y = tf.matmul(x.values, np.ascontiguousarray(weights[0][x.indices]))
@@ -234,26 +232,89 @@ def _dense_on_fixed(layer: tf.keras.layers.Dense, weights, x: _Compact):
   return layer.activation(y)
 
 
-def _check_channels(model, channels):
-  """`channels` with sorted index arrays; ValueError if it names bad layers."""
-  widths = {l.name: l.filters for l in gated_conv.gated_layers(model)}
-  additions = {l.name: l.output_shape[-1] for l in model.layers
-               if isinstance(l, tf.keras.layers.Add)}
-  checked = {}
-  for name, kept in channels.items():
-    if name not in widths and name not in additions:
-      raise ValueError(f'{name!r} is neither a gated layer nor a residual'
-                       f' addition of {model.name}')
-    width = widths.get(name) or additions[name]
-    if kept is ALL_CHANNELS and name in additions:
-      raise ValueError(f'a residual addition ({name!r}) needs a channel set')
-    if kept is not ALL_CHANNELS:
-      kept = np.unique(np.asarray(kept, np.int64))
-      if not len(kept) or kept[0] < 0 or kept[-1] >= width:
-        raise ValueError(f'channels of {name!r} must be a non-empty subset of'
-                         f' 0..{width - 1}')
-    checked[name] = kept
-  return checked
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What the export of each layer needs, computed before tracing."""
+
+  folded: dict  # GatedConv2D name -> its `_FoldedConv`.
+  top_k: dict  # Gated layer name -> k, for layers choosing per input.
+  fixed: dict  # Layer name -> its fixed channel set (`channels` module).
+  dense_weights: dict  # Dense layer name -> its weights.
+
+
+def _plan(model, keep_ratio, dense, channels) -> _Plan:
+  fixed = {} if dense else channel_maps.check_channels(model, channels or {})
+  folded, top_k = {}, {}
+  for layer in model.layers:
+    if isinstance(layer, gated_conv.GatedConv2D):
+      folded[layer.name] = _FoldedConv(layer)
+      if layer.gated and not dense and layer.name not in fixed:
+        rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
+        top_k[layer.name] = int(gated_conv.num_kept(rho, layer.filters))
+  weights = {l.name: l.get_weights() for l in model.layers
+             if isinstance(l, tf.keras.layers.Dense)}
+  return _Plan(folded, top_k, fixed, weights)
+
+
+def _keras_rule(plan, layer, inputs):
+  """Any other layer: the Keras layer on full-width inputs."""
+  del plan
+  args = [_full(x) for x in inputs]
+  return layer(args if len(args) > 1 else args[0], training=False)
+
+
+def _gated_conv_rule(plan, layer, inputs):
+  conv = plan.folded[layer.name]
+  if layer.name in plan.top_k:
+    return conv.gated(inputs[0], plan.top_k[layer.name])
+  if layer.name in plan.fixed:
+    return conv.fixed(inputs[0], plan.fixed[layer.name])
+  return conv.dense(inputs[0])
+
+
+def _add_rule(plan, layer, inputs):
+  if layer.name in plan.fixed:
+    return _narrowed_sum(inputs, plan.fixed[layer.name],
+                         layer.output_shape[-1])
+  return _keras_rule(plan, layer, inputs)
+
+
+def _channelwise_rule(plan, layer, inputs):
+  """Pooling and activations keep a compact tensor compact."""
+  x = inputs[0]
+  if isinstance(x, _Compact):
+    return _Compact(layer(x.values, training=False), x.indices, x.width)
+  return _keras_rule(plan, layer, inputs)
+
+
+def _flatten_rule(plan, layer, inputs):
+  if _is_fixed(inputs[0]):
+    return inputs[0].flatten()
+  return _keras_rule(plan, layer, inputs)
+
+
+def _dense_rule(plan, layer, inputs):
+  if _is_fixed(inputs[0]):
+    return _dense_on_fixed(layer, plan.dense_weights[layer.name], inputs[0])
+  return _keras_rule(plan, layer, inputs)
+
+
+# How each layer class is exported: rule(plan, layer, inputs) -> output.
+EXPORT_RULES = {
+    gated_conv.GatedConv2D: _gated_conv_rule,
+    tf.keras.layers.Add: _add_rule,
+    tf.keras.layers.Flatten: _flatten_rule,
+    tf.keras.layers.Dense: _dense_rule,
+    **{cls: _channelwise_rule for cls in gated_conv.CHANNEL_PRESERVING},
+}
+
+
+def export_rule(layer):
+  """The `EXPORT_RULES` entry of `layer`'s class (or nearest base)."""
+  for cls in type(layer).__mro__:
+    if cls in EXPORT_RULES:
+      return EXPORT_RULES[cls]
+  return _keras_rule
 
 
 def inference_function(
@@ -282,16 +343,7 @@ def inference_function(
   """
   if keep_ratio is not None and not 0 < keep_ratio <= 1:
     raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
-  fixed = {} if dense else _check_channels(model, channels or {})
-  folded, kept = {}, {}
-  for layer in model.layers:
-    if isinstance(layer, gated_conv.GatedConv2D):
-      folded[layer.name] = _FoldedConv(layer)
-      if layer.gated and not dense and layer.name not in fixed:
-        rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
-        kept[layer.name] = int(gated_conv.num_kept(rho, layer.filters))
-  weights = {l.name: l.get_weights() for l in model.layers
-             if isinstance(l, tf.keras.layers.Dense)}
+  plan = _plan(model, keep_ratio, dense, channels)
   mean = np.asarray(mean, np.float32)
   inv_std = 1.0 / np.asarray(std, np.float32)
   shape = [1] + list(model.input_shape[1:])
@@ -303,28 +355,8 @@ def inference_function(
       if isinstance(layer, tf.keras.layers.InputLayer):
         outputs[layer.name] = (images - mean) * inv_std
         continue
-      inputs = [outputs[l.name] for l in _inbound(layer)]
-      if layer.name in kept:
-        y = folded[layer.name].gated(inputs[0], kept[layer.name])
-      elif layer.name in fixed and layer.name in folded:
-        y = folded[layer.name].fixed(inputs[0], fixed[layer.name])
-      elif layer.name in folded:
-        y = folded[layer.name].dense(inputs[0])
-      elif layer.name in fixed:
-        y = _narrowed_sum(inputs, fixed[layer.name], layer.output_shape[-1])
-      elif isinstance(layer, gated_conv.CHANNEL_PRESERVING) and isinstance(
-          inputs[0], _Compact
-      ):
-        x = inputs[0]
-        y = _Compact(layer(x.values, training=False), x.indices, x.width)
-      elif isinstance(layer, tf.keras.layers.Flatten) and _is_fixed(inputs[0]):
-        y = inputs[0].flatten()
-      elif isinstance(layer, tf.keras.layers.Dense) and _is_fixed(inputs[0]):
-        y = _dense_on_fixed(layer, weights[layer.name], inputs[0])
-      else:
-        args = [_full(x) for x in inputs]
-        y = layer(args if len(args) > 1 else args[0], training=False)
-      outputs[layer.name] = y
+      inputs = [outputs[l.name] for l in gated_conv.inbound_layers(layer)]
+      outputs[layer.name] = export_rule(layer)(plan, layer, inputs)
     return {'logits': _full(outputs[model.layers[-1].name])}
 
   module = tf.Module()
@@ -335,141 +367,6 @@ def inference_function(
   module.variables_read = [v for v in model.variables
                            if id(v.handle) in captured]
   return module
-
-
-RESIDUALS = ('full', 'inner', 'shared')
-
-
-def _residual_writers(model):
-  """{residual addition: the gated layers whose output it adds}."""
-  writers = {}
-  for layer in model.layers:
-    if isinstance(layer, tf.keras.layers.Add):
-      writers[layer] = [l for l in _inbound(layer)
-                        if isinstance(l, gated_conv.GatedConv2D) and l.gated]
-  return writers
-
-
-def static_channels(
-    model: tf.keras.Model,
-    dataset,
-    keep_ratio: float | None = None,
-    channel_multiple: int = 1,
-    residual: str = 'full',
-) -> dict[str, np.ndarray]:
-  """Each gated layer's k channels that its gates keep most often on `dataset`.
-
-  `dataset` yields batches of preprocessed images (or (images, labels)),
-  a device's own data, never the images the export is scored on. The gates
-  run in inference mode (BN statistics untouched); k = max(1, round(rho *
-  C_out)) with rho `keep_ratio` or each layer's own, then rounded to the
-  nearest multiple of `channel_multiple` (at least one multiple, at most
-  C_out): XNNPACK computes output channels in tiles of 8 or 16, so 11
-  channels cost as much as 16. Ties go to the lower channel index.
-
-  `residual` (models with residual additions): 'full' prunes every gated
-  layer and scatters what joins the full-width residual stream back to full
-  width; 'inner' prunes only the layers inside a block (those writing to the
-  stream keep every channel); 'shared' narrows the stream itself: all
-  additions of one width and the layers writing to them share one set (the
-  k channels those layers keep most often, summed), so every convolution of
-  a stage reads and writes only kept channels.
-  """
-  if channel_multiple < 1:
-    raise ValueError(f'channel_multiple must be >= 1, got {channel_multiple}')
-  if residual not in RESIDUALS:
-    raise ValueError(f'residual must be one of {RESIDUALS}, got {residual!r}')
-  layers = gated_conv.gated_layers(model)
-  if not layers:
-    raise ValueError(f'{model.name} has no gated layers to specialise')
-  if keep_ratio is not None and not 0 < keep_ratio <= 1:
-    raise ValueError(f'keep_ratio must be in (0, 1], got {keep_ratio}')
-  measured = flops.measure_gates(model, dataset)
-  if not len(measured.flops):
-    raise ValueError('no calibration images')
-  frequency = {l.name: f for l, f in zip(layers, measured.frequency)}
-
-  def most_often(share, rho, width):
-    k = rounded_k(rho, width, channel_multiple)
-    return np.sort(np.argsort(-share, kind='stable')[:k])
-
-  def rho_of(layer):
-    return keep_ratio if keep_ratio is not None else layer.keep_ratio
-
-  channels = {l.name: most_often(frequency[l.name], rho_of(l), l.filters)
-              for l in layers}
-  writers = _residual_writers(model)
-  if residual == 'inner':
-    channels.update({l.name: ALL_CHANNELS
-                     for group in writers.values() for l in group})
-  elif residual == 'shared':
-    by_width = {}
-    for addition, group in writers.items():
-      by_width.setdefault(addition.output_shape[-1], []).append(
-          (addition, group))
-    for width, members in by_width.items():
-      group = [l for _, g in members for l in g]
-      if not group:
-        continue
-      share = sum(frequency[l.name] for l in group)
-      kept = most_often(share, rho_of(group[0]), width)
-      channels.update({l.name: kept for l in group})
-      channels.update({a.name: kept for a, _ in members})
-  return channels
-
-
-def rounded_k(keep_ratio, filters: int, multiple: int = 1) -> int:
-  """k = max(1, round(rho * C)) moved to the nearest multiple or to C.
-
-  Candidates: the multiples of `multiple` in [multiple, C] and C itself;
-  ties go to the larger.
-  """
-  k = int(gated_conv.num_kept(keep_ratio, filters))
-  below = max(multiple, multiple * (k // multiple))
-  above = min(filters, multiple * -(-k // multiple))
-  return min(filters, below if k - below < above - k else above)
-
-
-def gate_policy(model: tf.keras.Model, min_flops: float) -> dict:
-  """`channels` that export every gated layer below `min_flops` at full width.
-
-  A layer's size is its dense convolution's FLOPs per image. Such a layer
-  still scales its channels by their input-dependent saliency (a gate is not
-  a constant), but has no top-k: on XNNPACK a small layer's gathered filters
-  cost more than the channels they skip (docs/export.md).
-  """
-  return {l.name: ALL_CHANNELS for l in gated_conv.gated_layers(model)
-          if flops.layer_flops(l) < min_flops}
-
-
-@contextlib.contextmanager
-def fixed_channels(model: tf.keras.Model, channels):
-  """Within the block, the named gated layers of `model` keep fixed channels.
-
-  The Keras counterpart of `inference_function(..., channels=channels)`:
-  each named gated layer's top-k is replaced by its set (`ALL_CHANNELS`:
-  all), for every sample, and saliency still scales the kept channels; each
-  named residual addition zeroes the channels outside its set. Call the model
-  directly (a traced `predict` function would not see the change).
-  """
-  channels = _check_channels(model, channels)
-  layers = {name: model.get_layer(name) for name in channels}
-  try:
-    for name, kept in channels.items():
-      layer = layers[name]
-      if isinstance(layer, tf.keras.layers.Add):
-        mask = np.zeros(layer.output_shape[-1], np.float32)
-        mask[kept] = 1.0
-        layer.call = lambda x, call=layer.call, mask=mask: call(x) * mask
-      else:
-        mask = np.zeros(layer.filters, np.float32)
-        mask[slice(None) if kept is ALL_CHANNELS else kept] = 1.0
-        layer.top_k = lambda s, mask=mask: tf.ones_like(s) * mask
-    yield model
-  finally:
-    for layer in layers.values():
-      layer.__dict__.pop('top_k', None)
-      layer.__dict__.pop('call', None)
 
 
 def ungated_copy(model: tf.keras.Model) -> tf.keras.Model:
@@ -557,16 +454,17 @@ def keras_logits(model: tf.keras.Model, images: np.ndarray, mean, std,
                  channels=None, batch_size: int = 256) -> np.ndarray:
   """Logits of the Keras model on raw `images`, gates in inference mode.
 
-  With `channels`, under `fixed_channels` (what the static export computes).
+  With `channels`, of `channels.reference_model` (what the static export
+  computes).
   """
   normalised = ((images - np.asarray(mean, np.float32))
                 / np.asarray(std, np.float32)).astype(np.float32)
-  with (fixed_channels(model, channels) if channels
-        else contextlib.nullcontext()):
-    return np.concatenate([
-        model(normalised[i:i + batch_size], training=False).numpy()
-        for i in range(0, len(images), batch_size)
-    ])
+  if channels:
+    model = channel_maps.reference_model(model, channels)
+  return np.concatenate([
+      model(normalised[i:i + batch_size], training=False).numpy()
+      for i in range(0, len(images), batch_size)
+  ])
 
 
 def compare(

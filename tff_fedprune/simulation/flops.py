@@ -66,7 +66,7 @@ def kept_flops(model: tf.keras.Model, kept: Mapping[str, int]) -> float:
   Every gated layer of `model` must be named; each reads the channels its
   feeding gated layer computes and pays its gate. An input behind a residual
   addition is full width unless `kept` names the addition too (a narrowed
-  residual stream, `export.tflite.static_channels`).
+  residual stream, `export.channels.static_channels`).
   """
   total = dense_flops(model)
   for layer in gated_conv.gated_layers(model):

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_fedprune import gated_conv
+from tff_fedprune import gate_ops
 from tff_fedprune import model_state
 
 
@@ -162,7 +163,7 @@ class GatedConv2DTest(parameterized.TestCase):
     self.assertTrue(pruned.any())
     c = tf.Variable(layer.conv(self.x))
     with tf.GradientTape() as tape:
-      y, *_ = gated_conv.gated_batch_norm(c, pi, layer.gamma, layer.beta,
+      y, *_ = gate_ops.gated_batch_norm(c, pi, layer.gamma, layer.beta,
                                       layer.epsilon, relu=True)
       loss = loss_of(y)
     dc = tape.gradient(loss, c).numpy()
@@ -236,7 +237,7 @@ class GatedConv2DTest(parameterized.TestCase):
 
   def test_ties_keep_exactly_k_lowest_indices(self):
     scores = tf.constant([[1.0, 1.0, 1.0, 1.0, 0.5, 1.0]])
-    mask = gated_conv.top_k_mask(scores, 3).numpy()
+    mask = gate_ops.top_k_mask(scores, 3).numpy()
     np.testing.assert_array_equal(mask, [[1, 1, 1, 0, 0, 0]])
 
   def test_keep_ratio_one_is_conv_bn_relu_scaled_by_saliency(self):
@@ -425,14 +426,14 @@ class SerializationTest(parameterized.TestCase):
     static_pi = static_s * tf.constant([[1.0, 1.0, 0.0, 0.0]] * 4)
     # Kept shares (.5, .5, 0, 0), saliency shares (1/3, 1/3, 1/6, 1/6).
     self.assertAlmostEqual(
-        float(gated_conv.usage_balance(static_s, static_pi)), 4 / 3, places=5)
+        float(gate_ops.usage_balance(static_s, static_pi)), 4 / 3, places=5)
     dynamic_s = tf.constant([[2.0, 2.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]] * 2)
     dynamic_pi = dynamic_s * tf.cast(dynamic_s > 1.5, tf.float32)
     self.assertAlmostEqual(
-        float(gated_conv.usage_balance(dynamic_s, dynamic_pi)), 1.0, places=5)
+        float(gate_ops.usage_balance(dynamic_s, dynamic_pi)), 1.0, places=5)
     with tf.GradientTape() as tape:
       tape.watch(static_s)
-      loss = gated_conv.usage_balance(static_s, static_pi)
+      loss = gate_ops.usage_balance(static_s, static_pi)
     grad = tape.gradient(loss, static_s).numpy()
     self.assertTrue((grad[:, :2] > 0).all())  # Kept always: pushed down.
     self.assertTrue((grad[:, 2:] < 0).all())  # Never kept: pulled up.
@@ -442,7 +443,7 @@ class SerializationTest(parameterized.TestCase):
     layer = built_layer(cout=8, keep_ratio=0.5, gate_balance=0.3)
     layer(x, training=True)
     s = layer.saliency(x)
-    expected = 0.3 * gated_conv.usage_balance(s, layer.channel_gates(x))
+    expected = 0.3 * gate_ops.usage_balance(s, layer.channel_gates(x))
     self.assertLen(layer.losses, 1)
     self.assertAlmostEqual(float(layer.losses[0]), float(expected), places=5)
     layer(x, training=False)

@@ -1,43 +1,46 @@
 """The gated convolution block of FedDP (docs/design.md, section 1).
 
-`GatedConv2D` is conv -> BatchNorm -> (gate) -> ReLU in one Keras layer. With
-`gated=True` a saliency predictor on the input's global average pool scores
-the output channels per sample, keeps the top k = max(1, round(rho * C_out)),
-and scales the kept channels by their score:
+`GatedConv2D` is conv -> BatchNorm -> (gate) -> ReLU in one Keras layer. With a
+`GateSpec` (how its channels are chosen and computed; one value for the layer,
+the model builders, the driver and the exporter) a saliency predictor on the
+input's global average pool scores the output channels per sample, keeps the
+top k = max(1, round(rho * C_out)), and scales the kept channels by their
+score:
 
     z = sigmoid(GAP(x)); s = ReLU(z @ W_g + b_g); pi = s on top-k, 0 elsewhere
     y = ReLU(BN(conv(x)) * pi)
 
-(`gate_input='identity'` takes z = GAP(x), as the authors' ResNet gates do.)
+(`GateSpec.input='identity'` takes z = GAP(x), as the authors' ResNet gates
+do.)
 
-Which channels are kept (`gate_selection`): 'saliency' ranks s itself, so a
+Which channels are kept (`GateSpec.selection`): 'saliency' ranks s itself, so a
 channel's fixed offset (its bias, its mean over inputs) dominates and nearly
-every input keeps the same channels. 'centered' ranks s - mean(s) instead,
-the part of a channel's saliency that depends on the input, and
-'standardized' (s - mean(s)) / std(s); both over the channels with s > 0
-only (a zero-saliency channel would be kept but not computed). The per-channel
-moments are moving averages of the batch moments (non-trainable model
-weights, averaged by the server like BN statistics), used in training and in
-inference alike. Only the selection changes: kept channels are still scaled
-by s. `gate_balance` > 0 adds a load-balancing loss in training
-(`usage_balance`) that pushes every channel towards being kept equally often.
+every input keeps the same channels. 'centered' ranks s - mean(s) instead, the
+part of a channel's saliency that depends on the input, and 'standardized' (s -
+mean(s)) / std(s); both over the channels with s > 0 only (a zero-saliency
+channel would be kept but not computed). The per-channel moments are moving
+averages of the batch moments (non-trainable model weights, averaged by the
+server like BN statistics), used in training and in inference alike. Only the
+selection changes: kept channels are still scaled by s. `GateSpec.balance` > 0
+adds a load-balancing loss in training (`gate_ops.usage_balance`) that pushes
+every channel towards being kept equally often.
 
-A channel that is pruned for a sample is never computed for it, so it takes
-no part in that channel's batch statistics either: in training the BN moments
-of channel j are taken over the samples that keep j (`gated_bn='masked'`). A
-custom gradient makes the backward pass exact for this: the kernel slice, BN
-scale and shift of a channel receive exactly zero gradient from samples that
-pruned it, and no gradient flows through the top-k selection (the gate learns
-through the kept values of pi). `gated_bn='full'` is the authors' code
-instead: batch statistics over every sample, then the gate; a pruned sample
-then still reaches a channel's kernel through those statistics.
+A channel that is pruned for a sample is never computed for it, so it takes no
+part in that channel's batch statistics either: in training the BN moments of
+channel j are taken over the samples that keep j (`batch_stats='masked'`,
+`gate_ops.gated_batch_norm`). A custom gradient makes the backward pass exact
+for this: the kernel slice, BN scale and shift of a channel receive exactly
+zero gradient from samples that pruned it, and no gradient flows through the
+top-k selection (the gate learns through the kept values of pi).
+`batch_stats='full'` is the authors' code instead: batch statistics over every
+sample, then the gate; a pruned sample then still reaches a channel's kernel
+through those statistics.
 
 The keep ratio rho is a variable read at run time (one traced model serves any
 ratio) and, with the per-channel kept counts, is client-local state: it is not
-part of the model weights the federation exchanges (`model_state`).
-With `gated=False` the layer is the dense conv-BN-ReLU baseline with the same
-parameter names.
-"""
+part of the model weights the federation exchanges (`model_state`). With
+`gate=None` the layer is the dense conv-BN-ReLU baseline with the same
+parameter names."""
 
 import dataclasses
 from typing import Optional
@@ -45,112 +48,13 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tff_fedprune import gate_ops
+
 
 def num_kept(keep_ratio, channels):
   """k = max(1, round(rho * C)) as an int32 tensor (half to even, as round)."""
   k = tf.cast(tf.round(keep_ratio * tf.cast(channels, tf.float32)), tf.int32)
   return tf.clip_by_value(k, 1, channels)
-
-
-def top_k_mask(scores, k):
-  """1.0 on the k largest entries of each row (ties: lowest index), else 0.
-
-  `scores` is (rows, depth); the ones are scattered (rows * k writes).
-  """
-  indices = tf.math.top_k(scores, k=k, sorted=False).indices
-  rows, depth = tf.unstack(tf.shape(scores))
-  flat = indices + depth * tf.range(rows)[:, tf.newaxis]
-  mask = tf.scatter_nd(
-      tf.reshape(flat, [-1, 1]), tf.ones([rows * k], scores.dtype),
-      [rows * depth],
-  )
-  return tf.reshape(mask, [rows, depth])
-
-
-def gated_batch_norm(c, pi, gamma, beta, epsilon, relu):
-  """Training-mode BN over the kept (sample, channel) pairs, gated by pi.
-
-  The moments of channel j are taken over the samples whose gate pi_j is
-  non-zero. Since pi >= 0, ReLU(BN(c) * pi) = ReLU(BN(c)) * pi, so the
-  forward pass is TF's fused batch norm with the masked moments (one kernel,
-  per-channel affine) and one multiplication by pi; the backward pass is
-  `ReluGrad`, two per-(sample, channel) reductions and one
-  `dz * A + c * C + D` with per-(sample, channel) A, C and D (C and D vanish
-  for pruned pairs). Plain TF ops: TFF's worker binary has no XLA JIT (it
-  runs `jit_compile` functions unfused), and passes over the activations are
-  what a training step pays for here.
-
-  Args:
-    c: conv output (B, H, W, C).
-    pi: gate values (B, C), 0 where pruned.
-    gamma: BN scale (C,).
-    beta: BN shift (C,).
-    epsilon: BN epsilon.
-    relu: whether a ReLU follows the gating.
-
-  Returns:
-    (y, batch_mean, batch_var, kept_count): the block output, the masked
-    mean and unbiased variance (for the moving statistics) and the number of
-    kept samples per channel. Only `y` carries a gradient.
-  """
-
-  @tf.custom_gradient
-  def forward(c, pi, gamma, beta):
-    y, mean, rstd, n, unbiased, kept = _masked_bn_forward(
-        c, pi, gamma, beta, epsilon, relu
-    )
-
-    def grad(dy, *unused_grads):
-      return _masked_bn_backward(dy, y, c, pi, gamma, beta, mean, rstd, n,
-                                 relu)
-
-    return (y, mean, unbiased, kept), grad
-
-  y, mean, var, kept = forward(c, pi, gamma, beta)
-  return (
-      y,
-      tf.stop_gradient(mean),
-      tf.stop_gradient(var),
-      tf.stop_gradient(kept),
-  )
-
-
-def _masked_bn_forward(c, pi, gamma, beta, epsilon, relu):
-  """y and the masked moments of `gated_batch_norm`."""
-  m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
-  hw = tf.cast(tf.shape(c)[1] * tf.shape(c)[2], c.dtype)
-  kept = tf.reduce_sum(m, axis=0)
-  n = tf.maximum(kept * hw, 1.0)
-  s1 = tf.reduce_sum(c, axis=[1, 2])
-  s2 = tf.square(tf.math.reduce_euclidean_norm(c, axis=[1, 2]))
-  mean = tf.reduce_sum(m * s1, axis=0) / n
-  var = tf.maximum(tf.reduce_sum(m * s2, axis=0) / n - tf.square(mean), 0.0)
-  u = tf.raw_ops.FusedBatchNormV3(
-      x=c, scale=gamma, offset=beta, mean=mean, variance=var,
-      epsilon=epsilon, is_training=False,
-  ).y
-  y = (tf.nn.relu(u) if relu else u) * pi[:, None, None, :]
-  unbiased = var * n / tf.maximum(n - 1.0, 1.0)
-  return y, mean, tf.math.rsqrt(var + epsilon), n, unbiased, kept
-
-
-def _masked_bn_backward(dy, y, c, pi, gamma, beta, mean, rstd, n, relu):
-  """(dc, dpi, dgamma, dbeta) of `gated_batch_norm`."""
-  m = tf.cast(tf.not_equal(pi, 0.0), c.dtype)
-  scale = gamma * rstd
-  a = scale * pi
-  dz = tf.raw_ops.ReluGrad(gradients=dy, features=y) if relu else dy
-  p1 = tf.reduce_sum(dz, axis=[1, 2])
-  p2 = tf.reduce_sum(dz * c, axis=[1, 2])
-  # sum_hw dz * xhat for each (sample, channel).
-  q = rstd * (p2 - mean * p1)
-  dbeta = tf.reduce_sum(pi * p1, axis=0)
-  dgamma = tf.reduce_sum(pi * q, axis=0)
-  dpi = (gamma * q + beta * p1) * m
-  cc = -m * (scale * rstd * dgamma / n)
-  dd = -m * (scale / n) * (dbeta - mean * rstd * dgamma)
-  dc = dz * a[:, None, None, :] + c * cc[:, None, None, :] + dd[:, None, None, :]
-  return dc, dpi, dgamma, dbeta
 
 
 GATE_INPUTS = ('sigmoid', 'identity')
@@ -218,31 +122,6 @@ class GateSpec:
 
   def with_keep_ratio(self, keep_ratio: float) -> 'GateSpec':
     return dataclasses.replace(self, keep_ratio=float(keep_ratio))
-
-
-def usage_balance(s, pi):
-  """The load-balancing loss of a gated layer's batch (1 when balanced).
-
-  C * sum_j f_j * P_j, as the Switch Transformer balances its experts:
-  f_j is channel j's share of the kept (sample, channel) pairs (no gradient)
-  and P_j its mean share of each sample's saliency. It is smallest, 1, when
-  every channel is kept equally often, which forces the kept sets to differ
-  between inputs, and its gradient lowers the saliency of the channels kept
-  most often.
-  """
-  kept = tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), s.dtype), axis=0)
-  usage = tf.stop_gradient(kept / tf.maximum(tf.reduce_sum(kept), 1.0))
-  share = s / tf.maximum(tf.reduce_sum(s, axis=-1, keepdims=True), 1e-12)
-  channels = tf.cast(tf.shape(s)[-1], s.dtype)
-  return channels * tf.reduce_sum(usage * tf.reduce_mean(share, axis=0))
-
-
-def relative_scores(s, mean, variance, selection: str, epsilon: float):
-  """Scores of 'centered' or 'standardized' selection; -inf-like where s = 0."""
-  score = s - mean
-  if selection == 'standardized':
-    score = score * tf.math.rsqrt(variance + epsilon)
-  return tf.where(s > 0, score, tf.float32.min)
 
 
 # A `fixed_channels` value: every channel (still scaled by its saliency).
@@ -372,7 +251,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       mask[slice(None) if isinstance(self.fixed_channels, str)
            else self.fixed_channels] = 1.0
       return tf.ones_like(s) * mask
-    return top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
+    return gate_ops.top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
                                                     self.filters))
 
   def selection_scores(self, s, training=False):
@@ -393,7 +272,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       self.saliency_variance.assign_sub(
           (self.saliency_variance - variance) * decay
       )
-    return relative_scores(
+    return gate_ops.relative_scores(
         s, self.saliency_mean, self.saliency_variance, self.gate.selection,
         self.epsilon,
     )
@@ -407,7 +286,7 @@ class GatedConv2D(tf.keras.layers.Layer):
     s = self.saliency(x)
     pi = s * self.top_k(self.selection_scores(s, training))
     if training and self.gate.balance:
-      self.add_loss(self.gate.balance * usage_balance(s, pi))
+      self.add_loss(self.gate.balance * gate_ops.usage_balance(s, pi))
     return pi
 
   def _update_moving(self, mean, var, valid):
@@ -427,7 +306,7 @@ class GatedConv2D(tf.keras.layers.Layer):
       return tf.nn.relu(y) if self.relu else y
     pi = self.channel_gates(x, training)
     if training and self.gate.batch_stats == 'masked':
-      y, mean, var, kept = gated_batch_norm(
+      y, mean, var, kept = gate_ops.gated_batch_norm(
           c, pi, self.gamma, self.beta, self.epsilon, self.relu
       )
       self._update_moving(mean, var, kept > 0)

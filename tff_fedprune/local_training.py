@@ -11,7 +11,7 @@ act only on weights whose channels have been kept at least once this round,
 so with momentum they never move a coordinate outside the mask: with
 `salience_threshold=0` the masked update equals the true update. The
 objective adds the model's own losses (the gated layers' load-balancing
-loss, `gated_conv.usage_balance`) to the cross-entropy; the reported loss is
+loss, `gate_ops.usage_balance`) to the cross-entropy; the reported loss is
 the cross-entropy.
 """
 

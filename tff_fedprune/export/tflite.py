@@ -46,8 +46,10 @@ from typing import Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
+from tff_fedprune import gate_ops
 from tff_fedprune import gated_conv
 from tff_fedprune.export import channels as channel_maps
+from tff_fedprune.export import compact
 
 SIGNATURE = 'serving_default'
 QUANTIZATIONS = ('none', 'float16', 'dynamic_int8')
@@ -55,78 +57,6 @@ RUNTIMES = ('tensorflow', 'litert')
 # Gate every layer: on LiteRT's XNNPACK no zoo layer measured gains from its
 # top-k (docs/export.md), but this keeps the export the model as trained.
 DEFAULT_GATE_MIN_FLOPS = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Compact:
-  """A channels-last tensor of which only `indices` (of `width`) are non-zero.
-
-  `indices` is a tensor (chosen per input) or, for a fixed channel set, a
-  sorted numpy array, whose slicing is done at export.
-  """
-
-  values: tf.Tensor
-  indices: tf.Tensor | np.ndarray
-  width: int
-
-  @property
-  def fixed(self) -> bool:
-    return isinstance(self.indices, np.ndarray)
-
-  def full(self) -> tf.Tensor:
-    if self.fixed:
-      # A constant (k, width) 0/1 matrix: FULLY_CONNECTED with constant weights.
-      return _channel_matmul(
-          self.values, np.eye(self.width, dtype=np.float32)[self.indices])
-    shape = tf.shape(self.values)
-    flat = tf.reshape(self.values, [-1, shape[-1]])
-    # (width, k) one-hot: a FULLY_CONNECTED with runtime weights.
-    scatter = tf.one_hot(self.indices, self.width, axis=0,
-                         dtype=self.values.dtype)
-    full = tf.matmul(flat, scatter, transpose_b=True)
-    return tf.reshape(full, tf.concat([shape[:-1], [self.width]], 0))
-
-  def select(self, indices: np.ndarray) -> tf.Tensor:
-    """The values of channels `indices` (fixed sets; others count as 0)."""
-    if np.array_equal(self.indices, indices):
-      return self.values
-    selection = (self.indices[:, None] == indices[None, :]).astype(np.float32)
-    return _channel_matmul(self.values, selection)
-
-  def flatten(self) -> '_Compact':
-    """Keras `Flatten` of the full tensor, kept compact (fixed sets only)."""
-    _, h, w, k = self.values.shape
-    positions = np.arange(h * w)[:, None] * self.width
-    return _Compact(tf.reshape(self.values, [-1, h * w * k]),
-                    (positions + self.indices[None, :]).ravel(),
-                    h * w * self.width)
-
-
-def _full(x):
-  return x.full() if isinstance(x, _Compact) else x
-
-
-def _channel_matmul(x, matrix: np.ndarray):
-  """x (..., C) @ a constant (C, C') matrix: a FULLY_CONNECTED."""
-  shape = tf.shape(x)
-  y = tf.matmul(tf.reshape(x, [-1, shape[-1]]), matrix)
-  return tf.reshape(y, tf.concat([shape[:-1], [matrix.shape[1]]], 0))
-
-
-def _narrowed_sum(inputs, indices: np.ndarray, width: int) -> '_Compact':
-  """A residual addition computed on the channels `indices` only."""
-  total = None
-  for x in inputs:
-    if isinstance(x, _Compact) and not x.fixed:
-      x = x.full()
-    part = (x.select(indices) if isinstance(x, _Compact)
-            else _channel_matmul(x, np.eye(width, dtype=np.float32)[:, indices]))
-    total = part if total is None else total + part
-  return _Compact(total, indices, width)
-
-
-def _is_fixed(x):
-  return isinstance(x, _Compact) and x.fixed
 
 
 class _FoldedConv:
@@ -159,7 +89,7 @@ class _FoldedConv:
     return tf.nn.relu(x) if self.layer.relu else x
 
   def dense(self, x):
-    y = tf.nn.conv2d(_full(x), self.kernel, self.layer.strides, 'SAME')
+    y = tf.nn.conv2d(compact.full(x), self.kernel, self.layer.strides, 'SAME')
     return self.activate(y + self.bias)
 
   def gate_logits(self, x, kept=None):
@@ -169,7 +99,7 @@ class _FoldedConv:
     constant `gate_pruned`.
     """
     columns = slice(None) if kept is None else kept
-    if not isinstance(x, _Compact):
+    if not isinstance(x, compact.Compact):
       z = self.layer.subsample(tf.reduce_mean(x, axis=[1, 2]))
       return tf.matmul(z, self.gate_kernel[:, columns]) + self.gate_bias[
           columns]
@@ -186,10 +116,10 @@ class _FoldedConv:
     """
     kept = (np.arange(self.layer.filters)
             if kept is channel_maps.ALL_CHANNELS else kept)
-    if isinstance(x, _Compact) and not x.fixed:
+    if isinstance(x, compact.Compact) and not x.fixed:
       x = x.full()
     saliency = tf.nn.relu(self.gate_logits(x, kept))
-    rows, inputs = ((x.indices, x.values) if isinstance(x, _Compact)
+    rows, inputs = ((x.indices, x.values) if isinstance(x, compact.Compact)
                     else (slice(None), x))
     kernel = np.ascontiguousarray(self.kernel[:, :, rows][..., kept])
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
@@ -197,21 +127,21 @@ class _FoldedConv:
         (y + self.bias[kept]) * tf.reshape(saliency, [-1, 1, 1, len(kept)]))
     if len(kept) == self.layer.filters:
       return y
-    return _Compact(y, kept, self.layer.filters)
+    return compact.Compact(y, kept, self.layer.filters)
 
-  def gated(self, x, k: int) -> _Compact:
+  def gated(self, x, k: int) -> compact.Compact:
     s = tf.nn.relu(self.gate_logits(x))[0]
     layer = self.layer
     if layer.gate.selection == 'saliency':
       saliency, kept = tf.math.top_k(s, k=k)
     else:
-      _, kept = tf.math.top_k(gated_conv.relative_scores(
+      _, kept = tf.math.top_k(gate_ops.relative_scores(
           s, *self.saliency_moments, layer.gate.selection, layer.epsilon),
           k=k)
       saliency = tf.gather(s, kept)
     # Gathers along leading axes only (whole rows: contiguous copies).
     kernel = tf.gather(self.kernel_oihw, kept)
-    if isinstance(x, _Compact):
+    if isinstance(x, compact.Compact):
       inputs = x.values
       kernel = tf.transpose(tf.gather(
           tf.transpose(kernel, [1, 0, 2, 3]), x.indices), [2, 3, 0, 1])
@@ -221,10 +151,10 @@ class _FoldedConv:
     y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
     # relu(z) * s = relu(z * s) for s >= 0.
     y = self.activate((y + tf.gather(self.bias, kept)) * saliency)
-    return _Compact(y, kept, self.layer.filters)
+    return compact.Compact(y, kept, self.layer.filters)
 
 
-def _dense_on_fixed(layer: tf.keras.layers.Dense, weights, x: _Compact):
+def _dense_on_fixed(layer: tf.keras.layers.Dense, weights, x: compact.Compact):
   """A Dense layer on a fixed-set input: only the rows of the kept inputs."""
   y = tf.matmul(x.values, np.ascontiguousarray(weights[0][x.indices]))
   if layer.use_bias:
@@ -259,7 +189,7 @@ def _plan(model, keep_ratio, dense, channels) -> _Plan:
 def _keras_rule(plan, layer, inputs):
   """Any other layer: the Keras layer on full-width inputs."""
   del plan
-  args = [_full(x) for x in inputs]
+  args = [compact.full(x) for x in inputs]
   return layer(args if len(args) > 1 else args[0], training=False)
 
 
@@ -274,7 +204,7 @@ def _gated_conv_rule(plan, layer, inputs):
 
 def _add_rule(plan, layer, inputs):
   if layer.name in plan.fixed:
-    return _narrowed_sum(inputs, plan.fixed[layer.name],
+    return compact.narrowed_sum(inputs, plan.fixed[layer.name],
                          layer.output_shape[-1])
   return _keras_rule(plan, layer, inputs)
 
@@ -282,19 +212,19 @@ def _add_rule(plan, layer, inputs):
 def _channelwise_rule(plan, layer, inputs):
   """Pooling and activations keep a compact tensor compact."""
   x = inputs[0]
-  if isinstance(x, _Compact):
-    return _Compact(layer(x.values, training=False), x.indices, x.width)
+  if isinstance(x, compact.Compact):
+    return compact.Compact(layer(x.values, training=False), x.indices, x.width)
   return _keras_rule(plan, layer, inputs)
 
 
 def _flatten_rule(plan, layer, inputs):
-  if _is_fixed(inputs[0]):
+  if compact.is_fixed(inputs[0]):
     return inputs[0].flatten()
   return _keras_rule(plan, layer, inputs)
 
 
 def _dense_rule(plan, layer, inputs):
-  if _is_fixed(inputs[0]):
+  if compact.is_fixed(inputs[0]):
     return _dense_on_fixed(layer, plan.dense_weights[layer.name], inputs[0])
   return _keras_rule(plan, layer, inputs)
 
@@ -357,7 +287,7 @@ def inference_function(
         continue
       inputs = [outputs[l.name] for l in gated_conv.inbound_layers(layer)]
       outputs[layer.name] = export_rule(layer)(plan, layer, inputs)
-    return {'logits': _full(outputs[model.layers[-1].name])}
+    return {'logits': compact.full(outputs[model.layers[-1].name])}
 
   module = tf.Module()
   module.serve = serve.get_concrete_function()

@@ -26,14 +26,15 @@ def define_flags(flag_values=flags.FLAGS):
   """
   import keras_models  # pylint: disable=g-import-not-at-top
   from tff_fedprune.simulation import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tff_fedprune.simulation import fields  # pylint: disable=g-import-not-at-top
 
   defaults = config_lib.ExperimentConfig()
   define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
             float: flags.DEFINE_float, Optional[float]: flags.DEFINE_float}
   for field in dataclasses.fields(defaults):
     default = getattr(defaults, field.name)
-    help_text = config_lib.help_text(field)
-    options = config_lib.choices(field) or (
+    help_text = fields.help_text(field)
+    options = fields.choices(field) or (
         keras_models.MODELS if field.name == 'model' else ()
     )
     if options:

@@ -10,6 +10,8 @@ from absl.testing import parameterized
 import keras_models
 from tests import testing
 from tff_fedprune.simulation import config as config_lib
+from tff_fedprune.simulation import fields
+from tff_fedprune.simulation import run_directory
 
 
 class ValidateTest(parameterized.TestCase):
@@ -97,14 +99,14 @@ class ValidateTest(parameterized.TestCase):
     del old['gate_selection']
     with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
       json.dump(old, f)
-    config_lib.check_resumable(config)
+    run_directory.check_resumable(config)
     for change, field in ((dict(eval_keep_ratio=0.9), 'eval_keep_ratio'),
                           (dict(gated_bn='full'), 'gated_bn'),
                           (dict(upload_bits=8), 'upload_bits'),
                           (dict(gate_selection='centered'),
                            'gate_selection')):
       with self.assertRaisesRegex(config_lib.ConfigError, field):
-        config_lib.check_resumable(dataclasses.replace(config, **change))
+        run_directory.check_resumable(dataclasses.replace(config, **change))
 
   def test_checkpoints_stay_bound_to_their_configuration(self):
     config = testing.small_config(self.create_tempdir().full_path)
@@ -112,16 +114,16 @@ class ValidateTest(parameterized.TestCase):
     os.makedirs(os.path.join(checkpoints, 'program_state_1'))
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 'has checkpoints but no config.json'):
-      config_lib.check_resumable(config)
+      run_directory.check_resumable(config)
     with open(os.path.join(checkpoints, 'config.json'), 'w') as f:
       json.dump(dataclasses.asdict(config), f)
-    config_lib.check_resumable(config)  # config.json gone: the binding says.
+    run_directory.check_resumable(config)  # config.json gone: the binding says.
     other = dataclasses.replace(config, seed=8)
     with open(os.path.join(config.run_dir, 'config.json'), 'w') as f:
       json.dump(dataclasses.asdict(other), f)  # Edited to match another run.
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 r'different seed \(checkpoints/config.json\)'):
-      config_lib.check_resumable(other)
+      run_directory.check_resumable(other)
 
   def test_a_malformed_config_json_is_a_config_error(self):
     config = testing.small_config(self.create_tempdir().full_path)
@@ -132,7 +134,7 @@ class ValidateTest(parameterized.TestCase):
         f.write(content)
       with self.subTest(content), self.assertRaisesRegex(
           config_lib.ConfigError, 'config.json'):
-        config_lib.check_resumable(config)
+        run_directory.check_resumable(config)
 
   def test_integers_and_text_in_range(self):
     base = testing.small_config(self.create_tempdir().full_path)
@@ -145,7 +147,7 @@ class ValidateTest(parameterized.TestCase):
 
   def test_every_field_has_help(self):
     for field in dataclasses.fields(config_lib.ExperimentConfig):
-      self.assertTrue(config_lib.help_text(field), field.name)
+      self.assertTrue(fields.help_text(field), field.name)
 
   def test_output_dir_that_is_a_file(self):
     path = self.create_tempfile().full_path

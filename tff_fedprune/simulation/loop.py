@@ -140,7 +140,7 @@ def run_experiment(
   `run_directory.RunDirectoryError` if another run is writing there.
   """
   config_lib.validate(config, tuple(models))
-  config_lib.check_resumable(config)
+  run_directory.check_resumable(config)
   if built is not None and not built.serves(config):
     raise ValueError('the process passed in was built for another'
                      ' configuration')
@@ -149,7 +149,7 @@ def run_experiment(
   credentials = _check_workers(config, workers)
   run_directory.prepare(config.root_output_dir, config.run_dir)
   with run_directory.exclusive_writer(config.run_dir):
-    config_lib.check_resumable(config)  # Again: another writer may have run.
+    run_directory.check_resumable(config)  # Again: another writer may have run.
     run_directory.remove_stale_temporaries(config.run_dir)
     os.makedirs(os.path.join(config.run_dir, run_directory.CHECKPOINTS),
                 mode=0o700, exist_ok=True)

@@ -11,23 +11,28 @@ rows. Files are written to a temporary name in the same directory and renamed
 (`write_json`, `save_keras_model`); `remove_stale_temporaries` deletes what a
 killed writer left. Checkpoints are `tff.program.FileProgramStateManager`
 versions, bound to the configuration that wrote them
-(`checkpoints/config.json`); `CheckpointManager.load_latest` falls back to
-the newest version that loads.
+(`checkpoints/config.json`): `check_resumable` refuses to resume a
+directory that holds another configuration. `CheckpointManager.load_latest`
+falls back to the newest version that loads.
 """
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import glob
+import json
 import os
 import shutil
 import sys
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import files
+from tff_fedprune.simulation import config as config_lib
 
 CHECKPOINTS = 'checkpoints'
 BOUND_CONFIG = os.path.join(CHECKPOINTS, 'config.json')
@@ -159,3 +164,57 @@ class CheckpointManager(tff.program.FileProgramStateManager):
           ' directory away to start over'
       )
     return None, 0
+
+
+def _stored_config(path: str) -> Optional[dict]:
+  """The configuration stored at `path` (with defaults), or None if absent."""
+  if not os.path.lexists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(
+        f'cannot read {path} ({type(e).__name__}: {e}); move the run'
+        ' directory away or use another --experiment_name'
+    ) from None
+  if not isinstance(saved, dict):
+    raise config_lib.ConfigError(f'{path} holds no configuration (a JSON object)')
+  return config_lib.with_defaults(saved)
+
+
+def check_resumable(config: config_lib.ExperimentConfig) -> None:
+  """Refuses to resume a run directory that holds another configuration.
+
+  Both the run's config.json and the configuration its checkpoints are bound
+  to (`BOUND_CONFIG`) must match `config`; checkpoints with
+  neither are refused, since nothing says what wrote them.
+  """
+  run_dir = config.run_dir
+  stored = {
+      path: _stored_config(path)
+      for path in (os.path.join(run_dir, 'config.json'),
+                   os.path.join(run_dir, BOUND_CONFIG))
+  }
+  if (all(s is None for s in stored.values())
+      and has_checkpoints(run_dir)):
+    raise config_lib.ConfigError(
+        f'{run_dir} has checkpoints but no config.json: which configuration'
+        ' they belong to is unknown; move the directory away or use another'
+        ' --experiment_name'
+    )
+  current = dataclasses.asdict(config)
+  for path, saved in stored.items():
+    if saved is None:
+      continue
+    changed = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in config_lib.RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+    )
+    if changed:
+      raise config_lib.ConfigError(
+          f'{run_dir} holds a run with different {", ".join(changed)}'
+          f' ({os.path.relpath(path, run_dir)}); use another'
+          ' --experiment_name or --root_output_dir'
+      )

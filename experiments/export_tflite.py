@@ -181,7 +181,7 @@ def calibration_images(model_dir, source, preprocessing, client, count,
 
 
 def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
-           num_random, mode='dynamic', calibration=None, channel_multiple=1,
+           num_random, mode='static', calibration=None, channel_multiple=1,
            gate_min_flops=tflite.DEFAULT_GATE_MIN_FLOPS, model_dir=None,
            residual='full'):
   """(gated bytes, dense bytes, list of report lines); raises ExportError.
@@ -201,6 +201,42 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
         f'--channel_multiple must be >= 1, got {channel_multiple}')
   mean = np.asarray(preprocessing['mean'], np.float32)
   std = np.asarray(preprocessing['std'], np.float32)
+  source, images = _test_images(model, preprocessing, data_dir, num_real,
+                                num_random, mode)
+  if mode == 'static':
+    channels, lines = _static_channels(
+        model, model_dir, source, preprocessing, calibration,
+        channel_multiple, residual)
+  else:
+    channels = channel_maps.gate_policy(model, gate_min_flops)
+    lines = ['exported at full width (--gate_min_flops): '
+             + ', '.join(channels)] if channels else []
+  contents = [_convert(model, mean, std, channels, quantize, dense)
+              for dense in (False, True)]
+  if gated:
+    ratios = sorted({round(float(l.keep_ratio.numpy()), 4) for l in gated})
+    lines.append(f'{mode} export: keep ratio {ratios}, {len(contents[0])}'
+                 f' bytes; dense export: {len(contents[1])} bytes')
+  else:
+    lines.append('the model has no gated layers')
+  references = [(mode, model, contents[0], channels)] if gated else []
+  references.append(('dense', tflite.ungated_copy(model), contents[1], None))
+  for name, reference, content, fixed in references:
+    check, on_real = _verify(name, reference, content, images, mean, std,
+                             fixed, quantize)
+    lines += check
+    if name == 'static':
+      real, labels = images['real']
+      dynamic = tflite.keras_logits(model, real, mean, std).argmax(-1)
+      lines.append(
+          f'accuracy on {len(real)} real test images: static (TFLite)'
+          f' {on_real["tflite_accuracy"]:.2%}, dynamic model (Keras)'
+          f' {np.mean(dynamic == labels):.2%}')
+  return contents[0], contents[1], lines
+
+
+def _test_images(model, preprocessing, data_dir, num_real, num_random, mode):
+  """(source, {'random': (images, None), 'real': (images, labels)})."""
   try:
     source = data.load_source(preprocessing['dataset'], data_dir)
   except data.DataSourceError as e:
@@ -212,80 +248,75 @@ def export(model, preprocessing, keep_ratio, quantize, data_dir, num_real,
         f'{preprocessing["dataset"]} test images of shape'
         f' {source.test.images.shape[1:]} do not fit the model\'s input'
         f' {tuple(model.input_shape[1:])}')
-  real = source.test.images[:num_real].astype(np.float32)
-  labels = source.test.labels[:num_real]
+  mean = np.asarray(preprocessing['mean'], np.float32)
+  std = np.asarray(preprocessing['std'], np.float32)
   rng = np.random.default_rng(0)
   shape = (num_random,) + tuple(model.input_shape[1:])
   random = (mean + std * rng.uniform(-2, 2, shape)).astype(np.float32)
+  real = source.test.images[:num_real].astype(np.float32)
+  return source, {'random': (random, None),
+                  'real': (real, source.test.labels[:num_real])}
 
-  lines = []
-  if mode == 'static':
-    images = calibration_images(model_dir, source, preprocessing,
-                                *(calibration or (None, 2000)),
-                                expected_shape=model.input_shape[1:])
-    channels = channel_maps.static_channels(
-        model, tf.data.Dataset.from_tensor_slices(images).batch(256),
-        channel_multiple=channel_multiple, residual=residual)
-    lines.append(
-        f'static channels from {len(images)} training images: ' + ', '.join(
-            f'{n} ' + ('all' if c is channel_maps.ALL_CHANNELS else
-                       f'{len(c)}/{model.get_layer(n).output_shape[-1]}')
-            for n, c in channels.items()))
-  else:
-    channels = channel_maps.gate_policy(model, gate_min_flops)
-    if channels:
-      lines.append('exported at full width (--gate_min_flops): '
-                   + ', '.join(channels))
-  contents = []
-  for dense in (False, True):
-    content = tflite.convert(
-        tflite.inference_function(model, mean, std, dense=dense,
-                                  channels=channels), quantize)
-    flex = sorted(n for n in tflite.op_names(content)
-                  if n.startswith('Flex') or n == 'CUSTOM')
-    if flex:
-      raise ExportError(f'non-builtin ops in the export: {flex}')
-    contents.append(content)
-  if gated:
-    ratios = sorted({round(float(l.keep_ratio.numpy()), 4) for l in gated})
-    lines.append(f'{mode} export: keep ratio {ratios}, {len(contents[0])}'
-                 f' bytes; dense export: {len(contents[1])} bytes')
-  else:
-    lines.append('the model has no gated layers')
-  references = [(mode, model, contents[0], channels)] if gated else []
-  references.append(('dense', tflite.ungated_copy(model), contents[1], None))
-  for name, reference, content, fixed in references:
-    on_random = tflite.compare(reference, content, random, mean, std,
-                               channels=fixed)
-    on_real = tflite.compare(reference, content, real, mean, std, labels,
+
+def _static_channels(model, model_dir, source, preprocessing, calibration,
+                     channel_multiple, residual):
+  """(channel map calibrated on the device's data, report lines)."""
+  images = calibration_images(model_dir, source, preprocessing,
+                              *(calibration or (None, 2000)),
+                              expected_shape=model.input_shape[1:])
+  channels = channel_maps.static_channels(
+      model, tf.data.Dataset.from_tensor_slices(images).batch(256),
+      channel_multiple=channel_multiple, residual=residual)
+  line = f'static channels from {len(images)} training images: ' + ', '.join(
+      f'{n} ' + ('all' if c is channel_maps.ALL_CHANNELS else
+                 f'{len(c)}/{model.get_layer(n).output_shape[-1]}')
+      for n, c in channels.items())
+  return channels, [line]
+
+
+def _convert(model, mean, std, channels, quantize, dense) -> bytes:
+  """The gated (or dense) TFLite file; ExportError if it needs Flex ops."""
+  content = tflite.convert(
+      tflite.inference_function(model, mean, std, dense=dense,
+                                channels=channels), quantize)
+  flex = sorted(n for n in tflite.op_names(content)
+                if n.startswith('Flex') or n == 'CUSTOM')
+  if flex:
+    raise ExportError(f'non-builtin ops in the export: {flex}')
+  return content
+
+
+def _verify(name, reference, content, images, mean, std, fixed, quantize):
+  """(report lines, real-image comparison) against its Keras reference.
+
+  Raises ExportError if the export does not match.
+  """
+  random, _ = images['random']
+  real, labels = images['real']
+  on_random = tflite.compare(reference, content, random, mean, std,
                              channels=fixed)
-    change = 100 * (on_real['tflite_accuracy'] - on_real['keras_accuracy'])
-    check = [
-        f'{name}: random inputs ({on_random["images"]}): max |logit diff|'
-        f' {on_random["max_abs_diff"]:.2e}, top-1 agreement'
-        f' {on_random["top1_agreement"]:.2%}',
-        f'{name}: real test images ({on_real["images"]}): max |logit diff|'
-        f' {on_real["max_abs_diff"]:.2e}, top-1 agreement'
-        f' {on_real["top1_agreement"]:.2%}, accuracy Keras'
-        f' {on_real["keras_accuracy"]:.2%} vs TFLite'
-        f' {on_real["tflite_accuracy"]:.2%} ({change:+.2f} points)',
-    ]
-    lines += check
-    finite = all(math.isfinite(r[k]) for r in (on_random, on_real)
-                 for k in ('max_abs_diff', 'top1_agreement'))
-    if not finite or quantize == 'none' and not (
-        on_random['max_abs_diff'] <= MAX_ABS_DIFF
-        and on_real['top1_agreement'] >= MIN_TOP1_AGREEMENT):
-      raise ExportError(
-          f'the {name} export does not match its Keras model: '
-          + '; '.join(check))
-    if name == 'static':
-      dynamic = tflite.keras_logits(model, real, mean, std).argmax(-1)
-      lines.append(
-          f'accuracy on {len(real)} real test images: static (TFLite)'
-          f' {on_real["tflite_accuracy"]:.2%}, dynamic model (Keras)'
-          f' {np.mean(dynamic == labels):.2%}')
-  return contents[0], contents[1], lines
+  on_real = tflite.compare(reference, content, real, mean, std, labels,
+                           channels=fixed)
+  change = 100 * (on_real['tflite_accuracy'] - on_real['keras_accuracy'])
+  check = [
+      f'{name}: random inputs ({on_random["images"]}): max |logit diff|'
+      f' {on_random["max_abs_diff"]:.2e}, top-1 agreement'
+      f' {on_random["top1_agreement"]:.2%}',
+      f'{name}: real test images ({on_real["images"]}): max |logit diff|'
+      f' {on_real["max_abs_diff"]:.2e}, top-1 agreement'
+      f' {on_real["top1_agreement"]:.2%}, accuracy Keras'
+      f' {on_real["keras_accuracy"]:.2%} vs TFLite'
+      f' {on_real["tflite_accuracy"]:.2%} ({change:+.2f} points)',
+  ]
+  finite = all(math.isfinite(r[k]) for r in (on_random, on_real)
+               for k in ('max_abs_diff', 'top1_agreement'))
+  if not finite or quantize == 'none' and not (
+      on_random['max_abs_diff'] <= MAX_ABS_DIFF
+      and on_real['top1_agreement'] >= MIN_TOP1_AGREEMENT):
+    raise ExportError(
+        f'the {name} export does not match its Keras model: '
+        + '; '.join(check))
+  return check, on_real
 
 
 def main(argv):

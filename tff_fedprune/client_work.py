@@ -135,9 +135,7 @@ def build_client_work(
   server_type = tff.types.tensorflow_to_type(server_spec)
   table_spec = tf.nest.map_structure(
       lambda s: tf.TensorSpec([clients_per_round] + s.shape.as_list(),
-                              s.dtype),
-      client_spec,
-  )
+                              s.dtype), client_spec)
   optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=learning_rate, momentum=momentum or None
   )
@@ -152,9 +150,8 @@ def build_client_work(
         salience_threshold=salience_threshold,
         measure_accuracy=measure_local_accuracy,
     )
-    client_state = (
-        _first(data['client_state'], client_spec) if client_spec else None
-    )
+    client_state = _first(data['client_state'], client_spec) if (
+        client_spec) else None
     correction = algorithm.gradient_correction(server_state, client_state)
     args = [initial_weights, data['batches'], data['keep_ratio']]
     local = train(*args, *([correction] if correction is not None else []))
@@ -165,48 +162,10 @@ def build_client_work(
         server_state=server_state, client_state=client_state,
         rounding_seed=seed,
     ))
-    update = output.update
-    finite = tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
-    )
-    zero_unless_finite = lambda u: tf.where(finite, u, tf.zeros_like(u))
-    update = tf.nest.map_structure(zero_unless_finite, update)
-    num_examples = local.num_examples
-    weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
-    mean_loss = tf.math.divide_no_nan(
-        local.loss_sum, tf.cast(num_examples, tf.float32)
-    )
-    metrics = collections.OrderedDict(
-        loss=tf.where(finite, mean_loss, 0.0),
-        num_examples=tf.where(finite, num_examples, 0),
-        non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
-        **output.metrics,
-    )
-    if measure_local_accuracy:
-      metrics['local_accuracy'] = local.accuracy
-      metrics['finite'] = tf.cast(finite, tf.float32)
-    if client_spec:
-      metrics['slot'] = _first(data['slot'], tf.TensorSpec([], tf.int32))
-      metrics['state_change'] = tf.nest.map_structure(
-          zero_unless_finite, output.state_change
-      )
-    result = collections.OrderedDict(
-        update=update, mask=local.mask, rounding_seed=seed, **output.extras
-    )
-    return tff.learning.templates.ClientResult(result, weight), metrics
+    return _client_result(local, output, seed, data, client_spec,
+                          measure_local_accuracy)
 
-  @tff.tensorflow.computation
-  def initial_state():
-    state = tf.nest.map_structure(
-        lambda s: tf.zeros(s.shape, s.dtype), server_spec
-    )
-    if client_spec:
-      state[CLIENT_STATE_UPDATES] = tf.nest.map_structure(
-          lambda s: tf.zeros(s.shape, s.dtype), table_spec
-      )
-    return state
-
-  state_type = initial_state.type_signature.result
+  initial_state = _initial_state(server_spec, client_spec, table_spec)
   summed_metrics = ('num_examples', 'non_finite_updates') + tuple(
       algorithm.metric_names
   )
@@ -221,46 +180,114 @@ def build_client_work(
       tff.FederatedType(data_type, tff.CLIENTS),
   )
   def next_fn(state, weights, data):
-    broadcast = tff.federated_map(
-        tff.tensorflow.computation(
-            lambda s: collections.OrderedDict(
-                (k, s[k]) for k in server_spec), state_type),
-        state,
-    ) if client_spec else state
+    broadcast = _broadcast(state, server_spec) if client_spec else state
     client_result, metrics = tff.federated_map(
         client_update, (weights, data, tff.federated_broadcast(broadcast))
     )
-    measurements = collections.OrderedDict(
-        train_loss=tff.federated_mean(
-            metrics['loss'], weight=client_result.update_weight
-        ),
-    )
-    for name in summed_metrics:
-      measurements[name] = tff.federated_sum(metrics[name])
-    if measure_local_accuracy:
-      measurements['local_train_accuracy'] = tff.federated_mean(
-          metrics['local_accuracy'], weight=metrics['finite']
-      )
+    measurements = _measurements(client_result, metrics, summed_metrics,
+                                 measure_local_accuracy)
     if client_spec:
-      table = _sum_into_slots(
-          tff.federated_zip(collections.OrderedDict(
-              slot=metrics['slot'], change=metrics['state_change'])),
-          table_spec,
-      )
-      state = tff.federated_map(
-          tff.tensorflow.computation(
-              lambda s, t: _with_table(algorithm.update_server_state(
-                  collections.OrderedDict((k, s[k]) for k in server_spec), t
-              ), t),
-              state_type, state_type[CLIENT_STATE_UPDATES],
-          ),
-          (state, table),
-      )
+      state = _next_state(state, metrics, algorithm, server_spec, table_spec)
     return tff.templates.MeasuredProcessOutput(
         state, client_result, tff.federated_zip(measurements)
     )
 
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def _initial_state(server_spec, client_spec, table_spec):
+  """The computation of the client work's initial (server) state."""
+
+  @tff.tensorflow.computation
+  def initial_state():
+    state = tf.nest.map_structure(
+        lambda s: tf.zeros(s.shape, s.dtype), server_spec
+    )
+    if client_spec:
+      state[CLIENT_STATE_UPDATES] = tf.nest.map_structure(
+          lambda s: tf.zeros(s.shape, s.dtype), table_spec
+      )
+    return state
+
+  return initial_state
+
+
+def _broadcast(state, server_spec):
+  """The part of the state every client receives (not the slot table)."""
+  return tff.federated_map(
+      tff.tensorflow.computation(
+          lambda s: collections.OrderedDict((k, s[k]) for k in server_spec),
+          state.type_signature.member),
+      state,
+  )
+
+
+def _client_result(local, output, seed, data, client_spec, measure_accuracy):
+  """(ClientResult, metrics) of a client's output; non-finite ones zeroed."""
+  update = output.update
+  finite = tf.reduce_all(
+      [tf.reduce_all(tf.math.is_finite(u)) for u in tf.nest.flatten(update)]
+  )
+  zero_unless_finite = lambda u: tf.where(finite, u, tf.zeros_like(u))
+  update = tf.nest.map_structure(zero_unless_finite, update)
+  num_examples = local.num_examples
+  weight = tf.where(finite, tf.cast(num_examples, tf.float32), 0.0)
+  mean_loss = tf.math.divide_no_nan(
+      local.loss_sum, tf.cast(num_examples, tf.float32)
+  )
+  metrics = collections.OrderedDict(
+      loss=tf.where(finite, mean_loss, 0.0),
+      num_examples=tf.where(finite, num_examples, 0),
+      non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
+      **output.metrics,
+  )
+  if measure_accuracy:
+    metrics['local_accuracy'] = local.accuracy
+    metrics['finite'] = tf.cast(finite, tf.float32)
+  if client_spec:
+    metrics['slot'] = _first(data['slot'], tf.TensorSpec([], tf.int32))
+    metrics['state_change'] = tf.nest.map_structure(
+        zero_unless_finite, output.state_change
+    )
+  result = collections.OrderedDict(
+      update=update, mask=local.mask, rounding_seed=seed, **output.extras
+  )
+  return tff.learning.templates.ClientResult(result, weight), metrics
+
+
+def _measurements(client_result, metrics, summed_metrics, measure_accuracy):
+  """The client work's round measurements (federated, at the server)."""
+  measurements = collections.OrderedDict(
+      train_loss=tff.federated_mean(
+          metrics['loss'], weight=client_result.update_weight
+      ),
+  )
+  for name in summed_metrics:
+    measurements[name] = tff.federated_sum(metrics[name])
+  if measure_accuracy:
+    measurements['local_train_accuracy'] = tff.federated_mean(
+        metrics['local_accuracy'], weight=metrics['finite']
+    )
+  return measurements
+
+
+def _next_state(state, metrics, algorithm, server_spec, table_spec):
+  """The server state moved by the round's per-slot client state changes."""
+  state_type = state.type_signature.member
+  table = _sum_into_slots(
+      tff.federated_zip(collections.OrderedDict(
+          slot=metrics['slot'], change=metrics['state_change'])),
+      table_spec,
+  )
+  return tff.federated_map(
+      tff.tensorflow.computation(
+          lambda s, t: _with_table(algorithm.update_server_state(
+              collections.OrderedDict((k, s[k]) for k in server_spec), t
+          ), t),
+          state_type, state_type[CLIENT_STATE_UPDATES],
+      ),
+      (state, table),
+  )
 
 
 def _sum_into_slots(values, table_spec):

@@ -107,18 +107,20 @@ def build_local_training(
     )
     if not measure_accuracy:
       return outputs
-    correct = tf.constant(0, tf.int64)
-    for images, labels in batches:
-      predicted = tf.argmax(model(images, training=False), -1, tf.int32)
-      correct += tf.reduce_sum(
-          tf.cast(tf.equal(predicted, labels), tf.int64)
-      )
-    accuracy = tf.math.divide_no_nan(
-        tf.cast(correct, tf.float32), tf.cast(num_examples, tf.float32)
-    )
-    return outputs + (accuracy,)
+    return outputs + (_accuracy(model, batches, num_examples),)
 
   def train_client(*args) -> algorithm.LocalResult:
     return algorithm.LocalResult(*train(*args))
 
   return train_client
+
+
+def _accuracy(model, batches, num_examples):
+  """The model's accuracy on `batches` in inference mode (a second pass)."""
+  correct = tf.constant(0, tf.int64)
+  for images, labels in batches:
+    predicted = tf.argmax(model(images, training=False), -1, tf.int32)
+    correct += tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int64))
+  return tf.math.divide_no_nan(
+      tf.cast(correct, tf.float32), tf.cast(num_examples, tf.float32)
+  )

@@ -132,7 +132,7 @@ def benchmark_gated_rounds(rounds):
     def runner(name):
       def run_round(i):
         round_runner, state = runs[name]
-        runs[name][1] = round_runner(state, i + 1)[0]
+        runs[name][1] = round_runner(state, i + 1).state
       return run_round
 
     medians = alternate({name: runner(name) for name in runs}, rounds,

@@ -3,12 +3,16 @@
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tests import testing
 from tff_fedprune import aggregation
 from tff_fedprune import encoding
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 class CountAwareMeanTest(testing.LocalRuntimeTestCase):

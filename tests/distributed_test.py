@@ -7,6 +7,7 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -15,6 +16,9 @@ from tff_fedprune import client_work
 from tff_fedprune import learning_process
 from tff_fedprune import runtime
 from tff_fedprune.runtime import worker_process
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 class DistributedTest(parameterized.TestCase):

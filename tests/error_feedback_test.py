@@ -2,6 +2,7 @@
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -13,6 +14,9 @@ from tff_fedprune import learning_process
 from tff_fedprune import local_training
 from tff_fedprune import scaffold
 from tff_fedprune.simulation import client_states
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 LR, THRESHOLD, BITS, SEED = 0.1, 0.5, 8, 7
 

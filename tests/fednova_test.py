@@ -5,12 +5,16 @@ import collections
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from tests import testing
 from tff_fedprune import aggregation
 from tff_fedprune import fednova
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 class NormalizerTest(parameterized.TestCase):

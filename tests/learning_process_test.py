@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -12,6 +13,9 @@ from tff_fedprune import finalizer
 from tff_fedprune import learning_process
 from tff_fedprune import local_training
 from tff_fedprune import model_state
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 class LearningProcessTest(testing.LocalRuntimeTestCase):

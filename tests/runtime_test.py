@@ -11,11 +11,15 @@ import textwrap
 from absl.testing import absltest
 import grpc
 import numpy as np
+import pytest
 import tensorflow_federated as tff
 
 from tests import testing
 from tff_fedprune import runtime
 from tff_fedprune.runtime import worker_process
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))

@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -11,6 +12,9 @@ from tff_fedprune import client_work
 from tff_fedprune import learning_process
 from tff_fedprune import local_training
 from tff_fedprune.simulation import client_states
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 def build(fn, weights, momentum=0.0, num_clients=3, clients_per_round=2,

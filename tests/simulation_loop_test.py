@@ -11,6 +11,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import keras_models
@@ -21,6 +22,9 @@ from tff_fedprune.simulation import data_source
 from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import loop
 from tff_fedprune.simulation import run_directory
+
+# Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
+pytestmark = pytest.mark.slow
 
 
 def read_rows(run_dir):

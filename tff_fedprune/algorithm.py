@@ -58,7 +58,9 @@ class Algorithm:
 
   name = 'fedavg'
   prox_mu = 0.0  # The FedProx coefficient of the local loss.
-  metric_names = ()  # Client metrics `client_output` adds, summed.
+  # Client metrics `client_output` adds, summed; `*_upload_bytes` count as
+  # upload.
+  metric_names = ()
   state_travels = False  # Client state crosses the network (SCAFFOLD).
 
   def server_state_spec(self, trainable_specs) -> collections.OrderedDict:

@@ -264,7 +264,7 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
       call=call,
       progress=progress,
   )
-  weights = parts.process.get_model_weights(result.state)
+  weights = result.weights
   eval_model = parts.evaluation.model
   _save_model(run_dir, eval_model, weights, fed_data)
   finished_run = reporting.load_run(

@@ -94,8 +94,8 @@ class RoundRunner:
   traffic: Traffic
   call: Callable[[Callable[[], Any]], Any] = lambda computation: computation()
 
-  def __call__(self, state, round_num: int):
-    """(state, `RoundMetrics`, test `Evaluation` or None) after the round."""
+  def __call__(self, state, round_num: int) -> 'RoundOutput':
+    """The round's new state, global weights, metrics and evaluation."""
     start = time.time()
     clients = self.data_source.sample(round_num)
     inputs = self.data_source.inputs(round_num, clients.completing)
@@ -106,7 +106,7 @@ class RoundRunner:
           f'{e} during round {round_num}; rounds up to {round_num - 1} are'
           ' checkpointed: rerun with live workers to resume'
       ) from e
-    weights = self.process.get_model_weights(output.state)
+    weights = self.call(lambda: self.process.get_model_weights(output.state))
     model, result = self.evaluation(weights, round_num)
     client_metrics = output.metrics['client_work']
     upload = output.metrics['aggregator']
@@ -118,8 +118,8 @@ class RoundRunner:
             client_metrics.get('local_train_accuracy', math.nan)
         ),
         train_loss=float(client_metrics['train_loss']),
-        upload_bytes=int(upload['upload_bytes'])
-        + int(client_metrics.get('control_upload_bytes', 0)),
+        upload_bytes=int(upload['upload_bytes']) + _client_upload_bytes(
+            client_metrics),
         dense_upload_bytes=dense_bytes,
         download_bytes=dense_bytes,
         update_density=int(upload['kept_coordinates'])
@@ -129,7 +129,23 @@ class RoundRunner:
         clients_dropped=len(clients.dropped),
         non_finite_updates=int(client_metrics['non_finite_updates']),
     )
-    return output.state, metrics, result
+    return RoundOutput(output.state, weights, metrics, result)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundOutput:
+  """What one round left: state, global weights, metrics, evaluation."""
+
+  state: Any
+  weights: Any
+  metrics: RoundMetrics
+  evaluation: Optional[evaluation_lib.Evaluation]  # None if not evaluated.
+
+
+def _client_upload_bytes(client_metrics) -> int:
+  """What clients upload beside the aggregated update (`*_upload_bytes`)."""
+  return sum(int(v) for k, v in client_metrics.items()
+             if k.endswith('_upload_bytes'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +153,7 @@ class TrainingResult:
   """Where `train_model` left the run."""
 
   state: Any
+  weights: Any  # The global model's weights in `state`.
   history: list[dict]  # Every completed round's metrics, with its number.
   last_evaluation: Optional[evaluation_lib.Evaluation]  # None if no round ran.
 
@@ -166,18 +183,19 @@ def train_model(
   state, last_round = _resume(train_process, program_state_manager,
                               initial_state)
   history = read_history(metrics_csv, last_round)
-  last_evaluation = None
+  last_evaluation = weights = None
   bar = tqdm.tqdm(
       total=train_total_rounds, initial=last_round, desc='rounds',
       unit='round', disable=not progress,
   )
   with bar:
     for round_num in range(last_round + 1, train_total_rounds + 1):
-      state, metrics, last_evaluation = run_round(state, round_num)
+      done = run_round(state, round_num)
+      state, weights, metrics = done.state, done.weights, done.metrics
+      last_evaluation = done.evaluation
       values = metrics.release_value()
       asyncio.run(_release(values, round_num, train_metrics_managers))
-      _check_trainable(train_process.get_model_weights(state), metrics,
-                       round_num)
+      _check_trainable(weights, metrics, round_num)
       asyncio.run(program_state_manager.save(
           train_process.program_state(state), round_num))
       history.append(dict(values, round=round_num))
@@ -186,7 +204,9 @@ def train_model(
           up_MB=f'{sum(h["upload_bytes"] for h in history) / 1e6:.2f}',
       )
       bar.update(1)
-  return TrainingResult(state, history, last_evaluation)
+  if weights is None:  # Resumed with every round done.
+    weights = call(lambda: train_process.get_model_weights(state))
+  return TrainingResult(state, weights, history, last_evaluation)
 
 
 def _resume(process, program_state_manager, initial_state):

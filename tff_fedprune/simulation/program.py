@@ -101,12 +101,13 @@ class RoundRunner:
     inputs = self.data_source.inputs(round_num, clients.completing)
     try:
       output = self.call(lambda: self.process.next(state, inputs))
+      weights = self.call(
+          lambda: self.process.get_model_weights(output.state))
     except runtime.WorkerError as e:
       raise runtime.WorkerError(
           f'{e} during round {round_num}; rounds up to {round_num - 1} are'
           ' checkpointed: rerun with live workers to resume'
       ) from e
-    weights = self.call(lambda: self.process.get_model_weights(output.state))
     model, result = self.evaluation(weights, round_num)
     client_metrics = output.metrics['client_work']
     upload = output.metrics['aggregator']

@@ -119,5 +119,37 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
                           without.result)
 
 
+class SumFactoryTest(testing.LocalRuntimeTestCase):
+  """TFF's own sum aggregators can take the encoded sum's place."""
+
+  def test_tff_sum_and_dp_factories_give_the_same_masked_means(self):
+    clients, weights = testing.masked_updates(), [3.0, 1.0, 2.0]
+    value_type = testing.update_value_type()
+    for aggregation_name in aggregation.AGGREGATIONS:
+      encoded = aggregation.MaskedMeanFactory(aggregation_name).create(
+          value_type, tff.TensorType(np.float32))
+      expected = encoded.next(encoded.initialize(), clients, weights)
+      for sum_factory in (
+          tff.aggregators.SumFactory(),
+          # A DP mean without noise and with a clip nothing reaches: it
+          # divides numerator and denominator alike.
+          tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+              noise_multiplier=0.0, clients_per_round=3, clip=1e6)):
+        process = aggregation.MaskedMeanFactory(
+            aggregation_name, sum_factory=sum_factory).create(
+                value_type, tff.TensorType(np.float32))
+        output = process.next(process.initialize(), clients, weights)
+        with self.subTest(f'{aggregation_name} {type(sum_factory).__name__}'):
+          tf.nest.map_structure(
+              lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                      atol=1e-6),
+              output.result, expected.result)
+          self.assertEqual(output.measurements['kept_coordinates'],
+                           expected.measurements['kept_coordinates'])
+    with self.assertRaisesRegex(ValueError, 'upload_bits must be 32'):
+      aggregation.MaskedMeanFactory(
+          upload_bits=8, sum_factory=tff.aggregators.SumFactory())
+
+
 if __name__ == '__main__':
   absltest.main()

@@ -22,6 +22,7 @@ so the measured upload is what crossed the wire. A client whose weight is 0
 """
 
 import collections
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -35,22 +36,45 @@ AGGREGATIONS = ('count_aware', 'fedavg')
 
 
 class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
-  """Aggregates `OrderedDict(update=W, mask=W)` into a `W`."""
+  """Aggregates `OrderedDict(update=W, mask=W)` into a `W`.
 
-  def __init__(self, aggregation: str = 'count_aware', upload_bits: int = 32):
+  By default each client's upload is sparse and encoded (`uplink.Uplink`)
+  and the server sums the decoded values inside `federated_aggregate`. With
+  `sum_factory` (a `tff.aggregators.UnweightedAggregationFactory`: TFF's
+  `SumFactory`, `SecureSumFactory` or `DifferentiallyPrivateFactory`, ...)
+  each client instead hands it the dense pair `OrderedDict(numerator=n_k M_k
+  delta_k, denominator=n_k M_k)` (float32, counted as upload), and the mean
+  is numerator / denominator of what it returns; a factory that scales both
+  alike (a DP mean over the expected clients) leaves the mean unchanged.
+  """
+
+  def __init__(
+      self,
+      aggregation: str = 'count_aware',
+      upload_bits: int = 32,
+      sum_factory: Optional[
+          tff.aggregators.UnweightedAggregationFactory] = None,
+  ):
     if aggregation not in AGGREGATIONS:
       raise ValueError(
           f'unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}'
       )
     encoding.check_upload_bits(upload_bits)
+    if sum_factory is not None and upload_bits != 32:
+      raise ValueError('a sum_factory aggregates dense float32 values:'
+                       ' upload_bits must be 32')
     self._count_aware = aggregation == 'count_aware'
     self._bits = upload_bits
+    self._sum_factory = sum_factory
 
   def create(
       self,
       value_type: tff.types.StructType,
       weight_type: tff.types.TensorType,
   ) -> tff.templates.AggregationProcess:
+    if self._sum_factory is not None:
+      return _mean_over_sums(self._sum_factory, self._count_aware,
+                             value_type, weight_type)
     specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
     spec_list = tf.nest.flatten(specs)
     uplink = uplink_lib.Uplink(specs, self._bits)
@@ -132,3 +156,58 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       return tff.templates.MeasuredProcessOutput(state, mean, measurements)
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+def _mean_over_sums(sum_factory, count_aware, value_type, weight_type):
+  """The masked mean of dense client pairs summed by `sum_factory`."""
+  specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
+
+  @tff.tensorflow.computation(value_type, weight_type)
+  def contribution(value, weight):
+    weight = tf.cast(weight, tf.float32)
+    sent = value['mask'] if count_aware else tf.nest.map_structure(
+        tf.ones_like, value['mask'])
+    pair = collections.OrderedDict(
+        numerator=tf.nest.map_structure(
+            lambda u, m: weight * u * m, value['update'], value['mask']),
+        denominator=tf.nest.map_structure(lambda m: weight * m, sent),
+    )
+    kept = tf.add_n([tf.cast(tf.reduce_sum(m), tf.int64)
+                     for m in tf.nest.flatten(value['mask'])])
+    nbytes = tf.constant(
+        sum(4 * t.shape.num_elements() for t in tf.nest.flatten(pair)),
+        tf.int64)
+    return pair, collections.OrderedDict(upload_bytes=nbytes,
+                                         kept_coordinates=kept)
+
+  inner = sum_factory.create(contribution.type_signature.result[0])
+
+  @tff.tensorflow.computation(inner.next.type_signature.result.result.member)
+  def mean(total):
+    return tf.nest.pack_sequence_as(specs, [
+        tf.math.divide_no_nan(n, d) for n, d in zip(
+            tf.nest.flatten(total['numerator']),
+            tf.nest.flatten(total['denominator']))
+    ])
+
+  total = sum(s.shape.num_elements() for s in tf.nest.flatten(specs))
+
+  @tff.federated_computation(
+      inner.initialize.type_signature.result,
+      tff.FederatedType(value_type, tff.CLIENTS),
+      tff.FederatedType(weight_type, tff.CLIENTS),
+  )
+  def next_fn(state, value, weight):
+    pair, sizes = tff.federated_map(contribution, (value, weight))
+    output = inner.next(state, pair)
+    measurements = tff.federated_zip(collections.OrderedDict(
+        upload_bytes=tff.federated_sum(sizes['upload_bytes']),
+        kept_coordinates=tff.federated_sum(sizes['kept_coordinates']),
+        coordinates_per_client=tff.federated_value(np.int64(total),
+                                                   tff.SERVER),
+        sum=output.measurements,
+    ))
+    return tff.templates.MeasuredProcessOutput(
+        output.state, tff.federated_map(mean, output.result), measurements)
+
+  return tff.templates.AggregationProcess(inner.initialize, next_fn)

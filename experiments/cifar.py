@@ -79,6 +79,7 @@ def run(config) -> int:
   from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
   from tff_fedprune.simulation import config as config_lib  # pylint: disable=g-import-not-at-top
   from tff_fedprune.simulation import loop  # pylint: disable=g-import-not-at-top
+  from tff_fedprune.simulation import program  # pylint: disable=g-import-not-at-top
   from tff_fedprune.simulation import run_directory  # pylint: disable=g-import-not-at-top
 
   try:
@@ -90,7 +91,7 @@ def run(config) -> int:
   except OSError as e:
     print(f'error: cannot write {cli.os_error_message(e)}', file=sys.stderr)
     return 2
-  except loop.NonFiniteModelError as e:
+  except program.NonFiniteModelError as e:
     print(f'error: {e}', file=sys.stderr)
     return 3
   except runtime.WorkerError as e:

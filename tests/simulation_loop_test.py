@@ -21,6 +21,7 @@ from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import data_source
 from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import loop
+from tff_fedprune.simulation import program
 from tff_fedprune.simulation import run_directory
 
 # Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
@@ -62,7 +63,7 @@ class RunExperimentTest(parameterized.TestCase):
     a, b = read_rows(straight.run_dir), read_rows(interrupted.run_dir)
     self.assertEqual([r['round'] for r in b], ['1', '2', '3'])
     self.assertContainsSubset(
-        ['round'] + list(loop.METRIC_COLUMNS), list(b[0]))
+        ['round'] + list(program.COLUMNS), list(b[0]))
     for row_a, row_b in zip(a, b):
       row_a.pop('round_seconds')
       row_b.pop('round_seconds')
@@ -159,7 +160,7 @@ class RunDirectoryTest(absltest.TestCase):
     config = testing.small_config(self.create_tempdir().full_path,
                                   dynamic_pruning=False,
                                   server_learning_rate=3e38)
-    with self.assertRaisesRegex(loop.NonFiniteModelError,
+    with self.assertRaisesRegex(program.NonFiniteModelError,
                                 "round 2: every client's update"):
       run(config)
     rows = read_rows(config.run_dir)

@@ -128,6 +128,15 @@ class GateSpec:
 ALL = 'all'
 
 
+def channel_set(channels, width: int, name: str) -> np.ndarray:
+  """`channels` as sorted unique indices; ValueError unless in 0..width-1."""
+  kept = np.unique(np.asarray(channels, np.int64))
+  if not len(kept) or kept[0] < 0 or kept[-1] >= width:
+    raise ValueError(f'channels of {name!r} must be a non-empty subset of'
+                     f' 0..{width - 1}')
+  return kept
+
+
 @tf.keras.utils.register_keras_serializable(package='tff_fedprune')
 class GatedConv2D(tf.keras.layers.Layer):
   """Conv -> BN -> per-sample top-k channel gate -> (ReLU).
@@ -178,11 +187,7 @@ class GatedConv2D(tf.keras.layers.Layer):
         raise ValueError(f'channels must be indices, {ALL!r} or None')
       self.fixed_channels = channels
       return
-    kept = np.unique(np.asarray(channels, np.int64))
-    if not len(kept) or kept[0] < 0 or kept[-1] >= self.filters:
-      raise ValueError(f'channels of {self.name!r} must be a non-empty'
-                       f' subset of 0..{self.filters - 1}')
-    self.fixed_channels = kept
+    self.fixed_channels = channel_set(channels, self.filters, self.name)
 
   def build(self, input_shape):
     cin = int(input_shape[-1])

@@ -34,10 +34,7 @@ def check_channels(model, channels):
     if kept is ALL_CHANNELS and name in additions:
       raise ValueError(f'a residual addition ({name!r}) needs a channel set')
     if kept is not ALL_CHANNELS:
-      kept = np.unique(np.asarray(kept, np.int64))
-      if not len(kept) or kept[0] < 0 or kept[-1] >= width:
-        raise ValueError(f'channels of {name!r} must be a non-empty subset of'
-                         f' 0..{width - 1}')
+      kept = gated_conv.channel_set(kept, width, name)
     checked[name] = kept
   return checked
 

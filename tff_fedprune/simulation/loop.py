@@ -39,8 +39,6 @@ from tff_fedprune.simulation import stateful_process
 from tff_fedprune.simulation.config import ConfigError
 from tff_fedprune.simulation.config import ExperimentConfig
 
-METRIC_COLUMNS = program.COLUMNS
-NonFiniteModelError = program.NonFiniteModelError
 ModelBuilder = Callable[..., tf.keras.Model]
 
 
@@ -213,8 +211,8 @@ def build_parts(config: ExperimentConfig, build_model: ModelBuilder,
       tf.TensorSpec(v.shape, v.dtype) for v in weights.trainable))
   traffic = program.Traffic(
       model_bytes=_num_bytes(weights),
-      state_bytes=_num_bytes(tf.nest.map_structure(
-          lambda s: np.zeros(s.shape, s.dtype.as_numpy_dtype), state_spec))
+      state_bytes=sum(s.shape.num_elements() * s.dtype.size
+                      for s in tf.nest.flatten(state_spec))
       if built.algorithm.state_travels else 0,
   )
   return ProgramParts(

@@ -29,6 +29,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import encoding
+from tff_fedprune import slots
 from tff_fedprune import uplink as uplink_lib
 
 
@@ -54,7 +55,10 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       upload_bits: int = 32,
       sum_factory: Optional[
           tff.aggregators.UnweightedAggregationFactory] = None,
+      clients_per_round: int = 0,
   ):
+    """`clients_per_round` >= 1 with a `slot` in the client value: also
+    measures each slot's upload bytes (`CLIENT_UPLOAD_BYTES`)."""
     if aggregation not in AGGREGATIONS:
       raise ValueError(
           f'unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}'
@@ -66,6 +70,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     self._count_aware = aggregation == 'count_aware'
     self._bits = upload_bits
     self._sum_factory = sum_factory
+    self._rows = int(clients_per_round)
 
   def create(
       self,
@@ -74,7 +79,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
   ) -> tff.templates.AggregationProcess:
     if self._sum_factory is not None:
       return _mean_over_sums(self._sum_factory, self._count_aware,
-                             value_type, weight_type)
+                             value_type, weight_type, self._rows)
     specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
     spec_list = tf.nest.flatten(specs)
     uplink = uplink_lib.Uplink(specs, self._bits)
@@ -87,7 +92,9 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
       seed = value['rounding_seed'] if self._bits < 32 else None
-      return uplink.message(value['update'], value['mask'], seed, weight)
+      message, sizes = uplink.message(value['update'], value['mask'], seed,
+                                      weight)
+      return message, _with_slot(sizes, value)
 
     def zeros():
       return [tf.zeros(s.shape, s.dtype) for s in spec_list]
@@ -144,21 +151,40 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     def next_fn(state, value, weight):
       message, sizes = tff.federated_map(encode, (value, weight))
       mean = tff.federated_aggregate(message, zero(), accumulate, merge, report)
-      measurements = tff.federated_zip(
-          collections.OrderedDict(
-              upload_bytes=tff.federated_sum(sizes['upload_bytes']),
-              kept_coordinates=tff.federated_sum(sizes['kept_coordinates']),
-              coordinates_per_client=tff.federated_value(
-                  np.int64(uplink.coordinates), tff.SERVER
-              ),
-          )
-      )
+      measurements = tff.federated_zip(_size_measurements(
+          sizes, uplink.coordinates, self._rows))
       return tff.templates.MeasuredProcessOutput(state, mean, measurements)
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
 
 
-def _mean_over_sums(sum_factory, count_aware, value_type, weight_type):
+CLIENT_UPLOAD_BYTES = 'client_upload_bytes'
+
+
+def _with_slot(sizes, value) -> collections.OrderedDict:
+  sizes = collections.OrderedDict(sizes)
+  if 'slot' in value:
+    sizes['slot'] = value['slot']
+  return sizes
+
+
+def _size_measurements(sizes, coordinates: int, rows: int):
+  """Upload bytes and kept coordinates: summed, and per slot if `rows`."""
+  measurements = collections.OrderedDict(
+      upload_bytes=tff.federated_sum(sizes['upload_bytes']),
+      kept_coordinates=tff.federated_sum(sizes['kept_coordinates']),
+      coordinates_per_client=tff.federated_value(np.int64(coordinates),
+                                                 tff.SERVER),
+  )
+  if rows and 'slot' in tff.structure.name_list(sizes.type_signature.member):
+    measurements[CLIENT_UPLOAD_BYTES] = slots.sum_into_slots(
+        tff.federated_zip(collections.OrderedDict(
+            slot=sizes['slot'], change=sizes['upload_bytes'])),
+        slots.table_spec(tf.TensorSpec([], tf.int64), rows))
+  return measurements
+
+
+def _mean_over_sums(sum_factory, count_aware, value_type, weight_type, rows):
   """The masked mean of dense client pairs summed by `sum_factory`."""
   specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
 
@@ -177,8 +203,8 @@ def _mean_over_sums(sum_factory, count_aware, value_type, weight_type):
     nbytes = tf.constant(
         sum(4 * t.shape.num_elements() for t in tf.nest.flatten(pair)),
         tf.int64)
-    return pair, collections.OrderedDict(upload_bytes=nbytes,
-                                         kept_coordinates=kept)
+    return pair, _with_slot(collections.OrderedDict(
+        upload_bytes=nbytes, kept_coordinates=kept), value)
 
   inner = sum_factory.create(contribution.type_signature.result[0])
 
@@ -200,13 +226,9 @@ def _mean_over_sums(sum_factory, count_aware, value_type, weight_type):
   def next_fn(state, value, weight):
     pair, sizes = tff.federated_map(contribution, (value, weight))
     output = inner.next(state, pair)
-    measurements = tff.federated_zip(collections.OrderedDict(
-        upload_bytes=tff.federated_sum(sizes['upload_bytes']),
-        kept_coordinates=tff.federated_sum(sizes['kept_coordinates']),
-        coordinates_per_client=tff.federated_value(np.int64(total),
-                                                   tff.SERVER),
-        sum=output.measurements,
-    ))
+    measurements = _size_measurements(sizes, total, rows)
+    measurements['sum'] = output.measurements
+    measurements = tff.federated_zip(measurements)
     return tff.templates.MeasuredProcessOutput(
         output.state, tff.federated_map(mean, output.result), measurements)
 

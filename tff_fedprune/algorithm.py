@@ -30,6 +30,8 @@ class LocalResult:
   loss_sum: Any
   steps: Any
   accuracy: Optional[Any] = None  # On its own batches, when measured.
+  # `compact_training.TrainingCost`: FLOPs and channels computed.
+  cost: Optional[Any] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,8 +28,17 @@ import tensorflow_federated as tff
 from tff_fedprune import algorithm as algorithm_lib
 from tff_fedprune import local_training
 from tff_fedprune import model_state
+from tff_fedprune import slots
 
 CLIENT_STATE_UPDATES = 'client_state_updates'
+# Summed over the round's clients (`compact_training.TrainingCost`).
+COST_METRICS = ('train_flops', 'dense_train_flops', 'trained_examples',
+                'computed_channels', 'round_set_outside_pairs',
+                'round_set_gated_pairs')
+# Per slot: the columns of each row of the `CLIENT_COSTS` measurement.
+CLIENT_COSTS = 'client_costs'
+CLIENT_COST_COLUMNS = ('train_flops', 'dense_train_flops',
+                       'other_upload_bytes')
 
 
 def rounding_seed(seed: int, round_num: int, client_id: int) -> np.ndarray:
@@ -40,7 +49,7 @@ def rounding_seed(seed: int, round_num: int, client_id: int) -> np.ndarray:
 def client_data(
     dataset: tf.data.Dataset,
     keep_ratio: float,
-    slot: int = 0,
+    slot: Optional[int] = None,
     client_state=None,
     upload_seed=(0, 0),
 ) -> collections.OrderedDict:
@@ -49,7 +58,8 @@ def client_data(
   TFF's learning processes take client data as a structure of sequences, so
   per-client values travel as 1-element datasets. `slot` is the client's
   position in the round (0 .. clients_per_round - 1), by which the change of
-  its state comes back. `upload_seed` (`rounding_seed(...)`) seeds the
+  its state and its costs come back (`slots`; a client with state has one,
+  0 by default). `upload_seed` (`rounding_seed(...)`) seeds the
   stochastic rounding of a quantised upload.
   """
   data = collections.OrderedDict(
@@ -59,21 +69,24 @@ def client_data(
           np.asarray(upload_seed, np.int64)
       ),
   )
+  if slot is not None or client_state is not None:
+    data['slot'] = tf.data.Dataset.from_tensors(np.int32(slot or 0))
   if client_state is not None:
-    data['slot'] = tf.data.Dataset.from_tensors(np.int32(slot))
     data['client_state'] = tf.data.Dataset.from_tensors(client_state)
   return data
 
 
-def client_data_type(element_spec, client_state_spec) -> tff.types.StructType:
+def client_data_type(element_spec, client_state_spec,
+                     with_slot: bool) -> tff.types.StructType:
   fields = [
       ('batches', tff.SequenceType(tff.types.tensorflow_to_type(element_spec))),
       ('keep_ratio', tff.SequenceType(tff.TensorType(np.float32))),
       ('rounding_seed', tff.SequenceType(tff.TensorType(np.int64, [2]))),
   ]
+  if with_slot:
+    fields.append(('slot', tff.SequenceType(tff.TensorType(np.int32))))
   if client_state_spec:
     fields += [
-        ('slot', tff.SequenceType(tff.TensorType(np.int32))),
         ('client_state', tff.SequenceType(
             tff.types.tensorflow_to_type(client_state_spec))),
     ]
@@ -96,6 +109,7 @@ def build_client_work(
     salience_threshold: float = 0.0,
     clients_per_round: int = 0,
     measure_local_accuracy: bool = False,
+    compact_training: str = 'off',
 ) -> tff.learning.templates.ClientWorkProcess:
   """Builds the client work.
 
@@ -108,11 +122,13 @@ def build_client_work(
       weight, as PyTorch's SGD `weight_decay`.
     algorithm: the `Algorithm` (default FedAvg).
     salience_threshold: a channel is salient iff kept_count / samples > this.
-    clients_per_round: rows of the per-slot table by which per-client state
-      comes back (needed only when the algorithm has per-client state).
+    clients_per_round: rows of the per-slot tables by which per-client state
+      and costs come back (`slots`; 0: no per-client costs, and no
+      algorithm with per-client state). With it, clients' data has a slot.
     measure_local_accuracy: also measure each trained client model's
       accuracy on its own batches; their unweighted mean over the clients
       with a finite update is the `local_train_accuracy` measurement.
+    compact_training: `compact_training.MODES` (`local_training`).
 
   Returns:
     A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
@@ -131,11 +147,10 @@ def build_client_work(
     raise ValueError(
         f'{algorithm.name} keeps per-client state: clients_per_round >= 1'
     )
-  data_type = client_data_type(element_spec, client_spec)
+  with_slot = clients_per_round >= 1
+  data_type = client_data_type(element_spec, client_spec, with_slot)
   server_type = tff.types.tensorflow_to_type(server_spec)
-  table_spec = tf.nest.map_structure(
-      lambda s: tf.TensorSpec([clients_per_round] + s.shape.as_list(),
-                              s.dtype), client_spec)
+  table_spec = slots.table_spec(client_spec, clients_per_round)
   optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=learning_rate, momentum=momentum or None
   )
@@ -149,6 +164,7 @@ def build_client_work(
         prox_mu=algorithm.prox_mu,
         salience_threshold=salience_threshold,
         measure_accuracy=measure_local_accuracy,
+        compact_training=compact_training,
     )
     client_state = _first(data['client_state'], client_spec) if (
         client_spec) else None
@@ -162,13 +178,14 @@ def build_client_work(
         server_state=server_state, client_state=client_state,
         rounding_seed=seed,
     ))
-    return _client_result(local, output, seed, data, client_spec,
+    slot = _first(data['slot'], tf.TensorSpec([], tf.int32)) if (
+        with_slot) else None
+    return _client_result(local, output, seed, slot, client_spec,
                           measure_local_accuracy)
 
   initial_state = _initial_state(server_spec, client_spec, table_spec)
-  summed_metrics = ('num_examples', 'non_finite_updates') + tuple(
-      algorithm.metric_names
-  )
+  summed_metrics = ('num_examples', 'non_finite_updates') + COST_METRICS + (
+      tuple(algorithm.metric_names))
 
   @tff.federated_computation
   def init_fn():
@@ -186,6 +203,12 @@ def build_client_work(
     )
     measurements = _measurements(client_result, metrics, summed_metrics,
                                  measure_local_accuracy)
+    if with_slot:
+      measurements[CLIENT_COSTS] = slots.sum_into_slots(
+          tff.federated_zip(collections.OrderedDict(
+              slot=metrics['slot'], change=metrics['client_cost'])),
+          slots.table_spec(tf.TensorSpec([len(CLIENT_COST_COLUMNS)],
+                                         tf.float64), clients_per_round))
     if client_spec:
       state = _next_state(state, metrics, algorithm, server_spec, table_spec)
     return tff.templates.MeasuredProcessOutput(
@@ -200,13 +223,9 @@ def _initial_state(server_spec, client_spec, table_spec):
 
   @tff.tensorflow.computation
   def initial_state():
-    state = tf.nest.map_structure(
-        lambda s: tf.zeros(s.shape, s.dtype), server_spec
-    )
+    state = slots.zeros(server_spec)
     if client_spec:
-      state[CLIENT_STATE_UPDATES] = tf.nest.map_structure(
-          lambda s: tf.zeros(s.shape, s.dtype), table_spec
-      )
+      state[CLIENT_STATE_UPDATES] = slots.zeros(table_spec)
     return state
 
   return initial_state
@@ -222,7 +241,25 @@ def _broadcast(state, server_spec):
   )
 
 
-def _client_result(local, output, seed, data, client_spec, measure_accuracy):
+def _cost_metrics(local, output) -> collections.OrderedDict:
+  """A client's `COST_METRICS` and its `client_cost` row."""
+  cost = local.cost
+  other_upload = tf.add_n([tf.constant(0, tf.float64)] + [
+      tf.cast(v, tf.float64) for k, v in output.metrics.items()
+      if k.endswith('_upload_bytes')])
+  return collections.OrderedDict(
+      train_flops=cost.train_flops,
+      dense_train_flops=cost.dense_train_flops,
+      trained_examples=local.num_examples,
+      computed_channels=cost.computed_channels,
+      round_set_outside_pairs=cost.outside_pairs,
+      round_set_gated_pairs=cost.gated_pairs,
+      client_cost=tf.stack([cost.train_flops, cost.dense_train_flops,
+                            other_upload]),
+  )
+
+
+def _client_result(local, output, seed, slot, client_spec, measure_accuracy):
   """(ClientResult, metrics) of a client's output; non-finite ones zeroed."""
   update = output.update
   finite = tf.reduce_all(
@@ -240,18 +277,22 @@ def _client_result(local, output, seed, data, client_spec, measure_accuracy):
       num_examples=tf.where(finite, num_examples, 0),
       non_finite_updates=tf.cast(tf.logical_not(finite), tf.int32),
       **output.metrics,
+      **_cost_metrics(local, output),
   )
   if measure_accuracy:
     metrics['local_accuracy'] = local.accuracy
     metrics['finite'] = tf.cast(finite, tf.float32)
+  if slot is not None:
+    metrics['slot'] = slot
   if client_spec:
-    metrics['slot'] = _first(data['slot'], tf.TensorSpec([], tf.int32))
     metrics['state_change'] = tf.nest.map_structure(
         zero_unless_finite, output.state_change
     )
   result = collections.OrderedDict(
       update=update, mask=local.mask, rounding_seed=seed, **output.extras
   )
+  if slot is not None:
+    result['slot'] = slot  # For the aggregator's per-client upload bytes.
   return tff.learning.templates.ClientResult(result, weight), metrics
 
 
@@ -274,7 +315,7 @@ def _measurements(client_result, metrics, summed_metrics, measure_accuracy):
 def _next_state(state, metrics, algorithm, server_spec, table_spec):
   """The server state moved by the round's per-slot client state changes."""
   state_type = state.type_signature.member
-  table = _sum_into_slots(
+  table = slots.sum_into_slots(
       tff.federated_zip(collections.OrderedDict(
           slot=metrics['slot'], change=metrics['state_change'])),
       table_spec,
@@ -288,38 +329,6 @@ def _next_state(state, metrics, algorithm, server_spec, table_spec):
       ),
       (state, table),
   )
-
-
-def _sum_into_slots(values, table_spec):
-  """Sums `OrderedDict(slot, change)` of the clients into a per-slot table."""
-
-  @tff.tensorflow.computation
-  def zero():
-    return tf.nest.map_structure(
-        lambda s: tf.zeros(s.shape, s.dtype), table_spec
-    )
-
-  @tff.tensorflow.computation(
-      zero.type_signature.result, values.type_signature.member
-  )
-  def accumulate(table, value):
-    index = tf.reshape(value['slot'], [1, 1])
-    return tf.nest.map_structure(
-        lambda t, c: tf.tensor_scatter_nd_add(t, index, c[tf.newaxis]),
-        table, value['change'], check_types=False,
-    )
-
-  @tff.tensorflow.computation(
-      zero.type_signature.result, zero.type_signature.result
-  )
-  def merge(a, b):
-    return tf.nest.map_structure(tf.add, a, b)
-
-  @tff.tensorflow.computation(zero.type_signature.result)
-  def report(table):
-    return table
-
-  return tff.federated_aggregate(values, zero(), accumulate, merge, report)
 
 
 def _with_table(server_state, table) -> collections.OrderedDict:

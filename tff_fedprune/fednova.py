@@ -14,6 +14,7 @@ import collections
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fedprune import aggregation
 from tff_fedprune import algorithm
 from tff_fedprune import uplink
 
@@ -96,6 +97,8 @@ class StepRescaledMeanFactory(tff.aggregators.WeightedAggregationFactory):
     def add_scale_bytes(measurements, scale_bytes):
       measurements = collections.OrderedDict(measurements)
       measurements['upload_bytes'] += scale_bytes
+      if aggregation.CLIENT_UPLOAD_BYTES in measurements:
+        measurements[aggregation.CLIENT_UPLOAD_BYTES] += uplink.SCALAR_BYTES
       return measurements
 
     @tff.federated_computation(

@@ -243,7 +243,11 @@ class GatedConv2D(tf.keras.layers.Layer):
 
   def saliency(self, x):
     """s (B, C_out) = ReLU(z @ W_g + b_g), z = subsample(GAP(x))."""
-    z = self.subsample(tf.reduce_mean(x, axis=[1, 2]))
+    return self.saliency_of_pooled(tf.reduce_mean(x, axis=[1, 2]))
+
+  def saliency_of_pooled(self, pooled):
+    """s of an input whose global average pool is `pooled` (B, C_in)."""
+    z = self.subsample(pooled)
     return tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
 
   def top_k(self, s):
@@ -289,10 +293,26 @@ class GatedConv2D(tf.keras.layers.Layer):
     not computed for that sample and is not counted as kept.
     """
     s = self.saliency(x)
-    pi = s * self.top_k(self.selection_scores(s, training))
-    if training and self.gate.balance:
-      self.add_loss(self.gate.balance * gate_ops.usage_balance(s, pi))
+    pi, balance_loss = self.gates_of_scores(
+        s, self.selection_scores(s, training), training)
+    if balance_loss is not None:
+      self.add_loss(balance_loss)
     return pi
+
+  def gates_of_scores(self, s, scores, training=False, allowed=None):
+    """(pi, balance loss or None) of saliency `s` ranked by `scores`.
+
+    `allowed` (C_out,) 0/1, if given, restricts every sample's top-k to
+    those channels (a client's round set, `compact_training`).
+    """
+    if allowed is not None:
+      scores = tf.where(allowed > 0, scores, tf.float32.min)
+    pi = s * self.top_k(scores)
+    if allowed is not None:
+      pi = pi * allowed
+    if not (training and self.gate.balance):
+      return pi, None
+    return pi, self.gate.balance * gate_ops.usage_balance(s, pi)
 
   def _update_moving(self, mean, var, valid):
     decay = 1.0 - self.momentum

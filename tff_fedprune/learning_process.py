@@ -74,6 +74,7 @@ def build_learning_process(
     upload_bits: int = 32,
     error_feedback: bool = False,
     measure_local_accuracy: bool = False,
+    compact_training: str = 'off',
     num_clients: int = 0,
     clients_per_round: int = 0,
     server_optimizer: str = 'sgd',
@@ -101,9 +102,12 @@ def build_learning_process(
       their next update (`error_feedback`; FedAvg and FedProx only).
     measure_local_accuracy: measure each trained client model's accuracy on
       its own batches (`local_train_accuracy` in the client work's metrics).
+    compact_training: `compact_training.MODES`: compute only the channels
+      each batch ('step') or the client's round ('round') keeps.
     num_clients: federation size (SCAFFOLD's 1 / N in the update of c).
-    clients_per_round: most clients per round (SCAFFOLD's per-slot table of
-      returned control-variate changes).
+    clients_per_round: most clients per round: the rows of the per-slot
+      tables (SCAFFOLD's returned control-variate changes, each client's
+      costs and upload bytes; `slots`). With it, client data has a slot.
     server_optimizer: one of `SERVER_OPTIMIZERS`.
     server_learning_rate: the server optimizer's learning rate.
     initial_weights: the starting global model (numpy `ModelWeights`); by
@@ -145,9 +149,11 @@ def build_learning_process(
       salience_threshold=salience_threshold,
       clients_per_round=clients_per_round,
       measure_local_accuracy=measure_local_accuracy,
+      compact_training=compact_training,
   )
   aggregator = hooks.aggregator(
-      aggregation_lib.MaskedMeanFactory(aggregation, upload_bits)
+      aggregation_lib.MaskedMeanFactory(
+          aggregation, upload_bits, clients_per_round=clients_per_round)
   ).create(
       client_work.next.type_signature.result.result.member.update,
       tff.TensorType(np.float32),

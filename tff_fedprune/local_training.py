@@ -21,6 +21,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fedprune import algorithm
+from tff_fedprune import compact_training as compact_training_lib
+from tff_fedprune import gated_conv
 from tff_fedprune import model_state
 from tff_fedprune import salience
 
@@ -35,6 +37,7 @@ def build_local_training(
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
     measure_accuracy: bool = False,
+    compact_training: str = 'off',
 ):
   """A function training `model` on one client's data.
 
@@ -45,11 +48,21 @@ def build_local_training(
   examples, loss sum and local steps; with `measure_accuracy`, also the
   trained model's accuracy on the same batches (inference mode, a second
   pass), which measures how far a client fits its own data.
+
+  `compact_training` (`compact_training.MODES`): 'off' trains the model as
+  it is called (every channel, then masks); 'step' computes only the
+  channels some sample of each batch keeps, 'round' those of a pre-pass
+  over the client's data (`compact_training.CompactModel`). Models without
+  gated layers with masked batch statistics train as 'off'.
   """
+  if compact_training not in compact_training_lib.MODES:
+    raise ValueError(f'compact_training must be one of'
+                     f' {compact_training_lib.MODES}, got {compact_training!r}')
   loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   weights = model_state.global_weights(model)
   trainable = weights.trainable
   structure = salience.ChannelStructure(model)
+  forward = _Forward(model, compact_training)
 
   def local_terms(initial_trainable, correction):
     """Decay, proximal and correction gradients on kept channels only."""
@@ -77,12 +90,14 @@ def build_local_training(
     num_examples = tf.constant(0, tf.int64)
     loss_sum = tf.constant(0.0, tf.float32)
     steps = tf.constant(0, tf.int64)
+    round_sets, cost = forward.start_round(batches)
     for images, labels in batches:
       with tf.GradientTape() as tape:
-        logits = model(images, training=True)
+        logits, losses, cost = forward(images, round_sets, cost)
         loss = loss_fn(labels, logits)
-        objective = tf.add_n([loss] + model.losses) if model.losses else loss
-      grads = tape.gradient(objective, trainable)
+        objective = tf.add_n([loss] + losses) if losses else loss
+      grads = tuple(tf.convert_to_tensor(g) for g in tape.gradient(
+          objective, trainable))
       if weight_decay or prox_mu or correction is not None:
         extra = local_terms(initial_weights.trainable, correction)
         grads = tuple(g + e for g, e in zip(grads, extra))
@@ -104,15 +119,62 @@ def build_local_training(
         num_examples,
         loss_sum,
         steps,
+        cost,
     )
     if not measure_accuracy:
       return outputs
     return outputs + (_accuracy(model, batches, num_examples),)
 
   def train_client(*args) -> algorithm.LocalResult:
-    return algorithm.LocalResult(*train(*args))
+    outputs = train(*args)
+    cost = compact_training_lib.TrainingCost(*outputs[5])
+    return algorithm.LocalResult(*outputs[:5], *outputs[6:], cost=cost)
 
   return train_client
+
+
+class _Forward:
+  """A training step's forward pass and its cost (`compact_training`)."""
+
+  def __init__(self, model, mode):
+    self.model = model
+    self.mode = mode
+    self.compact = None
+    if mode != 'off' and compact_training_lib.uses_compact_path(model):
+      self.compact = compact_training_lib.CompactModel(model)
+    per_forward = compact_training_lib.TRAIN_FLOPS_PER_FORWARD
+    self.full_flops = per_forward * compact_training_lib.forward_flops(
+        model, gates=True)
+    self.dense_flops = per_forward * compact_training_lib.forward_flops(
+        model, gates=False)
+    self.widths = tf.constant(
+        [l.filters for l in gated_conv.gated_layers(model)], tf.float64)
+
+  def start_round(self, batches):
+    """(round sets or None, the initial cost: a round pre-pass's FLOPs)."""
+    zero = tf.constant(0.0, tf.float64)
+    round_sets, flops = None, zero
+    if self.compact is not None and self.mode == 'round':
+      round_sets, flops = self.compact.round_channels(batches)
+    return round_sets, (flops, zero, tf.zeros_like(self.widths), zero, zero)
+
+  @tf.autograph.experimental.do_not_convert
+  def __call__(self, images, round_sets, cost):
+    """(logits, losses, cost) of a training batch, `cost` accumulated."""
+    flops, dense, computed, outside, gated = cost
+    n = tf.cast(tf.shape(images)[0], tf.float64)
+    dense += self.dense_flops * n
+    if self.compact is None:
+      logits = self.model(images, training=True)
+      return logits, list(self.model.losses), (
+          flops + self.full_flops * n, dense, computed + self.widths * n,
+          outside, gated)
+    out = self.compact(images, True, round_sets)
+    computed += tf.cast(tf.stack(out.computed), tf.float64) * n
+    return out.logits, out.losses, (
+        flops + out.flops, dense, computed,
+        outside + tf.cast(out.outside, tf.float64),
+        gated + tf.cast(out.gated_pairs, tf.float64))
 
 
 def _accuracy(model, batches, num_examples):

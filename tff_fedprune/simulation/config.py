@@ -16,6 +16,7 @@ import os
 from typing import Optional
 
 from tff_fedprune import aggregation as aggregation_lib
+from tff_fedprune import compact_training as compact_training_lib
 from tff_fedprune import data as data_lib
 from tff_fedprune import encoding
 from tff_fedprune import error_feedback
@@ -236,6 +237,15 @@ class AlgorithmSection:
   )
   local_epochs: int = fields.field(1, 'Local epochs per round.', constraint=fields.Range(1))
   batch_size: int = fields.field(32, 'Client batch size.', constraint=fields.Range(1))
+  compact_training: str = fields.field(
+      'step', 'Which channels a gated client computes in local training:'
+      ' every one, then masks (off); those some sample of each batch keeps'
+      ' (step); those its samples keep in a pre-pass over its data before'
+      ' the round (round: gates then choose within them). Exact for step;'
+      ' with --gated_bn=full a layer needs every channel and trains at full'
+      ' width whatever this says.',
+      compact_training_lib.MODES,
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ rerunning the same configuration resumes after the last completed round
 with the same results.
 """
 
+import collections
 import dataclasses
 import os
 import platform
@@ -34,10 +35,14 @@ from tff_fedprune.simulation import data_source as data_source_lib
 from tff_fedprune.simulation import evaluation
 from tff_fedprune.simulation import program
 from tff_fedprune.simulation import reporting
+from tff_fedprune.simulation import round_rows
 from tff_fedprune.simulation import run_directory
 from tff_fedprune.simulation import stateful_process
 from tff_fedprune.simulation.config import ConfigError
 from tff_fedprune.simulation.config import ExperimentConfig
+
+CLIENTS_CSV = 'clients.csv'  # Per client and round (`round_rows.ClientRow`).
+LAYERS_CSV = 'layers.csv'  # Per gated layer and round (`round_rows.LayerRow`).
 
 ModelBuilder = Callable[..., tf.keras.Model]
 
@@ -114,6 +119,7 @@ def build_process(config: ExperimentConfig, build_model: ModelBuilder,
       aggregation=config.aggregation,
       upload_bits=config.upload_bits,
       measure_local_accuracy=config.measure_overfitting,
+      compact_training=config.compact_training,
       clients_per_round=config.clients_per_round,
       server_optimizer=config.server_optimizer,
       server_learning_rate=config.server_learning_rate,
@@ -255,12 +261,18 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
           tff.program.TensorBoardReleaseManager(
               os.path.join(run_dir, 'tensorboard')),
       ],
+      client_costs_managers=[round_rows.RoundRowsCsv(
+          os.path.join(run_dir, CLIENTS_CSV), round_rows.ClientRow)],
+      layer_costs_managers=[round_rows.RoundRowsCsv(
+          os.path.join(run_dir, LAYERS_CSV), round_rows.LayerRow)],
       evaluation=parts.evaluation,
       traffic=parts.traffic,
       initial_state=call(parts.process.initialize),
       metrics_csv=metrics_csv,
       call=call,
       progress=progress,
+      gated_layers=tuple((l.name, l.filters) for l in gated_conv.gated_layers(
+          parts.evaluation.model)),
   )
   weights = result.weights
   eval_model = parts.evaluation.model
@@ -269,6 +281,7 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
       run_dir, config=config_lib.with_defaults(dataclasses.asdict(config)))
   reporting.plot_runs([finished_run], os.path.join(run_dir, 'plots'))
   summary = _summary(config, fed_data, result.history)
+  summary.update(_cost_summary(run_dir))
   if config.target_accuracy is not None:
     reached = finished_run.upload_to_target(config.target_accuracy)
     summary['upload_to_target'] = {
@@ -306,6 +319,24 @@ def _save_model(run_dir, eval_model, weights, fed_data) -> None:
           'std': fed_data.std,
       },
   )
+
+
+def _cost_summary(run_dir) -> dict:
+  """Training FLOPs totals (clients.csv) and computed shares (layers.csv)."""
+  clients = round_rows.RoundRowsCsv(
+      os.path.join(run_dir, CLIENTS_CSV), round_rows.ClientRow).read()
+  layers = round_rows.RoundRowsCsv(
+      os.path.join(run_dir, LAYERS_CSV), round_rows.LayerRow).read()
+  total = lambda key: sum(float(r[key]) for r in clients)
+  shares = collections.defaultdict(list)
+  for r in layers:
+    shares[r['layer']].append(float(r['computed_share']))
+  return {
+      'total_train_flops': total('train_flops'),
+      'total_dense_train_flops': total('dense_train_flops'),
+      'mean_computed_share': {
+          name: float(np.mean(s)) for name, s in shares.items()},
+  }
 
 
 def _summary(config, fed_data, history) -> dict:

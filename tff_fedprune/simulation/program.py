@@ -27,9 +27,12 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tqdm
 
+from tff_fedprune import aggregation
+from tff_fedprune import client_work
 from tff_fedprune import runtime
 from tff_fedprune.simulation import data_source as data_source_lib
 from tff_fedprune.simulation import evaluation as evaluation_lib
+from tff_fedprune.simulation import round_rows
 from tff_fedprune.simulation import stateful_process
 
 
@@ -49,6 +52,8 @@ class RoundMetrics:
   download_bytes: int
   update_density: float
   flops_ratio: float
+  train_flops_ratio: float
+  round_set_outside_share: float
   gate_jaccard: float
   channels_ever_kept: float
   round_seconds: float
@@ -79,6 +84,49 @@ class Traffic:
     return self.model_bytes + self.state_bytes
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundCosts:
+  """What the round's local training computed (`compact_training`)."""
+
+  train_flops_ratio: float  # Mean over clients of train / dense FLOPs.
+  round_set_outside_share: float  # nan unless --compact_training=round.
+  clients: list  # `round_rows.ClientRow`s.
+  layers: list  # `round_rows.LayerRow`s.
+
+
+def round_costs(round_num, inputs, client_metrics, upload,
+                gated_layers) -> RoundCosts:
+  """The costs of a round whose clients were `inputs`, in slot order.
+
+  `gated_layers`: (name, output channels) of the model's gated layers.
+  """
+  table = client_metrics[client_work.CLIENT_COSTS]
+  sent = upload[aggregation.CLIENT_UPLOAD_BYTES]
+  clients = [round_rows.ClientRow(
+      round=round_num, client=i.client_id, keep_ratio=i.keep_ratio,
+      train_flops=float(table[slot][0]),
+      dense_train_flops=float(table[slot][1]),
+      upload_bytes=int(sent[slot]) + int(table[slot][2]),
+  ) for slot, i in enumerate(inputs)]
+  ratios = [c.train_flops / c.dense_train_flops for c in clients
+            if c.dense_train_flops > 0]
+  examples = float(client_metrics['trained_examples'])
+  layers = [round_rows.LayerRow(
+      round=round_num, layer=name,
+      computed_share=float(computed) / (width * examples) if examples else
+      math.nan,
+  ) for (name, width), computed in zip(
+      gated_layers, client_metrics['computed_channels'])]
+  gated_pairs = float(client_metrics['round_set_gated_pairs'])
+  return RoundCosts(
+      train_flops_ratio=float(np.mean(ratios)) if ratios else math.nan,
+      round_set_outside_share=(
+          float(client_metrics['round_set_outside_pairs']) / gated_pairs
+          if gated_pairs else math.nan),
+      clients=clients, layers=layers,
+  )
+
+
 @dataclasses.dataclass
 class RoundRunner:
   """One round as `round_seconds` counts it.
@@ -93,6 +141,7 @@ class RoundRunner:
   evaluation: evaluation_lib.RoundEvaluation
   traffic: Traffic
   call: Callable[[Callable[[], Any]], Any] = lambda computation: computation()
+  gated_layers: tuple = ()  # (name, output channels) of the gated layers.
 
   def __call__(self, state, round_num: int) -> 'RoundOutput':
     """The round's new state, global weights, metrics and evaluation."""
@@ -113,8 +162,12 @@ class RoundRunner:
     upload = output.metrics['aggregator']
     completed = len(clients.completing)
     dense_bytes = completed * self.traffic.per_client
+    costs = round_costs(round_num, inputs, client_metrics, upload,
+                        self.gated_layers)
     metrics = RoundMetrics(
         **dataclasses.asdict(model),
+        train_flops_ratio=costs.train_flops_ratio,
+        round_set_outside_share=costs.round_set_outside_share,
         local_train_accuracy=float(
             client_metrics.get('local_train_accuracy', math.nan)
         ),
@@ -130,7 +183,7 @@ class RoundRunner:
         clients_dropped=len(clients.dropped),
         non_finite_updates=int(client_metrics['non_finite_updates']),
     )
-    return RoundOutput(output.state, weights, metrics, result)
+    return RoundOutput(output.state, weights, metrics, result, costs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +194,7 @@ class RoundOutput:
   weights: Any
   metrics: RoundMetrics
   evaluation: Optional[evaluation_lib.Evaluation]  # None if not evaluated.
+  costs: RoundCosts
 
 
 def _client_upload_bytes(client_metrics) -> int:
@@ -166,6 +220,8 @@ def train_model(
     train_total_rounds: int,
     program_state_manager: tff.program.ProgramStateManager,
     train_metrics_managers: Sequence[tff.program.ReleaseManager],
+    client_costs_managers: Sequence[tff.program.ReleaseManager] = (),
+    layer_costs_managers: Sequence[tff.program.ReleaseManager] = (),
     evaluation: evaluation_lib.RoundEvaluation,
     traffic: Traffic,
     initial_state,
@@ -173,14 +229,17 @@ def train_model(
     call: Callable[[Callable[[], Any]], Any] = lambda computation: (
         computation()),
     progress: bool = True,
+    gated_layers: tuple = (),
 ) -> TrainingResult:
   """Resumes from the latest intact saved state and trains to the last round.
 
   `metrics_csv` is the CSV the managers release to, from which the history
-  of the rounds done before resuming is read.
+  of the rounds done before resuming is read. The cost managers receive
+  each round's `round_rows.ClientRow`s and `LayerRow`s (of `gated_layers`,
+  (name, output channels) of the model's gated layers).
   """
   run_round = RoundRunner(train_process, train_data_source, evaluation,
-                          traffic, call)
+                          traffic, call, gated_layers)
   state, last_round = _resume(train_process, program_state_manager,
                               initial_state)
   history = read_history(metrics_csv, last_round)
@@ -196,6 +255,9 @@ def train_model(
       last_evaluation = done.evaluation
       values = metrics.release_value()
       asyncio.run(_release(values, round_num, train_metrics_managers))
+      asyncio.run(_release(done.costs.clients, round_num,
+                           client_costs_managers))
+      asyncio.run(_release(done.costs.layers, round_num, layer_costs_managers))
       _check_trainable(weights, metrics, round_num)
       asyncio.run(program_state_manager.save(
           train_process.program_state(state), round_num))

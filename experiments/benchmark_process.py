@@ -1,20 +1,22 @@
-"""Round times: FedDP with pruning off vs TFF's FedAvg, gated vs dense.
+"""Round times: FedDP with pruning off vs TFF's FedAvg; dense vs gated.
 
   python -m experiments.benchmark_process [--rounds=8] [--dataset=digits] \
-      [--grid_rounds=10] [--grid_flagfile=experiments/configs/fmnist_grid.cfg]
+      [--grid_rounds=5] [--models=cnn,resnet32,vgg11] [--skip_stock] \
+      [--grid_flagfile=experiments/configs/fmnist_grid.cfg]
 
-First, the process with pruning off against
+First (unless --skip_stock), the process with pruning off against
 `tff.learning.algorithms.build_weighted_fed_avg`: both train the same dense
-CNN from the same initial weights on the same client datasets. Then, unless
-`--grid_rounds=0`, a gated and a dense run of the flagfile's configuration
-(the Fashion-MNIST grid's by default: FedAvg, keep 0.7, tau 0.5): whole
-rounds as `round_seconds` counts them (client data, local training,
-encoding, aggregation, server update and evaluation: `program.RoundRunner`).
-Each comparison runs through one owned TFF worker and alternates rounds between
-its two variants so that machine drift affects both alike, after one
-untimed round each (the first call traces). Prints the median round times,
-the median CPU seconds of the worker per round and their ratios, measured in
-this run.
+CNN from the same initial weights on the same client datasets. Then, for each
+of --models, training rounds without evaluation (client data, local
+training, encoding, aggregation, server update) of the flagfile's
+configuration (the Fashion-MNIST grid's by default; ResNet-32 and VGG-11 on 2
+of 100 IID clients a round, `model_config`): dense, and gated at keep 0.7
+and 0.5 with each --compact_training mode. Each comparison runs through one
+owned TFF worker and alternates rounds between its variants so that machine
+drift affects all alike, after one untimed round each (the first call
+traces). Prints the median round times, the median CPU seconds of the worker
+per round, their ratios to dense, and the training FLOPs over a dense
+client's, measured in this run.
 """
 
 import collections
@@ -32,13 +34,13 @@ import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
 import keras_models  # pylint: disable=g-import-not-at-top
 from tff_fedprune import client_work  # pylint: disable=g-import-not-at-top
+from tff_fedprune import compact_training  # pylint: disable=g-import-not-at-top
 from tff_fedprune import data  # pylint: disable=g-import-not-at-top
 from tff_fedprune import model_state  # pylint: disable=g-import-not-at-top
 from tff_fedprune import learning_process  # pylint: disable=g-import-not-at-top
 from tff_fedprune import runtime  # pylint: disable=g-import-not-at-top
 from tff_fedprune.simulation import data_source  # pylint: disable=g-import-not-at-top
 from tff_fedprune.simulation import loop  # pylint: disable=g-import-not-at-top
-from tff_fedprune.simulation import program  # pylint: disable=g-import-not-at-top
 from experiments import cifar  # pylint: disable=g-import-not-at-top
 
 _ROUNDS = flags.DEFINE_integer('rounds', 8, 'Timed rounds per process.')
@@ -46,7 +48,12 @@ _DATASET = flags.DEFINE_string('dataset', 'digits', 'Data source.')
 _CLIENTS = flags.DEFINE_integer('num_clients', 10, 'Clients per round.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Client batch size.')
 _GRID_ROUNDS = flags.DEFINE_integer(
-    'grid_rounds', 10, 'Timed rounds of each of gated and dense (0: skip).')
+    'grid_rounds', 5, 'Timed rounds of each variant of --models (0: skip).')
+_MODELS = flags.DEFINE_list(
+    'models', ['cnn', 'resnet32', 'vgg11'],
+    'Models of the dense vs gated comparison (keras_models names).')
+_SKIP_STOCK = flags.DEFINE_bool(
+    'skip_stock', False, 'Skip the comparison with TFF\'s FedAvg.')
 _GRID_FLAGFILE = flags.DEFINE_string(
     'grid_flagfile', 'experiments/configs/fmnist_grid.cfg',
     'experiments.cifar flagfile of the gated vs dense comparison.')
@@ -98,12 +105,15 @@ def alternate(variants, rounds, worker_pid=None):
   }
 
 
-def report(medians, baseline):
+def report(medians, baseline, train_flops=None):
   """Prints each variant's medians and their ratios to `baseline`'s."""
   wall_0, cpu_0 = medians[baseline]
   for name, (wall, cpu) in medians.items():
-    print(f'  {name:28s} {wall:7.3f} s/round ({wall / wall_0:.3f}x)'
-          f'   worker CPU {cpu:7.2f} s/round ({cpu / cpu_0:.3f}x)')
+    line = (f'  {name:28s} {wall:7.3f} s/round ({wall / wall_0:.3f}x)'
+            f'   worker CPU {cpu:7.2f} s/round ({cpu / cpu_0:.3f}x)')
+    if train_flops:
+      line += f'   train FLOPs {train_flops[name]:.3f}x'
+    print(line)
 
 
 def grid_config():
@@ -114,40 +124,64 @@ def grid_config():
   return cifar.config_from_flags(values)
 
 
-def benchmark_gated_rounds(rounds):
-  """Gated vs dense rounds of --grid_flagfile's configuration."""
-  config = grid_config()
-  fed_data = data_source.load_data(config)
-  build = keras_models.BUILDERS[config.model]
+# (name, keep ratio or None for dense, --compact_training) of each variant.
+VARIANTS = (('dense', None, 'off'),) + tuple(
+    (f'keep {ratio} {mode}', ratio, mode)
+    for ratio in (0.7, 0.5) for mode in compact_training.MODES)
+
+
+def model_config(model):
+  """The grid's configuration for `model`; the deep models on fewer data.
+
+  The CNN is the grid setting itself; ResNet-32 and VGG-11 take 2 of 100
+  IID clients a round (about 9 batches of 64 each), so that a round is
+  seconds, not minutes, on this CPU.
+  """
+  config = dataclasses.replace(grid_config(), model=model)
+  if model == 'cnn':
+    return config
+  return dataclasses.replace(config, num_clients=100, clients_per_round=2,
+                             partition='iid')
+
+
+def benchmark_compact_rounds(model, rounds):
+  """Training rounds (no evaluation) of dense and gated variants."""
+  base = model_config(model)
+  fed_data = data_source.load_data(base)
+  build = keras_models.BUILDERS[base.model]
+  runs, flops = {}, collections.defaultdict(list)
   with runtime.local_runtime() as worker:
-    runs = {}
-    for name, gated in (('dense', False), ('gated', True)):
-      variant = dataclasses.replace(config, dynamic_pruning=gated,
-                                    total_rounds=rounds + 1)
-      parts = loop.build_parts(variant, build, fed_data)
-      run_round = program.RoundRunner(
-          parts.process, parts.data_source, parts.evaluation, parts.traffic)
-      runs[name] = [run_round, parts.process.initialize()]
+    for name, ratio, mode in VARIANTS:
+      config = dataclasses.replace(
+          base, dynamic_pruning=ratio is not None, keep_ratio=ratio or 1.0,
+          compact_training=mode, total_rounds=rounds + 1)
+      parts = loop.build_parts(config, build, fed_data)
+      runs[name] = [parts, parts.process.initialize()]
 
     def runner(name):
       def run_round(i):
-        round_runner, state = runs[name]
-        runs[name][1] = round_runner(state, i + 1).state
+        parts, state = runs[name]
+        clients = parts.data_source.sample(i + 1)
+        output = parts.process.next(
+            state, parts.data_source.inputs(i + 1, clients.completing))
+        runs[name][1] = output.state
+        work = output.metrics['client_work']
+        flops[name].append(float(work['train_flops'])
+                           / float(work['dense_train_flops']))
       return run_round
 
-    medians = alternate({name: runner(name) for name in runs}, rounds,
-                        worker.pid)
-  print(f'{config.dataset}, {config.model}, {config.num_clients} clients'
-        f' ({config.partition}), {config.algorithm}, gated keep'
-        f' {config.keep_ratio} tau {config.salience_threshold}; median of'
-        f' {rounds} whole rounds (training, encoding, aggregation,'
-        ' evaluation) after one untimed round:')
-  report(medians, 'dense')
+    medians = alternate({name: runner(name) for name, _, _ in VARIANTS},
+                        rounds, worker.pid)
+  print(f'{base.dataset}, {model}, {base.clients_per_round} of'
+        f' {base.num_clients} clients ({base.partition}), batch'
+        f' {base.batch_size}, {base.local_epochs} local epoch; median of'
+        f' {rounds} training rounds (no evaluation) after one untimed round;'
+        ' train FLOPs / dense over all rounds:')
+  report(medians, 'dense', {k: float(np.mean(v)) for k, v in flops.items()})
 
 
-def main(argv):
-  del argv
-  cifar.quiet_logs()
+def benchmark_stock_fedavg():
+  """FedDP with pruning off against TFF's FedAvg on the same clients."""
   source = data.load_source(_DATASET.value)
   fed = data.federate(source, _CLIENTS.value, 'iid', seed=0)
   model_fn = lambda: keras_models.build_model(
@@ -190,8 +224,16 @@ def main(argv):
   print(f'{_DATASET.value}, {fed.num_clients} clients, dense CNN, median of '
         f'{_ROUNDS.value} rounds after one warm-up round:')
   report(medians, 'tff build_weighted_fed_avg')
-  if _GRID_ROUNDS.value:
-    benchmark_gated_rounds(_GRID_ROUNDS.value)
+
+
+def main(argv):
+  del argv
+  cifar.quiet_logs()
+  print(f'TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores')
+  if not _SKIP_STOCK.value:
+    benchmark_stock_fedavg()
+  for model in _MODELS.value if _GRID_ROUNDS.value else ():
+    benchmark_compact_rounds(model, _GRID_ROUNDS.value)
 
 
 if __name__ == '__main__':

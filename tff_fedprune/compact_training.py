@@ -39,6 +39,51 @@ TRAIN_FLOPS_PER_FORWARD = 3.0
 _PASS_THROUGH = gated_conv.CHANNEL_PRESERVING
 
 
+def _slots(index, width):
+  """Position of each of `width` channels in `index`, len(index) if absent."""
+  return tf.tensor_scatter_nd_update(
+      tf.fill([width], tf.size(index)), index[:, None],
+      tf.range(tf.size(index)))
+
+
+def select(values, index, axis: int):
+  """`tf.gather(values, index, axis)`, whose gradient is `expand`.
+
+  TF's gradient of a gather along an inner axis transposes the gradient
+  twice around a segment sum; with an index of distinct channels the
+  gradient is the inverse gather instead (one op).
+  """
+
+  @tf.custom_gradient
+  def forward(values):
+    width = tf.shape(values)[axis]
+
+    def grad(upstream):
+      return expand(upstream, index, width, axis)
+
+    return tf.gather(values, index, axis=axis), grad
+
+  return forward(values)
+
+
+def expand(values, index, width, axis: int = -1):
+  """`values` (holding channels `index` along `axis`) at full `width`.
+
+  The channels not in `index` are zeros; the gradient is `select`.
+  """
+
+  @tf.custom_gradient
+  def forward(values):
+    def grad(upstream):
+      return select(upstream, index, axis)
+
+    zeros = tf.zeros_like(tf.gather(values, [0], axis=axis))
+    padded = tf.concat([values, zeros], axis)
+    return tf.gather(padded, _slots(index, width), axis=axis), grad
+
+  return forward(values)
+
+
 @dataclasses.dataclass(frozen=True)
 class Channels:
   """Some channels of a full-width activation: `values[..., i]` is channel
@@ -58,16 +103,11 @@ class Channels:
     """The full-width activation (zeros in the channels not held)."""
     if self.index is None:
       return self.values
-    slots = tf.tensor_scatter_nd_update(
-        tf.fill([self.width], tf.size(self.index)), self.index[:, None],
-        tf.range(tf.size(self.index)))
-    padded = tf.concat([self.values, tf.zeros_like(self.values[..., :1])], -1)
-    return tf.gather(padded, slots, axis=-1)
+    return expand(self.values, self.index, self.width)
 
   def rows(self, kernel, axis):
     """`kernel` restricted to the held channels along `axis`."""
-    return kernel if self.index is None else tf.gather(kernel, self.index,
-                                                       axis=axis)
+    return kernel if self.index is None else select(kernel, self.index, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,12 +309,12 @@ class _Step:
     pi, allowed = self.gates(layer, pooled)
     kept = tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), tf.float32), axis=0)
     index = bucketed(kept if allowed is None else allowed, self.bucket)
-    kernel = tf.gather(x.rows(layer.kernel, 2), index, axis=3)
+    kernel = select(x.rows(layer.kernel, 2), index, 3)
     c = tf.nn.conv2d(x.values, kernel, layer.strides, padding='SAME')
     self.count_conv(layer, x.count(), tf.size(index))
     self.count_gate(layer)
     self.record(layer, tf.cast(kept > 0, tf.float32), tf.size(index))
-    pi_c = tf.gather(pi, index, axis=1)
+    pi_c = select(pi, index, 1)
     gamma, beta = tf.gather(layer.gamma, index), tf.gather(layer.beta, index)
     out = Channels(None, index, layer.filters)
     if not self.training:

@@ -1,5 +1,7 @@
 """Tests of the composed FedDP learning process."""
 
+import collections
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -85,6 +87,33 @@ class LearningProcessTest(testing.LocalRuntimeTestCase):
     self.assertAlmostEqual(
         float(output.metrics['client_work']['local_train_accuracy']),
         np.mean(expected), places=5)
+
+  @parameterized.parameters('fedavg', 'fednova', 'scaffold')
+  def test_per_slot_costs_and_uploads_add_up_to_the_totals(self, algorithm):
+    process = learning_process.build_learning_process(
+        testing.model_fn(gated=True), self.spec, client_learning_rate=0.05,
+        algorithm=algorithm, num_clients=3, clients_per_round=4,
+        compact_training='step')
+    client_state = None
+    if algorithm == 'scaffold':
+      client_state = collections.OrderedDict(c_k=tuple(
+          np.zeros(w.shape, np.float32) for w in testing.initial_weights(
+              testing.model_fn(gated=True)).trainable))
+    data = [client_work.client_data(d, r, slot=slot, client_state=client_state)
+            for slot, (d, r) in enumerate(zip(testing.client_datasets(),
+                                              (0.3, 0.5, 1.0)))]
+    output = process.next(process.initialize(), data)
+    work, agg = output.metrics['client_work'], output.metrics['aggregator']
+    costs = np.asarray(work[client_work.CLIENT_COSTS])
+    self.assertEqual(costs.shape, (4, 3))
+    np.testing.assert_array_equal(costs[3], 0.0)  # No client in slot 3.
+    self.assertAlmostEqual(costs[:, 0].sum(), float(work['train_flops']))
+    self.assertAlmostEqual(costs[:, 1].sum(), float(work['dense_train_flops']))
+    ratios = costs[:3, 0] / costs[:3, 1]
+    self.assertLess(ratios[0], ratios[1])  # Keep 0.3 computes less than 0.5.
+    sent = np.asarray(agg['client_upload_bytes'])[:3] + costs[:3, 2]
+    other = sum(int(v) for k, v in work.items() if k.endswith('_upload_bytes'))
+    self.assertEqual(int(sent.sum()), int(agg['upload_bytes']) + other)
 
   def test_gated_round_uploads_less_and_stays_finite(self):
     process = learning_process.build_learning_process(

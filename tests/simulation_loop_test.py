@@ -28,8 +28,8 @@ from tff_fedprune.simulation import run_directory
 pytestmark = pytest.mark.slow
 
 
-def read_rows(run_dir):
-  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+def read_rows(run_dir, name='metrics.csv'):
+  with open(os.path.join(run_dir, name)) as f:
     return list(csv.DictReader(f))
 
 
@@ -68,6 +68,9 @@ class RunExperimentTest(parameterized.TestCase):
       row_a.pop('round_seconds')
       row_b.pop('round_seconds')
       self.assertEqual(row_a, row_b)
+    for name in (loop.CLIENTS_CSV, loop.LAYERS_CSV):  # Replayed, not doubled.
+      self.assertEqual(read_rows(straight.run_dir, name),
+                       read_rows(interrupted.run_dir, name))
     self.assertEqual(summary['rounds_completed'], 3)
     self.assertEqual(summary['final']['round'], 3)
     with open(os.path.join(interrupted.run_dir, 'summary.json')) as f:
@@ -104,7 +107,7 @@ class RunExperimentTest(parameterized.TestCase):
     root = self.create_tempdir().full_path
     config = testing.small_config(root, total_rounds=1,
                                   client_keep_ratios='0.3,1.0',
-                                  eval_keep_ratio=0.8,
+                                  eval_keep_ratio=0.8, clients_per_round=4,
                                   measure_overfitting=True)
     run(config)
     model = tf.keras.models.load_model(
@@ -129,6 +132,33 @@ class RunExperimentTest(parameterized.TestCase):
     # more than the top-k count).
     self.assertGreater(flops_ratio, flops.top_k_flops(model, 0.5) / dense)
     self.assertLessEqual(flops_ratio, flops.top_k_flops(model, 0.8) / dense)
+    self.check_costs(config, row)
+
+  def check_costs(self, config, row):
+    """clients.csv, layers.csv and the summary agree with metrics.csv."""
+    clients = read_rows(config.run_dir, loop.CLIENTS_CSV)
+    self.assertLen(clients, config.clients_per_round)
+    for c in clients:
+      self.assertEqual(float(c['keep_ratio']),
+                       config.keep_ratio_of(int(c['client'])))
+    self.assertEqual(sum(int(c['upload_bytes']) for c in clients),
+                     int(row['upload_bytes']))
+    ratios = [float(c['train_flops']) / float(c['dense_train_flops'])
+              for c in clients]
+    self.assertAlmostEqual(float(row['train_flops_ratio']), np.mean(ratios))
+    by_ratio = {float(c['keep_ratio']): r for c, r in zip(clients, ratios)}
+    self.assertLess(by_ratio[0.3], by_ratio[1.0])  # Cost falls with keep.
+    layers = read_rows(config.run_dir, loop.LAYERS_CSV)
+    self.assertEqual([l['layer'] for l in layers], ['block1', 'block2',
+                                                     'block3'])
+    for l in layers:
+      self.assertBetween(float(l['computed_share']), 0.0, 1.0)
+    with open(os.path.join(config.run_dir, 'summary.json')) as f:
+      summary = json.load(f)
+    self.assertAlmostEqual(summary['total_train_flops'],
+                           sum(float(c['train_flops']) for c in clients))
+    self.assertEqual(set(summary['mean_computed_share']),
+                     {'block1', 'block2', 'block3'})
 
   def test_client_failures_are_dropped_and_measured(self):
     root = self.create_tempdir().full_path

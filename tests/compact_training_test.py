@@ -143,13 +143,36 @@ class ChannelOpsTest(absltest.TestCase):
     held = tf.random.normal([3, 4, 3])
     with tf.GradientTape() as tape:
       tape.watch(held)
-      wide = compact_training.expand(held, index, 6)
+      wide = compact_training.expand(held, index, 6, axis=2)
       loss = tf.reduce_sum(wide * values)
     np.testing.assert_array_equal(tf.gather(wide, [1, 3, 5], axis=2),
                                   np.zeros([3, 4, 3]))
     np.testing.assert_array_equal(tf.gather(wide, index, axis=2), held)
     np.testing.assert_array_equal(tape.gradient(loss, held),
                                   tf.gather(values, index, axis=2))
+
+  def test_last_axis_products_select_and_expand_exactly(self):
+    values = tf.random.normal([2, 3, 6])
+    index = tf.constant([5, 1, 2])
+    with tf.GradientTape() as tape:
+      tape.watch(values)
+      picked = compact_training.select_last(values, index, 6)
+    np.testing.assert_array_equal(picked, tf.gather(values, index, axis=2))
+    np.testing.assert_array_equal(
+        compact_training.expand_last(picked, index, 6),
+        tf.gather(tf.concat([picked, tf.zeros([2, 3, 1])], -1),
+                  [3, 1, 2, 3, 3, 0], axis=2))
+    np.testing.assert_array_equal(
+        tape.gradient(picked, values),
+        np.broadcast_to([0., 1., 1., 0., 0., 1.], [2, 3, 6]))
+
+  def test_output_channels_of_large_and_small_kernels(self):
+    for shape in ((3, 3, 4, 10), (3, 3, 256, 64)):
+      kernel = tf.random.normal(shape)
+      index = tf.constant([7, 0, 3])
+      got = compact_training.select_output_channels(
+          kernel, index, kernel.shape.num_elements())
+      np.testing.assert_array_equal(got, tf.gather(kernel, index, axis=3))
 
   def test_bucketed_keeps_every_used_channel(self):
     counts = tf.constant([0., 3., 0., 0., 1., 0., 0., 0., 0., 2.])

@@ -49,9 +49,10 @@ def _slots(index, width):
 def select(values, index, axis: int):
   """`tf.gather(values, index, axis)`, whose gradient is `expand`.
 
-  TF's gradient of a gather along an inner axis transposes the gradient
-  twice around a segment sum; with an index of distinct channels the
-  gradient is the inverse gather instead (one op).
+  For an axis with contiguous slices behind it (not the last). TF's
+  gradient of a gather along an inner axis transposes the gradient twice
+  around a segment sum; with an index of distinct channels the gradient is
+  the inverse gather instead (one op).
   """
 
   @tf.custom_gradient
@@ -66,7 +67,7 @@ def select(values, index, axis: int):
   return forward(values)
 
 
-def expand(values, index, width, axis: int = -1):
+def expand(values, index, width, axis: int):
   """`values` (holding channels `index` along `axis`) at full `width`.
 
   The channels not in `index` are zeros; the gradient is `select`.
@@ -82,6 +83,56 @@ def expand(values, index, width, axis: int = -1):
     return tf.gather(padded, _slots(index, width), axis=axis), grad
 
   return forward(values)
+
+
+# Kernels up to this size gather their output channels directly.
+_DIRECT_GATHER_ELEMENTS = 1 << 17
+
+
+def select_output_channels(kernel, index, full_size: int):
+  """`kernel[..., index]` of a (k, k, C_in, C_out) kernel of `full_size`
+  elements before any input channels were selected.
+
+  A gather along the last axis copies one float at a time (slow on CPU for
+  large kernels); with the last two axes swapped it copies rows of C_in
+  floats, for two transposes.
+  """
+  if full_size <= _DIRECT_GATHER_ELEMENTS:
+    return select(kernel, index, 3)
+  swapped = tf.transpose(kernel, [0, 1, 3, 2])
+  return tf.transpose(select(swapped, index, 2), [0, 1, 3, 2])
+
+
+def _one_hot(index, width):
+  """(width, len(index)): column i is 1 at channel index[i]."""
+  return tf.one_hot(index, width, axis=0, dtype=tf.float32)
+
+
+def select_last(values, index, width: int):
+  """`values[..., index]` as a product with a one-hot matrix (exact).
+
+  For activations, whose channel axis is last: a matrix product is one
+  vectorised pass, where a gather along the last axis copies one float at
+  a time; its gradient is the product with the transpose (`expand_last`).
+  """
+  flat = tf.reshape(values, [-1, width])
+  out = tf.matmul(flat, _one_hot(index, width))
+  return tf.reshape(out, _leading_shape(values) + [tf.size(index)])
+
+
+def expand_last(values, index, width: int):
+  """`values` holding channels `index` (last axis) at full `width`."""
+  flat = tf.reshape(values, [-1, tf.size(index)])
+  out = tf.matmul(flat, _one_hot(index, width), transpose_b=True)
+  return tf.reshape(out, _leading_shape(values) + [width])
+
+
+def _leading_shape(values) -> list:
+  """The shape of `values` but its last axis; -1 for its one unknown one."""
+  dims = values.shape[:-1].as_list()
+  if dims.count(None) > 1:
+    raise ValueError(f'at most one unknown leading dimension: {values.shape}')
+  return [-1 if d is None else d for d in dims]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +154,7 @@ class Channels:
     """The full-width activation (zeros in the channels not held)."""
     if self.index is None:
       return self.values
-    return expand(self.values, self.index, self.width)
+    return expand_last(self.values, self.index, self.width)
 
   def rows(self, kernel, axis):
     """`kernel` restricted to the held channels along `axis`."""
@@ -309,12 +360,13 @@ class _Step:
     pi, allowed = self.gates(layer, pooled)
     kept = tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), tf.float32), axis=0)
     index = bucketed(kept if allowed is None else allowed, self.bucket)
-    kernel = select(x.rows(layer.kernel, 2), index, 3)
+    kernel = select_output_channels(x.rows(layer.kernel, 2), index,
+                                    layer.kernel.shape.num_elements())
     c = tf.nn.conv2d(x.values, kernel, layer.strides, padding='SAME')
     self.count_conv(layer, x.count(), tf.size(index))
     self.count_gate(layer)
     self.record(layer, tf.cast(kept > 0, tf.float32), tf.size(index))
-    pi_c = select(pi, index, 1)
+    pi_c = select_last(pi, index, layer.filters)
     gamma, beta = tf.gather(layer.gamma, index), tf.gather(layer.beta, index)
     out = Channels(None, index, layer.filters)
     if not self.training:

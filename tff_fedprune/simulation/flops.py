@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 import tensorflow as tf
 
+from tff_fedprune import compact_training
 from tff_fedprune import gated_conv
 
 def _conv_flops(layer: gated_conv.GatedConv2D, cin, cout):
@@ -37,13 +38,7 @@ def layer_flops(layer: gated_conv.GatedConv2D) -> float:
 
 def dense_flops(model: tf.keras.Model) -> float:
   """FLOPs of one sample through every channel, without gate costs."""
-  total = 0.0
-  for layer in model.layers:
-    if isinstance(layer, gated_conv.GatedConv2D):
-      total += _conv_flops(layer, layer.input_shape[-1], layer.filters)
-    elif isinstance(layer, tf.keras.layers.Dense):
-      total += 2.0 * layer.input_shape[-1] * layer.units
-  return total
+  return compact_training.forward_flops(model, gates=False)
 
 
 def top_k_flops(model: tf.keras.Model, keep_ratio: float) -> float:

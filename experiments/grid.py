@@ -1,4 +1,4 @@
-"""Runs a comparison grid: algorithms x pruning on/off x seeds.
+"""Runs a comparison grid: algorithms x pruning on/off (or methods) x seeds.
 
   python -m experiments.grid --flagfile=experiments/configs/fmnist_grid.cfg \\
       --algorithms=fedavg,fedprox,fednova,scaffold --pruning=on,off \\
@@ -6,7 +6,9 @@
 
 The flagfile gives every other setting (the flags of experiments.cifar). Each
 cell is a run directory `<root_output_dir>/<experiment_name>/<algorithm>_
-<gated|dense>_seed<seed>/`. Finished cells are skipped and unfinished ones
+<gated|dense>_seed<seed>/`; with `--methods` (`METHODS`: the channel
+policies and dense baselines of a heterogeneous federation) in place of
+`--pruning`, `<algorithm>_<method>_seed<seed>/`. Finished cells are skipped and unfinished ones
 resume from their last checkpoint, so rerunning the same command after a
 crash or SIGKILL completes the grid with the results of an uninterrupted one.
 When every cell is done, `report.md` (the experiments.report table) and the
@@ -31,6 +33,19 @@ _PRUNING = flags.DEFINE_list(
     'pruning', ['on', 'off'],
     'on (gated, --dynamic_pruning) and/or off (dense).')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the grid.')
+# A heterogeneous federation's methods: the flags each sets.
+METHODS = {
+    'feddp': dict(dynamic_pruning=True, channel_policy='feddp'),
+    'heterofl': dict(dynamic_pruning=True, channel_policy='heterofl'),
+    'fjord': dict(dynamic_pruning=True, channel_policy='fjord'),
+    'dense': dict(dynamic_pruning=False, channel_policy='feddp'),
+    'dense_full_tier': dict(dynamic_pruning=False, channel_policy='feddp',
+                            tier_min_keep_ratio=1.0),
+}
+_METHODS = flags.DEFINE_list(
+    'methods', [], f'Methods of the grid in place of --pruning: {list(METHODS)}'
+    ' (dense: every client trains the full model; dense_full_tier: only the'
+    ' clients of tiers with keep ratio 1.0 take part).')
 
 
 def cells(base) -> list:
@@ -49,6 +64,13 @@ def cells(base) -> list:
       raise ValueError(f'--{name} is empty')
   if not set(_PRUNING.value) <= {'on', 'off'}:
     raise ValueError(f'--pruning takes on and/or off, got {_PRUNING.value}')
+  unknown = set(_METHODS.value) - set(METHODS)
+  if unknown:
+    raise ValueError(f'unknown --methods {sorted(unknown)}; choose from'
+                     f' {list(METHODS)}')
+  variants = ({m: METHODS[m] for m in _METHODS.value} if _METHODS.value else {
+      'gated' if p == 'on' else 'dense': dict(dynamic_pruning=p == 'on')
+      for p in _PRUNING.value})
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError as e:
@@ -57,16 +79,14 @@ def cells(base) -> list:
   configs = []
   for seed in seeds:
     for algorithm in _ALGORITHMS.value:
-      for pruning in _PRUNING.value:
-        gated = pruning == 'on'
+      for variant, overrides in variants.items():
         configs.append(dataclasses.replace(
             base,
             root_output_dir=grid_dir,
-            experiment_name=(
-                f'{algorithm}_{"gated" if gated else "dense"}_seed{seed}'),
+            experiment_name=f'{algorithm}_{variant}_seed{seed}',
             algorithm=algorithm,
-            dynamic_pruning=gated,
             seed=seed,
+            **overrides,
         ))
   config_lib.validate(base, keras_models.MODELS)
   for config in configs:

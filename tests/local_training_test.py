@@ -81,7 +81,10 @@ class LocalTrainingTest(parameterized.TestCase):
     np.testing.assert_array_equal(
         masks['block2/kernel:0'][1, 1], np.outer(out1, out2))
     self.assertTrue(np.all(masks['block2/gate_kernel:0'] == 1))
-    self.assertTrue(np.all(masks['logits/kernel:0'] == 1))
+    out3 = gated[2].kept_count.numpy() > 0
+    np.testing.assert_array_equal(  # The head's rows read block3's channels.
+        masks['logits/kernel:0'], np.broadcast_to(out3[:, None], (64, 10)))
+    self.assertTrue(np.all(masks['logits/bias:0'] == 1))
 
   def test_restricting_by_channel_vectors_equals_the_full_masks(self):
     model = keras_models.build_model(

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fedprune import client_work as client_work_lib
 from tff_fedprune import encoding
 from tff_fedprune import slots
 from tff_fedprune import uplink as uplink_lib
@@ -56,9 +57,16 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       sum_factory: Optional[
           tff.aggregators.UnweightedAggregationFactory] = None,
       clients_per_round: int = 0,
+      deadline_s: Optional[float] = None,
   ):
     """`clients_per_round` >= 1 with a `slot` in the client value: also
-    measures each slot's upload bytes (`CLIENT_UPLOAD_BYTES`)."""
+    measures each slot's upload bytes (`CLIENT_UPLOAD_BYTES`).
+
+    `deadline_s`: the simulated round deadline. A client whose value's
+    `client_work.DEVICE_TIME` with its encoded upload exceeds it is late:
+    its weight becomes 0 (the server stopped waiting; its bytes still
+    count as sent) and it counts in `clients_late`.
+    """
     if aggregation not in AGGREGATIONS:
       raise ValueError(
           f'unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}'
@@ -71,6 +79,10 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     self._bits = upload_bits
     self._sum_factory = sum_factory
     self._rows = int(clients_per_round)
+    if deadline_s is not None and sum_factory is not None:
+      raise ValueError('a round deadline needs the sparse upload, not a'
+                       ' sum_factory')
+    self._deadline_s = deadline_s
 
   def create(
       self,
@@ -92,9 +104,19 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
       seed = value['rounding_seed'] if self._bits < 32 else None
+      if self._deadline_s is None:
+        message, sizes = uplink.message(value['update'], value['mask'], seed,
+                                        weight)
+        return message, _with_slot(sizes, value)
       message, sizes = uplink.message(value['update'], value['mask'], seed,
                                       weight)
-      return message, _with_slot(sizes, value)
+      before_upload, per_byte = tf.unstack(value[client_work_lib.DEVICE_TIME])
+      late = before_upload + tf.cast(sizes['upload_bytes'],
+                                     tf.float64) * per_byte > self._deadline_s
+      message['weight'] = tf.where(late, tf.zeros_like(weight), weight)
+      sizes = _with_slot(sizes, value)
+      sizes['clients_late'] = tf.cast(late, tf.int32)
+      return message, sizes
 
     def zeros():
       return [tf.zeros(s.shape, s.dtype) for s in spec_list]
@@ -176,6 +198,8 @@ def _size_measurements(sizes, coordinates: int, rows: int):
       coordinates_per_client=tff.federated_value(np.int64(coordinates),
                                                  tff.SERVER),
   )
+  if 'clients_late' in tff.structure.name_list(sizes.type_signature.member):
+    measurements['clients_late'] = tff.federated_sum(sizes['clients_late'])
   if rows and 'slot' in tff.structure.name_list(sizes.type_signature.member):
     measurements[CLIENT_UPLOAD_BYTES] = slots.sum_into_slots(
         tff.federated_zip(collections.OrderedDict(

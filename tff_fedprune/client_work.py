@@ -52,6 +52,7 @@ def client_data(
     slot: Optional[int] = None,
     client_state=None,
     upload_seed=(0, 0),
+    device=None,
 ) -> collections.OrderedDict:
   """One client's input: its batches, keep ratio and (if any) its state.
 
@@ -60,7 +61,8 @@ def client_data(
   position in the round (0 .. clients_per_round - 1), by which the change of
   its state and its costs come back (`slots`; a client with state has one,
   0 by default). `upload_seed` (`rounding_seed(...)`) seeds the
-  stochastic rounding of a quantised upload.
+  stochastic rounding of a quantised upload. `device` (`DEVICE_FIELDS`)
+  describes the client's device for a round deadline.
   """
   data = collections.OrderedDict(
       batches=dataset,
@@ -73,11 +75,26 @@ def client_data(
     data['slot'] = tf.data.Dataset.from_tensors(np.int32(slot or 0))
   if client_state is not None:
     data['client_state'] = tf.data.Dataset.from_tensors(client_state)
+  if device is not None:
+    data['device'] = tf.data.Dataset.from_tensors(
+        np.asarray(device, np.float64))
   return data
 
 
-def client_data_type(element_spec, client_state_spec,
-                     with_slot: bool) -> tff.types.StructType:
+# A client's `device` value under a round deadline (`simulation.devices`).
+DEVICE_FIELDS = ('train_flops_per_s', 'link_bytes_per_s', 'download_bytes')
+# In its result: (seconds before its upload starts, seconds per upload byte).
+DEVICE_TIME = 'device_time'
+
+
+def _device_time(device, train_flops):
+  flops_per_s, bytes_per_s, download = tf.unstack(device)
+  before_upload = download / bytes_per_s + train_flops / flops_per_s
+  return tf.stack([before_upload, 1.0 / bytes_per_s])
+
+
+def client_data_type(element_spec, client_state_spec, with_slot: bool,
+                     with_device: bool = False) -> tff.types.StructType:
   fields = [
       ('batches', tff.SequenceType(tff.types.tensorflow_to_type(element_spec))),
       ('keep_ratio', tff.SequenceType(tff.TensorType(np.float32))),
@@ -90,6 +107,9 @@ def client_data_type(element_spec, client_state_spec,
         ('client_state', tff.SequenceType(
             tff.types.tensorflow_to_type(client_state_spec))),
     ]
+  if with_device:
+    fields.append(('device', tff.SequenceType(
+        tff.TensorType(np.float64, [len(DEVICE_FIELDS)]))))
   return tff.types.StructWithPythonType(fields, collections.OrderedDict)
 
 
@@ -110,6 +130,7 @@ def build_client_work(
     clients_per_round: int = 0,
     measure_local_accuracy: bool = False,
     compact_training: str = 'off',
+    with_device: bool = False,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Builds the client work.
 
@@ -129,6 +150,8 @@ def build_client_work(
       accuracy on its own batches; their unweighted mean over the clients
       with a finite update is the `local_train_accuracy` measurement.
     compact_training: `compact_training.MODES` (`local_training`).
+    with_device: client data has a `device` (`DEVICE_FIELDS`), and the
+      result its `DEVICE_TIME`, for an aggregator with a round deadline.
 
   Returns:
     A `ClientWorkProcess`. Its client data is `client_data(...)`; its result
@@ -148,7 +171,8 @@ def build_client_work(
         f'{algorithm.name} keeps per-client state: clients_per_round >= 1'
     )
   with_slot = clients_per_round >= 1
-  data_type = client_data_type(element_spec, client_spec, with_slot)
+  data_type = client_data_type(element_spec, client_spec, with_slot,
+                               with_device)
   server_type = tff.types.tensorflow_to_type(server_spec)
   table_spec = slots.table_spec(client_spec, clients_per_round)
   optimizer = tff.learning.optimizers.build_sgdm(
@@ -169,9 +193,9 @@ def build_client_work(
     client_state = _first(data['client_state'], client_spec) if (
         client_spec) else None
     correction = algorithm.gradient_correction(server_state, client_state)
-    args = [initial_weights, data['batches'], data['keep_ratio']]
-    local = train(*args, *([correction] if correction is not None else []))
     seed = _first(data['rounding_seed'], tf.TensorSpec([2], tf.int64))
+    args = [initial_weights, data['batches'], data['keep_ratio'], correction]
+    local = train(*args, width_seed=seed)
     output = algorithm.client_output(algorithm_lib.ClientRound(
         local=local,
         update=tf.nest.map_structure(tf.multiply, local.delta, local.mask),
@@ -180,8 +204,13 @@ def build_client_work(
     ))
     slot = _first(data['slot'], tf.TensorSpec([], tf.int32)) if (
         with_slot) else None
-    return _client_result(local, output, seed, slot, client_spec,
-                          measure_local_accuracy)
+    result, metrics = _client_result(local, output, seed, slot, client_spec,
+                                     measure_local_accuracy)
+    if with_device:
+      device = _first(data['device'], tf.TensorSpec(
+          [len(DEVICE_FIELDS)], tf.float64))
+      result.update[DEVICE_TIME] = _device_time(device, local.cost.train_flops)
+    return result, metrics
 
   initial_state = _initial_state(server_spec, client_spec, table_spec)
   summed_metrics = ('num_examples', 'non_finite_updates') + COST_METRICS + (

@@ -217,7 +217,7 @@ def forward_flops(model: tf.keras.Model, gates: bool) -> float:
       _, h, w, cin = layer.input_shape
       _, h, w, _ = layer.output_shape
       total += 2.0 * h * w * layer.kernel_size**2 * cin * layer.filters
-      if gates and layer.gated:
+      if gates and layer.learned_gate:
         total += 2.0 * cin * layer.filters
     elif isinstance(layer, tf.keras.layers.Dense):
       total += 2.0 * layer.input_shape[-1] * layer.units
@@ -329,6 +329,8 @@ class _Step:
     return Channels(tf.nn.relu(y) if layer.relu else y, None, layer.filters)
 
   def count_gate(self, layer):
+    if not layer.learned_gate:
+      return
     self.flops.append(tf.constant(2.0 * layer.kernel.shape[2] * layer.filters,
                                   tf.float64))
 
@@ -355,8 +357,9 @@ class _Step:
 
   def gated_conv(self, layer, x: Channels) -> Channels:
     """A gated conv over the channels some sample keeps (or the round's)."""
-    pooled = Channels(tf.reduce_mean(x.values, axis=[1, 2]), x.index,
-                      x.width).full()
+    pooled = (Channels(tf.reduce_mean(x.values, axis=[1, 2]), x.index,
+                       x.width).full() if layer.learned_gate
+              else tf.zeros([tf.shape(x.values)[0], 0]))  # Unread by a prefix.
     pi, allowed = self.gates(layer, pooled)
     kept = tf.reduce_sum(tf.cast(tf.not_equal(pi, 0.0), tf.float32), axis=0)
     index = bucketed(kept if allowed is None else allowed, self.bucket)

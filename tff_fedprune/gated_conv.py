@@ -60,7 +60,12 @@ def num_kept(keep_ratio, channels):
 GATE_INPUTS = ('sigmoid', 'identity')
 GATED_BNS = ('masked', 'full')
 GATE_SELECTIONS = ('saliency', 'centered', 'standardized')
-CHANNEL_POLICIES = ('top_k',)
+# How a gated layer picks its channels: FedDP's learned top-k, or the fixed
+# channel prefix of the sub-model methods HeteroFL and FjORD.
+CHANNEL_POLICIES = ('feddp', 'heterofl', 'fjord')
+# FjORD's ordered-dropout widths (a client draws among those up to its keep
+# ratio at every local step).
+FJORD_WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +73,15 @@ class GateSpec:
   """How the gated layers of a model choose and compute their channels.
 
   One value for the layer, the model builders, the driver and the exporter.
-  `policy` is how a layer's kept channels are chosen: 'top_k', the k
-  channels of each input's highest `selection` scores (learned gates); the
-  channel policies of sub-model methods (a fixed prefix of channels) are to
-  join it. `stem` is read by the builders: whether the first convolution is
-  gated too. The flag and `get_config` names of each field are `FLAG_NAMES`.
+  `policy` is how a layer's kept channels are chosen (`CHANNEL_POLICIES`):
+  'feddp', the k channels of each input's highest `selection` scores
+  (learned gates, scaled by their saliency); 'heterofl' and 'fjord', the
+  first k channels for every input (a sub-model: no gate parameters, no
+  scaling). They differ in training and evaluation, not in the layer: a
+  FjORD client draws its width per step (`local_training`), and both
+  evaluate with static batch norm (`simulation.evaluation`). `stem` is read
+  by the builders: whether the first convolution is gated too. The flag and
+  `get_config` names of each field are `FLAG_NAMES`.
   """
 
   keep_ratio: float = 1.0
@@ -81,12 +90,13 @@ class GateSpec:
   batch_stats: str = 'masked'  # GATED_BNS: training BN moments.
   balance: float = 0.0  # Weight of the load-balancing loss.
   stem: bool = True
-  policy: str = 'top_k'  # CHANNEL_POLICIES.
+  policy: str = 'feddp'  # CHANNEL_POLICIES.
 
   FLAG_NAMES = {
       'keep_ratio': 'keep_ratio', 'selection': 'gate_selection',
       'input': 'gate_input', 'batch_stats': 'gated_bn',
       'balance': 'gate_balance', 'stem': 'gate_stem',
+      'policy': 'channel_policy',
   }
 
   def __post_init__(self):
@@ -105,6 +115,16 @@ class GateSpec:
     require(self.balance >= 0, 'balance', '>= 0')
     require(self.policy in CHANNEL_POLICIES, 'policy',
             f'one of {CHANNEL_POLICIES}')
+    if self.prefix:
+      require(self.selection == 'saliency', 'selection',
+              f"'saliency' with channel_policy={self.policy}")
+      require(self.balance == 0, 'balance',
+              f'0 with channel_policy={self.policy}')
+
+  @property
+  def prefix(self) -> bool:
+    """Whether layers keep a fixed channel prefix (no learned gate)."""
+    return self.policy != 'feddp'
 
   @classmethod
   def from_flags(cls, **flags) -> 'GateSpec':
@@ -175,6 +195,11 @@ class GatedConv2D(tf.keras.layers.Layer):
   def gated(self) -> bool:
     return self.gate is not None
 
+  @property
+  def learned_gate(self) -> bool:
+    """Gated by a saliency predictor (FedDP), not a fixed prefix."""
+    return self.gated and not self.gate.prefix
+
   def fix_channels(self, channels) -> None:
     """Keeps `channels` (indices, or `ALL`) for every input instead of top-k.
 
@@ -205,13 +230,14 @@ class GatedConv2D(tf.keras.layers.Layer):
         'moving_variance', (cout,), initializer='ones', trainable=False
     )
     self.local_variables = []
-    if self.gated:
+    if self.learned_gate:
       self.gate_kernel = self.add_weight(
           'gate_kernel', (cin, cout), initializer='he_normal'
       )
       self.gate_bias = self.add_weight(
           'gate_bias', (cout,), initializer='ones'
       )
+    if self.gated:
       self.keep_ratio = self.add_weight(
           'keep_ratio', (), trainable=False,
           initializer=tf.keras.initializers.Constant(self.gate.keep_ratio),
@@ -242,26 +268,36 @@ class GatedConv2D(tf.keras.layers.Layer):
     return tf.sigmoid(pooled) if self.gate.input == 'sigmoid' else pooled
 
   def saliency(self, x):
-    """s (B, C_out) = ReLU(z @ W_g + b_g), z = subsample(GAP(x))."""
+    """s (B, C_out) = ReLU(z @ W_g + b_g), z = subsample(GAP(x)).
+
+    A prefix policy has no saliency: s = 1 for every channel.
+    """
+    if not self.learned_gate:
+      return tf.ones([tf.shape(x)[0], self.filters])
     return self.saliency_of_pooled(tf.reduce_mean(x, axis=[1, 2]))
 
   def saliency_of_pooled(self, pooled):
     """s of an input whose global average pool is `pooled` (B, C_in)."""
+    if not self.learned_gate:
+      return tf.ones([tf.shape(pooled)[0], self.filters])
     z = self.subsample(pooled)
     return tf.nn.relu(tf.matmul(z, self.gate_kernel) + self.gate_bias)
 
   def top_k(self, s):
     """The 0/1 mask of the k = max(1, round(rho * C_out)) largest scores.
 
-    With `fixed_channels`, the mask of that set for every input.
+    With `fixed_channels`, the mask of that set for every input; with a
+    prefix policy, the first k channels.
     """
     if self.fixed_channels is not None:
       mask = np.zeros(self.filters, np.float32)
       mask[slice(None) if isinstance(self.fixed_channels, str)
            else self.fixed_channels] = 1.0
       return tf.ones_like(s) * mask
-    return gate_ops.top_k_mask(tf.stop_gradient(s), num_kept(self.keep_ratio,
-                                                    self.filters))
+    k = num_kept(self.keep_ratio, self.filters)
+    if self.gate.prefix:
+      return tf.ones_like(s) * tf.cast(tf.range(self.filters) < k, tf.float32)
+    return gate_ops.top_k_mask(tf.stop_gradient(s), k)
 
   def selection_scores(self, s, training=False):
     """What `top_k` ranks (`gate_selection`).

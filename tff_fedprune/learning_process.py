@@ -77,6 +77,7 @@ def build_learning_process(
     compact_training: str = 'off',
     num_clients: int = 0,
     clients_per_round: int = 0,
+    round_deadline_s: Optional[float] = None,
     server_optimizer: str = 'sgd',
     server_learning_rate: float = 1.0,
     initial_weights: Optional[tff.learning.models.ModelWeights] = None,
@@ -108,6 +109,9 @@ def build_learning_process(
     clients_per_round: most clients per round: the rows of the per-slot
       tables (SCAFFOLD's returned control-variate changes, each client's
       costs and upload bytes; `slots`). With it, client data has a slot.
+    round_deadline_s: simulated seconds a round waits; with it, client data
+      has a `device` (`client_work.DEVICE_FIELDS`) and the aggregate leaves
+      out late clients (`aggregation.MaskedMeanFactory`).
     server_optimizer: one of `SERVER_OPTIMIZERS`.
     server_learning_rate: the server optimizer's learning rate.
     initial_weights: the starting global model (numpy `ModelWeights`); by
@@ -150,10 +154,12 @@ def build_learning_process(
       clients_per_round=clients_per_round,
       measure_local_accuracy=measure_local_accuracy,
       compact_training=compact_training,
+      with_device=round_deadline_s is not None,
   )
   aggregator = hooks.aggregator(
       aggregation_lib.MaskedMeanFactory(
-          aggregation, upload_bits, clients_per_round=clients_per_round)
+          aggregation, upload_bits, clients_per_round=clients_per_round,
+          deadline_s=round_deadline_s)
   ).create(
       client_work.next.type_signature.result.result.member.update,
       tff.TensorType(np.float32),

@@ -79,10 +79,15 @@ def build_local_training(
     return structure.touched(tuple(terms))
 
   @tf.function
-  def train(initial_weights, batches, keep_ratio, correction=None):
-    """`correction` (trainable-shaped) is added to every kept gradient."""
+  def train(initial_weights, batches, keep_ratio, correction=None,
+            width_seed=None):
+    """`correction` (trainable-shaped) is added to every kept gradient.
+
+    `width_seed` (int64 [2]) seeds a FjORD client's per-step widths.
+    """
     tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial_weights)
-    model_state.set_keep_ratio(model, keep_ratio.reduce(1.0, lambda _, r: r))
+    capacity = keep_ratio.reduce(1.0, lambda _, r: r)
+    model_state.set_keep_ratio(model, capacity)
     model_state.reset_channel_counts(model)
     opt_state = optimizer.initialize(
         tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
@@ -92,6 +97,7 @@ def build_local_training(
     steps = tf.constant(0, tf.int64)
     round_sets, cost = forward.start_round(batches)
     for images, labels in batches:
+      forward.draw_width(capacity, width_seed, steps)
       with tf.GradientTape() as tape:
         logits, losses, cost = forward(images, round_sets, cost)
         loss = loss_fn(labels, logits)
@@ -125,8 +131,8 @@ def build_local_training(
       return outputs
     return outputs + (_accuracy(model, batches, num_examples),)
 
-  def train_client(*args) -> algorithm.LocalResult:
-    outputs = train(*args)
+  def train_client(*args, **kwargs) -> algorithm.LocalResult:
+    outputs = train(*args, **kwargs)
     cost = compact_training_lib.TrainingCost(*outputs[5])
     return algorithm.LocalResult(*outputs[:5], *outputs[6:], cost=cost)
 
@@ -147,8 +153,26 @@ class _Forward:
         model, gates=True)
     self.dense_flops = per_forward * compact_training_lib.forward_flops(
         model, gates=False)
-    self.widths = tf.constant(
-        [l.filters for l in gated_conv.gated_layers(model)], tf.float64)
+    gated = gated_conv.gated_layers(model)
+    self.widths = tf.constant([l.filters for l in gated], tf.float64)
+    self.ordered_dropout = bool(gated) and gated[0].gate.policy == 'fjord'
+
+  def draw_width(self, capacity, seed, step):
+    """FjORD's ordered dropout: this step's keep ratio, drawn uniformly
+    among `gated_conv.FJORD_WIDTHS` up to the client's capacity (the
+    capacity itself if it is below them all)."""
+    if not self.ordered_dropout:
+      return
+    if seed is None:
+      raise ValueError('FjORD local training needs a width_seed')
+    widths = tf.constant(gated_conv.FJORD_WIDTHS, tf.float32)
+    allowed = widths <= capacity + 1e-6
+    logits = tf.where(allowed, 0.0, -1e9)[tf.newaxis]
+    step_seed = tf.random.experimental.stateless_fold_in(seed, step)
+    drawn = tf.random.stateless_categorical(logits, 1, step_seed)[0, 0]
+    width = tf.where(tf.reduce_any(allowed), tf.gather(widths, drawn),
+                     capacity)
+    model_state.set_keep_ratio(self.model, width)
 
   def start_round(self, batches):
     """(round sets or None, the initial cost: a round pre-pass's FLOPs)."""

@@ -5,7 +5,10 @@ docs/design.md, section 2.
 Each global weight is owned by the channels that gate it: a gated layer's
 kernel entry (.., i, j) by input channel i (when a gated layer feeds it) and
 output channel j; its BN scale, shift and moving statistics by output channel
-j; gate parameters, the classifier head and anything ungated by nobody (always
+j; a dense layer's kernel row i by input channel i when a gated layer feeds
+it channel for channel (a classifier after global pooling: the columns a
+client's data never reached are not its to send, as in HeteroFL's
+sub-models); gate parameters, biases and anything ungated by nobody (always
 kept). `ChannelStructure.masks` turns one 0/1 vector per gated layer into a
 `ModelWeights` of masks shaped like the global weights.
 """
@@ -36,6 +39,11 @@ class ChannelStructure:
       owners[layer.kernel.ref()] = (in_index, position[id(layer)])
       for name in _PER_OUTPUT_CHANNEL:
         owners[getattr(layer, name).ref()] = (None, position[id(layer)])
+    for layer in model.layers:
+      if isinstance(layer, tf.keras.layers.Dense):
+        feeder = gated_conv.feeding_gate(layer)
+        if feeder is not None:
+          owners[layer.kernel.ref()] = (position[id(feeder)], None)
     weights = model_state.global_weights(model)
     self._owners = tf.nest.map_structure(
         lambda v: owners.get(v.ref()), weights
@@ -50,6 +58,8 @@ class ChannelStructure:
       if owner is None:
         return tf.ones(shape, tf.float32)
       in_index, out_index = owner
+      if out_index is None:
+        return tf.broadcast_to(channel_masks[in_index][:, tf.newaxis], shape)
       out = channel_masks[out_index]
       if len(shape) == 1:
         return out
@@ -78,7 +88,8 @@ class ChannelStructure:
       if owner is None:
         return value
       in_index, out_index = owner
-      value = value * channel_masks[out_index]
+      if out_index is not None:
+        value = value * channel_masks[out_index]
       if in_index is not None and len(value.shape) > 1:
         value = value * channel_masks[in_index][:, tf.newaxis]
       return value

@@ -94,6 +94,13 @@ class FederatedData:
     idx = np.sort(np.concatenate(self.client_train))
     return self._eval_dataset(self.source.train, idx, batch_size)
 
+  def calibration_images(self, count: int, seed: int) -> np.ndarray:
+    """`count` pooled training images (seeded, preprocessed): static BN."""
+    idx = np.concatenate(self.client_train)
+    rng = np.random.default_rng([seed, 0xB2])
+    chosen = np.sort(rng.choice(idx, min(count, len(idx)), replace=False))
+    return self._normalise(self.source.train.images[chosen]).numpy()
+
   def client_test_dataset(
       self, client_id: int, batch_size: int = 256
   ) -> tf.data.Dataset:

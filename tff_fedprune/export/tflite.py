@@ -72,7 +72,7 @@ class _FoldedConv:
     self.bias = (layer.beta.numpy() - layer.moving_mean.numpy() * scale).astype(
         np.float32
     )
-    if layer.gated:
+    if layer.learned_gate:
       gate_kernel = layer.gate_kernel.numpy()
       self.gate_kernel = gate_kernel
       self.gate_bias = layer.gate_bias.numpy()
@@ -118,13 +118,15 @@ class _FoldedConv:
             if kept is channel_maps.ALL_CHANNELS else kept)
     if isinstance(x, compact.Compact) and not x.fixed:
       x = x.full()
-    saliency = tf.nn.relu(self.gate_logits(x, kept))
     rows, inputs = ((x.indices, x.values) if isinstance(x, compact.Compact)
                     else (slice(None), x))
     kernel = np.ascontiguousarray(self.kernel[:, :, rows][..., kept])
-    y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME')
-    y = self.activate(
-        (y + self.bias[kept]) * tf.reshape(saliency, [-1, 1, 1, len(kept)]))
+    y = tf.nn.conv2d(inputs, kernel, self.layer.strides, 'SAME') + self.bias[
+        kept]
+    if self.layer.learned_gate:
+      saliency = tf.nn.relu(self.gate_logits(x, kept))
+      y = y * tf.reshape(saliency, [-1, 1, 1, len(kept)])
+    y = self.activate(y)
     if len(kept) == self.layer.filters:
       return y
     return compact.Compact(y, kept, self.layer.filters)
@@ -180,7 +182,11 @@ def _plan(model, keep_ratio, dense, channels) -> _Plan:
       folded[layer.name] = _FoldedConv(layer)
       if layer.gated and not dense and layer.name not in fixed:
         rho = keep_ratio if keep_ratio is not None else layer.keep_ratio
-        top_k[layer.name] = int(gated_conv.num_kept(rho, layer.filters))
+        k = int(gated_conv.num_kept(rho, layer.filters))
+        if layer.gate.prefix:  # A sub-model: its channel prefix, static.
+          fixed[layer.name] = np.arange(k)
+        else:
+          top_k[layer.name] = k
   weights = {l.name: l.get_weights() for l in model.layers
              if isinstance(l, tf.keras.layers.Dense)}
   return _Plan(folded, top_k, fixed, weights)

@@ -15,6 +15,8 @@ import math
 import os
 from typing import Optional
 
+import numpy as np
+
 from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import compact_training as compact_training_lib
 from tff_fedprune import data as data_lib
@@ -23,6 +25,7 @@ from tff_fedprune import error_feedback
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune.runtime import worker_process
+from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import fields
 
 # Fields that may change between a run and its resumption.
@@ -156,9 +159,18 @@ class ModelSection:
       True, "Gate the first convolution too (--nogate_stem: leave it dense,"
       " as the authors' ResNet does)."
   )
+  channel_policy: str = fields.field(
+      'feddp', 'How gated layers choose their channels: learned per-input'
+      ' gates (feddp), or a fixed channel prefix per device, the sub-model'
+      ' of HeteroFL (its width the client\'s keep ratio, static batch norm)'
+      ' or FjORD (ordered dropout: a width drawn every local step among'
+      f' {gated_conv.FJORD_WIDTHS} up to the keep ratio, static batch norm).',
+      gated_conv.CHANNEL_POLICIES,
+  )
   keep_ratio: float = fields.field(
       0.7, 'Share of output channels each gated layer keeps, in training'
-      ' (unless --client_keep_ratios is set) and by default in evaluation.',
+      ' (unless --client_keep_ratios or --device_tiers is set) and by default'
+      ' in evaluation.',
       constraint=fields.Range(0, 1, low_open=True, label='keep ratio'),
   )
   client_keep_ratios: str = fields.field(
@@ -188,7 +200,7 @@ class ModelSection:
         keep_ratio=self.keep_ratio if keep_ratio is None else keep_ratio,
         gate_input=self.gate_input, gated_bn=self.gated_bn,
         gate_selection=self.gate_selection, gate_balance=self.gate_balance,
-        gate_stem=self.gate_stem,
+        gate_stem=self.gate_stem, channel_policy=self.channel_policy,
     )
 
   @property
@@ -197,6 +209,39 @@ class ModelSection:
     if self.eval_keep_ratio is None:
       return self.keep_ratio
     return self.eval_keep_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSection:
+  """The devices of a heterogeneous federation (`devices`)."""
+
+  device_tiers: str = fields.field(
+      '', 'Device tiers keep_ratio:speed:Mbps,... (e.g.'
+      ' 0.5:1:1,0.7:2:5,1.0:4:10): each tier trains at its keep ratio'
+      ' (replacing --keep_ratio in training), computes at speed x'
+      ' --reference_flops_per_s and transfers at Mbps (10^6 bit/s) each way;'
+      ' the global model is evaluated at every tier\'s keep ratio.'
+  )
+  tier_shares: str = fields.field(
+      '', 'Share of the clients in each of --device_tiers (comma-separated,'
+      ' summing to 1; default equal), assigned by --seed.'
+  )
+  reference_flops_per_s: float = fields.field(
+      1e10, 'Training FLOP/s of a speed-1 device in the simulated round time.',
+      constraint=fields.Range(0, low_open=True),
+  )
+  tier_min_keep_ratio: float = fields.field(
+      0.0, 'Only clients of device tiers with at least this keep ratio take'
+      ' part (1.0 with a dense model: a federation of the devices that can'
+      ' train it); each round samples min(--clients_per_round, their number).',
+      constraint=fields.Range(0, 1),
+  )
+  round_deadline_s: Optional[float] = fields.field(
+      None, 'Simulated seconds a round waits: a client whose download,'
+      ' training and upload take longer is dropped from the aggregate'
+      ' (clients_late). Default: none.',
+      constraint=fields.Range(0, low_open=True),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,12 +357,37 @@ class WorkerSection:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig(WorkerSection, UploadSection, AlgorithmSection,
-                       ModelSection, DataSection, RunSection):
+                       DeviceSection, ModelSection, DataSection, RunSection):
   """Everything that defines a run (docs/design.md, section 5).
 
   Composed of its sections, whose fields it holds flat: flags, flagfiles
   and config.json name them as they always have.
   """
+
+  def tiers(self) -> list[devices.DeviceTier]:
+    """--device_tiers (raises `ConfigError` if malformed)."""
+    try:
+      return devices.parse_tiers(self.device_tiers)
+    except devices.TierSpecError as e:
+      raise ConfigError(str(e)) from e
+
+  def client_tiers(self) -> Optional[np.ndarray]:
+    """Each client's index in `tiers()`, or None without tiers."""
+    tiers = self.tiers()
+    if not tiers:
+      return None
+    try:
+      shares = devices.parse_shares(self.tier_shares, len(tiers))
+    except devices.TierSpecError as e:
+      raise ConfigError(str(e)) from e
+    return devices.assign_tiers(self.num_clients, shares, self.seed)
+
+  def keep_ratio_of(self, client_id: int) -> float:
+    """Client `client_id`'s keep ratio in training: its tier's, if any."""
+    tiers = self.client_tiers()
+    if tiers is None:
+      return super().keep_ratio_of(client_id)
+    return self.tiers()[tiers[client_id]].keep_ratio
 
 
 def with_defaults(saved: dict) -> dict:
@@ -388,6 +458,7 @@ def _rules(config: ExperimentConfig):
   for ratio in parse_ratios(config.client_keep_ratios):
     yield (keep_ratio.allows(ratio),
            f'keep ratio must be {keep_ratio.describe()}, got {ratio}')
+  yield from _device_rules(config)
   yield (
       config.clients_per_round <= config.num_clients,
       f'--clients_per_round={config.clients_per_round} exceeds'
@@ -406,6 +477,47 @@ def _rules(config: ExperimentConfig):
         not os.path.exists(path) or os.path.isdir(path),
         f'output path {path} exists and is not a directory',
     )
+
+
+def _device_rules(config: ExperimentConfig):
+  tiers = config.client_tiers()  # Raises ConfigError when malformed.
+  yield (
+      tiers is None or not config.client_keep_ratios,
+      '--device_tiers replaces --client_keep_ratios (give a tier per keep'
+      ' ratio, e.g. --device_tiers=0.5:1:1,1.0:1:1); set one of them',
+  )
+  yield (
+      not config.tier_shares or tiers is not None,
+      '--tier_shares needs --device_tiers',
+  )
+  yield (
+      (tiers is not None or not config.tier_min_keep_ratio)
+      and (tiers is None or any(
+          config.keep_ratio_of(c) >= config.tier_min_keep_ratio
+          for c in range(config.num_clients))),
+      f'--tier_min_keep_ratio={config.tier_min_keep_ratio} leaves no client'
+      ' (it needs --device_tiers with a tier at least that wide)',
+  )
+  yield (
+      config.round_deadline_s is None or tiers is not None,
+      '--round_deadline_s needs --device_tiers',
+  )
+  yield (
+      config.channel_policy == 'feddp' or config.dynamic_pruning,
+      f'--channel_policy={config.channel_policy} needs --dynamic_pruning',
+  )
+  yield (
+      config.channel_policy == 'feddp' or (
+          config.gate_selection == 'saliency' and not config.gate_balance),
+      f'--channel_policy={config.channel_policy} keeps a fixed prefix:'
+      ' --gate_selection=saliency and --gate_balance=0 only',
+  )
+  yield (
+      config.round_deadline_s is None or config.algorithm in (
+          'fedavg', 'fedprox'),
+      '--round_deadline_s serves fedavg and fedprox (FedNova and SCAFFOLD'
+      ' weigh clients by their own rule)',
+  )
 
 
 def _worker_rules(config: ExperimentConfig):

@@ -9,12 +9,14 @@ state is not here: `stateful_process.ClientStateProcess` keeps it.
 """
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from tff_fedprune import client_work
 from tff_fedprune import data as data_lib
+from tff_fedprune.simulation import devices
 from tff_fedprune.simulation.config import ExperimentConfig
 
 
@@ -34,6 +36,7 @@ class ClientInput:
   batches: tf.data.Dataset
   keep_ratio: float
   rounding_seed: np.ndarray
+  device: Optional[np.ndarray] = None  # `client_work.DEVICE_FIELDS`.
 
 
 def load_data(config: ExperimentConfig) -> data_lib.FederatedData:
@@ -53,10 +56,17 @@ def sample_clients(config: ExperimentConfig, round_num: int) -> RoundClients:
   """The round's clients: seeded, identical on resume.
 
   `client_failure_rate` of the sampled clients (rounded, at least one
-  client left) drop out, as devices lost mid-round.
+  client left) drop out, as devices lost mid-round. With
+  `tier_min_keep_ratio` only clients of tiers that wide are sampled.
   """
   rng = np.random.default_rng([config.seed, round_num])
-  chosen = rng.choice(config.num_clients, config.clients_per_round, False)
+  if config.tier_min_keep_ratio:
+    eligible = [c for c in range(config.num_clients)
+                if config.keep_ratio_of(c) >= config.tier_min_keep_ratio]
+    chosen = rng.choice(eligible, min(config.clients_per_round, len(eligible)),
+                        False)
+  else:
+    chosen = rng.choice(config.num_clients, config.clients_per_round, False)
   num_dropped = min(
       int(round(config.client_failure_rate * len(chosen))), len(chosen) - 1
   )
@@ -69,9 +79,13 @@ class ClientDataSource:
   """Samples a configuration's clients and serves their round inputs."""
 
   def __init__(self, config: ExperimentConfig,
-               fed_data: data_lib.FederatedData):
+               fed_data: data_lib.FederatedData,
+               federation: Optional[devices.Federation] = None):
+    """`federation`: the devices, whose description a client brings when
+    the round has a deadline."""
     self.config = config
     self.fed_data = fed_data
+    self.federation = federation
 
   @property
   def element_spec(self):
@@ -92,6 +106,9 @@ class ClientDataSource:
             ),
             keep_ratio=config.keep_ratio_of(c),
             rounding_seed=client_work.rounding_seed(config.seed, round_num, c),
+            device=self.federation.device_vector(c) if (
+                self.federation and config.round_deadline_s is not None)
+            else None,
         )
         for c in client_ids
     ]

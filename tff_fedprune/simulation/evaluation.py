@@ -29,11 +29,52 @@ class Evaluation:
   gates: flops.GateMeasurements
 
 
-class Evaluator:
-  """Evaluates weights assigned into a Keras model on a labelled dataset."""
+def calibrate_batch_norm(model: tf.keras.Model, images) -> None:
+  """Static batch norm (HeteroFL): moving statistics from `images`.
 
-  def __init__(self, model: tf.keras.Model):
+  One training-mode pass over `images` at the model's keep ratio with
+  momentum 0, so each computed channel's moving mean and variance become
+  exactly those of its activations on `images` (channels the keep ratio
+  leaves out are untouched). Client-local counters move too; they are not
+  model weights.
+  """
+  layers = [l for l in _conv_layers(model)]
+  momenta = [l.momentum for l in layers]
+  try:
+    for layer in layers:
+      layer.momentum = 0.0
+    model(tf.convert_to_tensor(images), training=True)
+  finally:
+    for layer, momentum in zip(layers, momenta):
+      layer.momentum = momentum
+
+
+def _conv_layers(model):
+  found = []
+
+  def visit(layer):
+    if isinstance(layer, gated_conv.GatedConv2D):
+      found.append(layer)
+    for sub in getattr(layer, 'layers', []):
+      visit(sub)
+
+  visit(model)
+  return found
+
+
+class Evaluator:
+  """Evaluates weights assigned into a Keras model on a labelled dataset.
+
+  At the model's own keep ratio unless told another; with
+  `calibration_images` (static batch norm) the moving statistics are
+  recomputed on them after the weights are assigned, at that keep ratio.
+  """
+
+  def __init__(self, model: tf.keras.Model, calibration_images=None):
     self._model = model
+    self._calibration = calibration_images
+    gated = gated_conv.gated_layers(model)
+    self._keep_ratio = float(gated[0].keep_ratio.numpy()) if gated else None
     self._dense_flops = flops.dense_flops(model)
     loss = tf.keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=tf.keras.losses.Reduction.NONE
@@ -53,9 +94,18 @@ class Evaluator:
 
     self._batch_stats = batch_stats
 
-  def __call__(self, weights, dataset) -> Evaluation:
-    """Accuracy, mean loss, correctness and gate measurements of `weights`."""
+  def prepare(self, weights, keep_ratio=None) -> tf.keras.Model:
+    """The model holding `weights` at `keep_ratio` (BN calibrated if static)."""
     model_state.assign_weights(self._model, weights)
+    if self._keep_ratio is not None:
+      model_state.set_keep_ratio(self._model, keep_ratio or self._keep_ratio)
+    if self._calibration is not None:
+      calibrate_batch_norm(self._model, self._calibration)
+    return self._model
+
+  def __call__(self, weights, dataset, keep_ratio=None) -> Evaluation:
+    """Accuracy, mean loss, correctness and gate measurements of `weights`."""
+    self.prepare(weights, keep_ratio)
     counter = flops.GateCounter(self._model)
     total_loss = 0.0
     correct = []
@@ -112,6 +162,16 @@ class GlobalModelMetrics:
   flops_ratio: float = math.nan
   gate_jaccard: float = math.nan
   channels_ever_kept: float = math.nan
+  # Device tier label -> test accuracy at its keep ratio (`tier_column`).
+  tier_test_accuracy: dict = dataclasses.field(default_factory=dict)
+
+
+TIER_ACCURACY_PREFIX = 'test_accuracy_tier_'
+
+
+def tier_column(label: str) -> str:
+  """The metrics.csv column of a tier's accuracy: test_accuracy_tier_0.5."""
+  return TIER_ACCURACY_PREFIX + label
 
 
 def _mean_or_nan(values) -> float:
@@ -127,9 +187,12 @@ class RoundEvaluation:
   """
 
   def __init__(self, model: tf.keras.Model, fed_data, *, eval_every: int,
-               total_rounds: int, measure_train_accuracy: bool = False):
+               total_rounds: int, measure_train_accuracy: bool = False,
+               tiers=(), calibration_images=None):
+    """`tiers`: (label, keep ratio) of each device tier, also evaluated."""
     self.model = model
-    self.evaluate = Evaluator(model)
+    self.evaluate = Evaluator(model, calibration_images)
+    self._tiers = tuple(tiers)
     self._fed_data = fed_data
     self._eval_every = eval_every
     self._total_rounds = total_rounds
@@ -145,7 +208,11 @@ class RoundEvaluation:
   def __call__(self, weights, round_num: int):
     """(metrics, test-set `Evaluation` or None) of round `round_num`."""
     if not self.due(round_num):
-      return GlobalModelMetrics(), None
+      return GlobalModelMetrics(tier_test_accuracy={
+          label: math.nan for label, _ in self._tiers}), None
+    tiers = {label: self.evaluate(weights, self._fed_data.test_dataset(),
+                                  keep).accuracy
+             for label, keep in self._tiers}
     result = self.test(weights)
     personal_mean, personal_worst = personalised_accuracy(
         result.correct, self._fed_data.client_test
@@ -163,4 +230,5 @@ class RoundEvaluation:
         flops_ratio=self.evaluate.flops_ratio(result),
         gate_jaccard=_mean_or_nan(result.gates.jaccard),
         channels_ever_kept=_mean_or_nan(result.gates.ever_kept),
+        tier_test_accuracy=tiers,
     ), result

@@ -27,6 +27,8 @@ def _conv_flops(layer: gated_conv.GatedConv2D, cin, cout):
 
 
 def _gate_flops(layer: gated_conv.GatedConv2D):
+  if not layer.learned_gate:
+    return 0.0
   _, h, w, cin = layer.input_shape
   return float(h * w * cin + 2 * cin * layer.filters)
 

@@ -30,8 +30,10 @@ from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune import model_state
 from tff_fedprune import runtime
+from tff_fedprune import salience
 from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import data_source as data_source_lib
+from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import evaluation
 from tff_fedprune.simulation import program
 from tff_fedprune.simulation import reporting
@@ -121,6 +123,7 @@ def build_process(config: ExperimentConfig, build_model: ModelBuilder,
       measure_local_accuracy=config.measure_overfitting,
       compact_training=config.compact_training,
       clients_per_round=config.clients_per_round,
+      round_deadline_s=config.round_deadline_s,
       server_optimizer=config.server_optimizer,
       server_learning_rate=config.server_learning_rate,
   )
@@ -203,6 +206,42 @@ class ProgramParts:
   data_source: data_source_lib.ClientDataSource
   evaluation: evaluation.RoundEvaluation
   traffic: program.Traffic
+  federation: Optional[devices.Federation]  # None without --device_tiers.
+
+
+# Pooled training images whose statistics are a static batch norm's.
+CALIBRATION_IMAGES = 2048
+
+
+def static_batch_norm(config: ExperimentConfig) -> bool:
+  """Whether the model is evaluated with static batch norm (sub-models)."""
+  return config.dynamic_pruning and config.channel_policy != 'feddp'
+
+
+def sub_model_bytes(model: tf.keras.Model, keep_ratio: float) -> int:
+  """Bytes of the weights a prefix policy's device of `keep_ratio` holds."""
+  prefixes = [
+      tf.cast(tf.range(l.filters) < gated_conv.num_kept(keep_ratio, l.filters),
+              tf.float32) for l in gated_conv.gated_layers(model)]
+  masks = salience.ChannelStructure(model).masks(prefixes)
+  return 4 * int(sum(float(tf.reduce_sum(m)) for m in tf.nest.flatten(masks)))
+
+
+def build_federation(config: ExperimentConfig, model: tf.keras.Model,
+                     traffic: program.Traffic) -> Optional[devices.Federation]:
+  """The run's devices (None without --device_tiers)."""
+  client_tiers = config.client_tiers()
+  if client_tiers is None:
+    return None
+  tiers = tuple(config.tiers())
+  prefix = static_batch_norm(config)
+  return devices.Federation(
+      tiers=tiers, client_tiers=client_tiers,
+      download_bytes=tuple(
+          sub_model_bytes(model, t.keep_ratio) + traffic.state_bytes
+          if prefix else traffic.per_client for t in tiers),
+      reference_flops_per_s=config.reference_flops_per_s,
+  )
 
 
 def build_parts(config: ExperimentConfig, build_model: ModelBuilder,
@@ -221,15 +260,23 @@ def build_parts(config: ExperimentConfig, build_model: ModelBuilder,
                       for s in tf.nest.flatten(state_spec))
       if built.algorithm.state_travels else 0,
   )
+  federation = build_federation(config, eval_model, traffic)
+  calibration = (fed_data.calibration_images(CALIBRATION_IMAGES, config.seed)
+                 if static_batch_norm(config) else None)
   return ProgramParts(
       process=stateful_process.ClientStateProcess(built.process, state_spec),
-      data_source=data_source_lib.ClientDataSource(config, fed_data),
+      data_source=data_source_lib.ClientDataSource(config, fed_data,
+                                                   federation),
       evaluation=evaluation.RoundEvaluation(
           eval_model, fed_data, eval_every=config.eval_every,
           total_rounds=config.total_rounds,
           measure_train_accuracy=config.measure_overfitting,
+          tiers=[(t.label, t.keep_ratio) for t in federation.tiers]
+          if federation and config.dynamic_pruning else (),
+          calibration_images=calibration,
       ),
       traffic=traffic,
+      federation=federation,
   )
 
 
@@ -273,21 +320,28 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
       progress=progress,
       gated_layers=tuple((l.name, l.filters) for l in gated_conv.gated_layers(
           parts.evaluation.model)),
+      federation=parts.federation,
+      round_deadline_s=config.round_deadline_s,
   )
   weights = result.weights
-  eval_model = parts.evaluation.model
-  _save_model(run_dir, eval_model, weights, fed_data)
+  eval_model = parts.evaluation.evaluate.prepare(weights)
+  _save_model(run_dir, eval_model, fed_data)
   finished_run = reporting.load_run(
       run_dir, config=config_lib.with_defaults(dataclasses.asdict(config)))
   reporting.plot_runs([finished_run], os.path.join(run_dir, 'plots'))
   summary = _summary(config, fed_data, result.history)
   summary.update(_cost_summary(run_dir))
+  if parts.federation is not None:
+    summary['device_tiers'] = _tier_summary(parts.federation)
   if config.target_accuracy is not None:
     reached = finished_run.upload_to_target(config.target_accuracy)
     summary['upload_to_target'] = {
         'target_accuracy': config.target_accuracy,
         'round': reached[0] if reached else None,
         'upload_bytes': reached[1] if reached else None,
+        'simulated_seconds': next(
+            (h.get('simulated_seconds') for h in result.history
+             if reached and h['round'] == reached[0]), None),
     }
   final = result.last_evaluation  # The last round always evaluates.
   if final is None:  # Resumed with every round done.
@@ -302,10 +356,9 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
   return summary
 
 
-def _save_model(run_dir, eval_model, weights, fed_data) -> None:
-  """The global model and its preprocessing under RUN_DIR/model."""
+def _save_model(run_dir, eval_model, fed_data) -> None:
+  """The global model (as evaluated) and its preprocessing, RUN_DIR/model."""
   model_dir = os.path.join(run_dir, 'model')
-  model_state.assign_weights(eval_model, weights)
   os.makedirs(model_dir, exist_ok=True)
   run_directory.save_keras_model(
       eval_model, os.path.join(model_dir, 'model.keras')
@@ -319,6 +372,15 @@ def _save_model(run_dir, eval_model, weights, fed_data) -> None:
           'std': fed_data.std,
       },
   )
+
+
+def _tier_summary(federation: devices.Federation) -> list:
+  """Each tier, its clients and what its device downloads."""
+  return [dict(dataclasses.asdict(tier),
+               clients=[int(c) for c in np.flatnonzero(
+                   federation.client_tiers == i)],
+               download_bytes=federation.download_bytes[i])
+          for i, tier in enumerate(federation.tiers)]
 
 
 def _cost_summary(run_dir) -> dict:
@@ -354,6 +416,7 @@ def _summary(config, fed_data, history) -> dict:
       'total_dense_upload_bytes': sum(h['dense_upload_bytes'] for h in history),
       'total_download_bytes': sum(h['download_bytes'] for h in history),
       'total_round_seconds': sum(h['round_seconds'] for h in history),
+      'simulated_seconds': final.get('simulated_seconds'),
       'total_non_finite_updates': sum(
           h.get('non_finite_updates', 0) for h in history
       ),

@@ -31,6 +31,7 @@ from tff_fedprune import aggregation
 from tff_fedprune import client_work
 from tff_fedprune import runtime
 from tff_fedprune.simulation import data_source as data_source_lib
+from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import evaluation as evaluation_lib
 from tff_fedprune.simulation import round_rows
 from tff_fedprune.simulation import stateful_process
@@ -57,15 +58,25 @@ class RoundMetrics:
   gate_jaccard: float
   channels_ever_kept: float
   round_seconds: float
+  simulated_round_seconds: float  # nan without --device_tiers.
+  simulated_seconds: float  # Cumulative.
   clients_completed: int
   clients_dropped: int
+  clients_late: int  # Missed --round_deadline_s: left out of the aggregate.
   non_finite_updates: int
+  # Device tier label -> test accuracy (`evaluation.tier_column` columns).
+  tier_test_accuracy: dict = dataclasses.field(default_factory=dict)
 
   def release_value(self) -> collections.OrderedDict:
-    return collections.OrderedDict(dataclasses.asdict(self))
+    """The metrics.csv row: the fields, the tier mapping flattened."""
+    values = collections.OrderedDict(dataclasses.asdict(self))
+    for label, accuracy in values.pop('tier_test_accuracy').items():
+      values[evaluation_lib.tier_column(label)] = accuracy
+    return values
 
 
-COLUMNS = tuple(f.name for f in dataclasses.fields(RoundMetrics))
+COLUMNS = tuple(f.name for f in dataclasses.fields(RoundMetrics)
+                if f.name != 'tier_test_accuracy')
 
 
 class NonFiniteModelError(RuntimeError):
@@ -94,20 +105,33 @@ class RoundCosts:
   layers: list  # `round_rows.LayerRow`s.
 
 
-def round_costs(round_num, inputs, client_metrics, upload,
-                gated_layers) -> RoundCosts:
+def round_costs(round_num, inputs, client_metrics, upload, gated_layers,
+                federation: Optional[devices.Federation] = None,
+                dense_download_bytes: int = 0) -> RoundCosts:
   """The costs of a round whose clients were `inputs`, in slot order.
 
   `gated_layers`: (name, output channels) of the model's gated layers.
+  With a `federation`, each client's download and simulated seconds are
+  its tier's; without, every client downloads `dense_download_bytes`.
   """
   table = client_metrics[client_work.CLIENT_COSTS]
   sent = upload[aggregation.CLIENT_UPLOAD_BYTES]
-  clients = [round_rows.ClientRow(
-      round=round_num, client=i.client_id, keep_ratio=i.keep_ratio,
-      train_flops=float(table[slot][0]),
-      dense_train_flops=float(table[slot][1]),
-      upload_bytes=int(sent[slot]) + int(table[slot][2]),
-  ) for slot, i in enumerate(inputs)]
+  clients = []
+  for slot, i in enumerate(inputs):
+    row = dict(
+        round=round_num, client=i.client_id, keep_ratio=i.keep_ratio,
+        train_flops=float(table[slot][0]),
+        dense_train_flops=float(table[slot][1]),
+        upload_bytes=int(sent[slot]) + int(table[slot][2]),
+        download_bytes=dense_download_bytes, tier='',
+        simulated_seconds=math.nan)
+    if federation is not None:
+      row.update(
+          download_bytes=federation.download_of(i.client_id),
+          tier=federation.tier_of(i.client_id).label,
+          simulated_seconds=federation.seconds(
+              i.client_id, row['train_flops'], row['upload_bytes']).total)
+    clients.append(round_rows.ClientRow(**row))
   ratios = [c.train_flops / c.dense_train_flops for c in clients
             if c.dense_train_flops > 0]
   examples = float(client_metrics['trained_examples'])
@@ -142,6 +166,8 @@ class RoundRunner:
   traffic: Traffic
   call: Callable[[Callable[[], Any]], Any] = lambda computation: computation()
   gated_layers: tuple = ()  # (name, output channels) of the gated layers.
+  federation: Optional[devices.Federation] = None
+  round_deadline_s: Optional[float] = None
 
   def __call__(self, state, round_num: int) -> 'RoundOutput':
     """The round's new state, global weights, metrics and evaluation."""
@@ -163,7 +189,8 @@ class RoundRunner:
     completed = len(clients.completing)
     dense_bytes = completed * self.traffic.per_client
     costs = round_costs(round_num, inputs, client_metrics, upload,
-                        self.gated_layers)
+                        self.gated_layers, self.federation,
+                        self.traffic.per_client)
     metrics = RoundMetrics(
         **dataclasses.asdict(model),
         train_flops_ratio=costs.train_flops_ratio,
@@ -175,12 +202,16 @@ class RoundRunner:
         upload_bytes=int(upload['upload_bytes']) + _client_upload_bytes(
             client_metrics),
         dense_upload_bytes=dense_bytes,
-        download_bytes=dense_bytes,
+        download_bytes=sum(c.download_bytes for c in costs.clients),
         update_density=int(upload['kept_coordinates'])
         / (completed * int(upload['coordinates_per_client'])),
         round_seconds=time.time() - start,
+        simulated_round_seconds=simulated_round_seconds(
+            costs.clients, self.round_deadline_s),
+        simulated_seconds=math.nan,  # Cumulated by `train_model`.
         clients_completed=completed,
         clients_dropped=len(clients.dropped),
+        clients_late=int(upload.get('clients_late', 0)),
         non_finite_updates=int(client_metrics['non_finite_updates']),
     )
     return RoundOutput(output.state, weights, metrics, result, costs)
@@ -195,6 +226,17 @@ class RoundOutput:
   metrics: RoundMetrics
   evaluation: Optional[evaluation_lib.Evaluation]  # None if not evaluated.
   costs: RoundCosts
+
+
+def simulated_round_seconds(clients, deadline_s=None) -> float:
+  """The slowest client's simulated seconds (nan without device tiers).
+
+  With a deadline, a round some client misses lasts the deadline.
+  """
+  seconds = max((c.simulated_seconds for c in clients), default=math.nan)
+  if deadline_s is not None and seconds > deadline_s:
+    return float(deadline_s)
+  return seconds
 
 
 def _client_upload_bytes(client_metrics) -> int:
@@ -230,16 +272,21 @@ def train_model(
         computation()),
     progress: bool = True,
     gated_layers: tuple = (),
+    federation: Optional[devices.Federation] = None,
+    round_deadline_s: Optional[float] = None,
 ) -> TrainingResult:
   """Resumes from the latest intact saved state and trains to the last round.
 
   `metrics_csv` is the CSV the managers release to, from which the history
   of the rounds done before resuming is read. The cost managers receive
   each round's `round_rows.ClientRow`s and `LayerRow`s (of `gated_layers`,
-  (name, output channels) of the model's gated layers).
+  (name, output channels) of the model's gated layers). With a
+  `federation` each round's simulated seconds are measured
+  (`simulated_round_seconds`).
   """
   run_round = RoundRunner(train_process, train_data_source, evaluation,
-                          traffic, call, gated_layers)
+                          traffic, call, gated_layers, federation,
+                          round_deadline_s)
   state, last_round = _resume(train_process, program_state_manager,
                               initial_state)
   history = read_history(metrics_csv, last_round)
@@ -251,7 +298,11 @@ def train_model(
   with bar:
     for round_num in range(last_round + 1, train_total_rounds + 1):
       done = run_round(state, round_num)
-      state, weights, metrics = done.state, done.weights, done.metrics
+      state, weights = done.state, done.weights
+      metrics = dataclasses.replace(
+          done.metrics, simulated_seconds=done.metrics.simulated_round_seconds
+          + (history[-1].get('simulated_seconds', math.nan) if history
+             else 0.0))
       last_evaluation = done.evaluation
       values = metrics.release_value()
       asyncio.run(_release(values, round_num, train_metrics_managers))
@@ -310,7 +361,8 @@ def read_history(path: str, last_round: int) -> list[dict]:
   for row in rows:
     r = int(row['round'])
     if r <= last_round:
-      history.append(
-          {'round': r, **{k: float(row[k]) for k in COLUMNS if k in row}}
-      )
+      history.append({'round': r, **{
+          k: float(v) if v != '' else math.nan for k, v in row.items()
+          if k in COLUMNS or k.startswith(evaluation_lib.TIER_ACCURACY_PREFIX)
+      }})
   return history

@@ -28,6 +28,9 @@ class ClientRow:
   train_flops: float  # Local training, forward + backward (+ pre-pass).
   dense_train_flops: float  # A dense client's on the same data.
   upload_bytes: int  # Its encoded update and any other upload.
+  download_bytes: int = 0  # The model (a prefix policy's: its sub-model).
+  tier: str = ''  # Its device tier's label ('' without --device_tiers).
+  simulated_seconds: float = float('nan')  # Download, training and upload.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ class ClientStateProcess:
             slot=slot,
             client_state=table.get(i.client_id) if table is not None else None,
             upload_seed=i.rounding_seed,
+            device=i.device,
         )
         for slot, i in enumerate(inputs)
     ]

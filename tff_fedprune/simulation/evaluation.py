@@ -74,7 +74,7 @@ class Evaluator:
     self._model = model
     self._calibration = calibration_images
     gated = gated_conv.gated_layers(model)
-    self._keep_ratio = float(gated[0].keep_ratio.numpy()) if gated else None
+    self.keep_ratio = float(gated[0].keep_ratio.numpy()) if gated else None
     self._dense_flops = flops.dense_flops(model)
     loss = tf.keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=tf.keras.losses.Reduction.NONE
@@ -97,8 +97,8 @@ class Evaluator:
   def prepare(self, weights, keep_ratio=None) -> tf.keras.Model:
     """The model holding `weights` at `keep_ratio` (BN calibrated if static)."""
     model_state.assign_weights(self._model, weights)
-    if self._keep_ratio is not None:
-      model_state.set_keep_ratio(self._model, keep_ratio or self._keep_ratio)
+    if self.keep_ratio is not None:
+      model_state.set_keep_ratio(self._model, keep_ratio or self.keep_ratio)
     if self._calibration is not None:
       calibrate_batch_norm(self._model, self._calibration)
     return self._model
@@ -210,10 +210,13 @@ class RoundEvaluation:
     if not self.due(round_num):
       return GlobalModelMetrics(tier_test_accuracy={
           label: math.nan for label, _ in self._tiers}), None
+    own = self.evaluate.keep_ratio
     tiers = {label: self.evaluate(weights, self._fed_data.test_dataset(),
                                   keep).accuracy
-             for label, keep in self._tiers}
+             for label, keep in self._tiers if keep != own}
     result = self.test(weights)
+    tiers = {label: tiers.get(label, result.accuracy)
+             for label, _ in self._tiers}
     personal_mean, personal_worst = personalised_accuracy(
         result.correct, self._fed_data.client_test
     )

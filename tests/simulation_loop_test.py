@@ -19,6 +19,7 @@ from tests import testing
 from tff_fedprune import gated_conv
 from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import data_source
+from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import flops
 from tff_fedprune.simulation import loop
 from tff_fedprune.simulation import program
@@ -87,6 +88,67 @@ class RunExperimentTest(parameterized.TestCase):
     self.assertEqual(summary['upload_to_target'], {
         'target_accuracy': 1e-6, 'round': 1,
         'upload_bytes': int(b[0]['upload_bytes'])})
+
+  @parameterized.parameters('feddp', 'heterofl')
+  def test_device_tiers_are_timed_evaluated_and_recorded(self, policy):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(
+        root, total_rounds=2, num_clients=4, clients_per_round=4,
+        device_tiers='0.5:1:1,1.0:4:10', tier_shares='0.5,0.5',
+        channel_policy=policy, keep_ratio=1.0, target_accuracy=1e-6)
+    summary = run(config)
+    rows = read_rows(config.run_dir)
+    clients = read_rows(config.run_dir, loop.CLIENTS_CSV)
+    tiers = {t['label']: t for t in summary['device_tiers']}
+    self.assertEqual(sorted(len(t['clients']) for t in tiers.values()), [2, 2])
+    for row in clients:
+      tier = tiers[row['tier']]
+      self.assertIn(int(row['client']), tier['clients'])
+      self.assertEqual(float(row['keep_ratio']), tier['keep_ratio'])
+      self.assertEqual(int(row['download_bytes']), tier['download_bytes'])
+      expected = devices.client_seconds(
+          devices.DeviceTier(**{k: tier[k] for k in (
+              'keep_ratio', 'speed', 'mbps', 'label')}),
+          train_flops=float(row['train_flops']),
+          download_bytes=int(row['download_bytes']),
+          upload_bytes=int(row['upload_bytes']),
+          reference_flops_per_s=config.reference_flops_per_s).total
+      self.assertAlmostEqual(float(row['simulated_seconds']), expected)
+    for r in rows:
+      mine = [c for c in clients if c['round'] == r['round']]
+      self.assertAlmostEqual(float(r['simulated_round_seconds']),
+                             max(float(c['simulated_seconds']) for c in mine))
+      self.assertEqual(int(r['download_bytes']),
+                       sum(int(c['download_bytes']) for c in mine))
+    self.assertAlmostEqual(float(rows[1]['simulated_seconds']), sum(
+        float(r['simulated_round_seconds']) for r in rows))
+    self.assertEqual(float(rows[-1]['test_accuracy_tier_1.0']),
+                     float(rows[-1]['test_accuracy']))
+    self.assertBetween(float(rows[-1]['test_accuracy_tier_0.5']), 0.0, 1.0)
+    self.assertEqual(summary['upload_to_target']['simulated_seconds'],
+                     float(rows[0]['simulated_seconds']))
+    # A prefix device downloads only its sub-model; FedDP's the whole model.
+    narrow, wide = tiers['0.5']['download_bytes'], tiers['1.0']['download_bytes']
+    self.assertEqual(narrow < wide, policy == 'heterofl')
+
+  def test_round_deadline_leaves_late_clients_out(self):
+    root = self.create_tempdir().full_path
+    tiered = dict(total_rounds=1, num_clients=4, clients_per_round=4,
+                  device_tiers='0.5:1:1,1.0:4:10', tier_shares='0.5,0.5')
+    free = testing.small_config(os.path.join(root, 'free'), **tiered)
+    run(free)
+    seconds = {c['client']: float(c['simulated_seconds'])
+               for c in read_rows(free.run_dir, loop.CLIENTS_CSV)}
+    deadline = sorted(seconds.values())[1] + 1e-6  # Two clients make it.
+    late = testing.small_config(os.path.join(root, 'late'),
+                                round_deadline_s=deadline, **tiered)
+    run(late)
+    row = read_rows(late.run_dir)[0]
+    self.assertEqual(int(row['clients_late']), 2)
+    self.assertAlmostEqual(float(row['simulated_round_seconds']), deadline)
+    self.assertEqual(int(read_rows(free.run_dir)[0]['clients_late']), 0)
+    self.assertNotEqual(row['test_accuracy'],
+                        read_rows(free.run_dir)[0]['test_accuracy'])
 
   def test_scaffold_counts_control_variate_traffic(self):
     root = self.create_tempdir().full_path

@@ -339,10 +339,11 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
         'target_accuracy': config.target_accuracy,
         'round': reached[0] if reached else None,
         'upload_bytes': reached[1] if reached else None,
-        'simulated_seconds': next(
-            (h.get('simulated_seconds') for h in result.history
-             if reached and h['round'] == reached[0]), None),
     }
+    if parts.federation is not None:
+      summary['upload_to_target']['simulated_seconds'] = next(
+          (h['simulated_seconds'] for h in result.history
+           if reached and h['round'] == reached[0]), None)
   final = result.last_evaluation  # The last round always evaluates.
   if final is None:  # Resumed with every round done.
     final = parts.evaluation.test(weights)

@@ -37,7 +37,6 @@ convolution scaled by the saliency (`--gate_min_flops`'s full-width form).
 import itertools
 import os
 import sys
-import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -78,18 +77,10 @@ _RUNTIMES = (('LiteRT XNNPACK', 'litert', True),
 
 
 def median_ms(model_content, image, runtime, xnnpack):
-  interpreter = tflite.interpreter(model_content, num_threads=_THREADS.value,
-                                   xnnpack=xnnpack, runtime=runtime)
-  interpreter.allocate_tensors()
-  interpreter.set_tensor(interpreter.get_input_details()[0]['index'], image)
-  for _ in range(_WARMUP.value):
-    interpreter.invoke()
-  times = []
-  for _ in range(_INVOKES.value):
-    start = time.perf_counter()
-    interpreter.invoke()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return tflite.median_latency_ms(
+      model_content, image, runtime=runtime, xnnpack=xnnpack,
+      num_threads=_THREADS.value, warmup=_WARMUP.value,
+      invokes=_INVOKES.value)
 
 
 def variants(model):

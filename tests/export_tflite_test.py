@@ -13,6 +13,7 @@ from tff_fedprune import gated_conv
 from tff_fedprune import model_state
 from tff_fedprune.export import channels as channel_maps
 from tff_fedprune.export import tflite
+from tff_fedprune.export import tiers
 from tff_fedprune.simulation import flops
 
 # Smaller inputs than the datasets' keep conversion and checks fast.
@@ -329,6 +330,36 @@ class LiteRtTest(absltest.TestCase):
           expected, atol=1e-4)
     with self.assertRaisesRegex(ValueError, 'runtime must be one of'):
       tflite.interpreter(content, runtime='tflite_micro')
+
+
+class TierExportTest(parameterized.TestCase):
+
+  @parameterized.parameters('heterofl', 'feddp')
+  def test_a_tier_export_is_static_and_scores_as_its_keras_model(self, policy):
+    tf.keras.utils.set_random_seed(3)
+    model = keras_models.build_model('cnn', SHAPES['cnn'], 10,
+                                     gate=gated_conv.GateSpec(policy=policy))
+    rng = np.random.default_rng(0)
+    calibration = rng.normal(size=(64,) + SHAPES['cnn']).astype(np.float32)
+    images = raw_images('cnn', 40)
+    labels = keras_logits(model, images).argmax(-1)  # The full model's.
+    result = tiers.export_tier(model, '0.5', 0.5, calibration, images, labels,
+                               [MEAN], [STD], invokes=5)
+    channels = tiers._channels(model, 0.5, calibration)  # pylint: disable=protected-access
+    static = tflite.keras_logits(model, images, [MEAN], [STD], channels)
+    self.assertEqual(result.export_accuracy,
+                     np.mean(static.argmax(-1) == labels))
+    self.assertLess(result.keras_accuracy, 1.0)  # Half the channels differ.
+    self.assertGreater(result.latency_ms, 0)
+    content = tflite.convert(tflite.inference_function(
+        model, [MEAN], [STD], channels=channels))
+    self.assertNoCommonElements(tflite.op_names(content),
+                                {'TOPK_V2', 'GATHER', 'SCATTER_ND'})
+    if policy == 'heterofl':  # Static BN: statistics of the calibration set.
+      first = gated_conv.gated_layers(model)[0]
+      conv = tf.nn.conv2d(calibration, first.kernel, 1, 'SAME').numpy()
+      np.testing.assert_allclose(first.moving_mean.numpy()[:8],
+                                 conv.mean(axis=(0, 1, 2))[:8], atol=1e-5)
 
 
 if __name__ == '__main__':

@@ -41,6 +41,7 @@ and the `serving_default` signature (input `images`, output `logits`).
 
 import dataclasses
 import tempfile
+import time
 from typing import Mapping, Optional
 
 import numpy as np
@@ -369,6 +370,26 @@ def interpreter(
       num_threads=num_threads,
       experimental_op_resolver_type=resolver,
   )
+
+
+def median_latency_ms(model_content: bytes, image: np.ndarray, *,
+                      runtime: str = 'litert', xnnpack: bool = True,
+                      num_threads: int = 1, warmup: int = 20,
+                      invokes: int = 100) -> float:
+  """Median milliseconds of one invoke on `image` (batch 1), after warm-up."""
+  runner = interpreter(model_content, num_threads=num_threads,
+                       xnnpack=xnnpack, runtime=runtime)
+  runner.allocate_tensors()
+  runner.set_tensor(runner.get_input_details()[0]['index'],
+                    image.astype(np.float32))
+  for _ in range(warmup):
+    runner.invoke()
+  times = []
+  for _ in range(invokes):
+    start = time.perf_counter()
+    runner.invoke()
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
 
 
 def run(model_content: bytes, images: np.ndarray, **kwargs) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""What each device tier runs: its static export, scored and timed.
+
+docs/design.md, section 1.4. The federation trains one global model; a
+device of keep ratio p gets a static TFLite sub-model of it (constant,
+smaller convolutions, no top-k: the deployment path of docs/export.md):
+
+* FedDP: each gated layer keeps the k channels its gates select most often
+  on calibration images (`channels.static_channels`), still scaled by
+  their saliency;
+* HeteroFL and FjORD: the first k channels of every layer (their
+  sub-model), with static batch norm: moving statistics recomputed on the
+  calibration images at width p (`evaluation.calibrate_batch_norm`);
+* a dense model: every channel, for every tier.
+
+Calibration images are a sample of the pooled training data, never the
+test images the export is scored on.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tff_fedprune import gated_conv
+from tff_fedprune import model_state
+from tff_fedprune.export import channels as channel_maps
+from tff_fedprune.export import tflite
+from tff_fedprune.simulation import evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class TierExport:
+  """One tier's static export and how it does on the test set."""
+
+  label: str
+  keep_ratio: float
+  keras_accuracy: float  # The model at the tier's keep ratio (dynamic).
+  export_accuracy: float  # The static TFLite export, one image per invoke.
+  latency_ms: float  # Median LiteRT invoke, XNNPACK, one thread.
+  dense_latency_ms: float  # The same weights, every channel.
+  size_bytes: int
+
+
+def _channels(model, keep_ratio, calibration):
+  """The export's fixed channel sets (None: prefixes or dense)."""
+  gated = gated_conv.gated_layers(model)
+  if not gated or gated[0].gate.prefix:
+    return None
+  batches = tf.data.Dataset.from_tensor_slices(calibration).batch(256)
+  return channel_maps.static_channels(model, batches, keep_ratio)
+
+
+def export_tier(model, label, keep_ratio, calibration, images, labels, mean,
+                std, invokes=200) -> TierExport:
+  """`model`'s export for a tier of `keep_ratio`, scored on raw `images`.
+
+  `calibration`: preprocessed pooled training images. The model's keep
+  ratio (and, for a prefix policy, its batch-norm statistics) are changed.
+  """
+  gated = gated_conv.gated_layers(model)
+  if gated:
+    model_state.set_keep_ratio(model, keep_ratio)
+    if gated[0].gate.prefix:
+      evaluation.calibrate_batch_norm(model, calibration)
+  channels = _channels(model, keep_ratio, calibration)
+  content = tflite.convert(tflite.inference_function(
+      model, mean, std, channels=channels))
+  dense = tflite.convert(tflite.inference_function(model, mean, std,
+                                                   dense=True))
+  keras = tflite.keras_logits(model, images, mean, std).argmax(-1)
+  exported = tflite.run(content, images, runtime='litert').argmax(-1)
+  image = images[:1]
+  return TierExport(
+      label=label, keep_ratio=float(keep_ratio),
+      keras_accuracy=float(np.mean(keras == labels)),
+      export_accuracy=float(np.mean(exported == labels)),
+      latency_ms=tflite.median_latency_ms(content, image, invokes=invokes),
+      dense_latency_ms=tflite.median_latency_ms(dense, image, invokes=invokes),
+      size_bytes=len(content),
+  )

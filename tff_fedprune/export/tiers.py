@@ -17,6 +17,7 @@ test images the export is scored on.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +36,7 @@ class TierExport:
   label: str
   keep_ratio: float
   keras_accuracy: float  # The model at the tier's keep ratio (dynamic).
+  static_bn_accuracy: float  # With BN statistics recomputed (nan: dense).
   export_accuracy: float  # The static TFLite export, one image per invoke.
   latency_ms: float  # Median LiteRT invoke, XNNPACK, one thread.
   dense_latency_ms: float  # The same weights, every channel.
@@ -50,6 +52,19 @@ def _channels(model, keep_ratio, calibration):
   return channel_maps.static_channels(model, batches, keep_ratio)
 
 
+def _static_bn_accuracy(model, calibration, accuracy) -> float:
+  """`accuracy()` with static BN; the trained statistics are restored."""
+  layers = evaluation.conv_layers(model)
+  trained = [(l.moving_mean.numpy(), l.moving_variance.numpy())
+             for l in layers]
+  evaluation.calibrate_batch_norm(model, calibration)
+  result = accuracy()
+  for layer, (mean, variance) in zip(layers, trained):
+    layer.moving_mean.assign(mean)
+    layer.moving_variance.assign(variance)
+  return result
+
+
 def export_tier(model, label, keep_ratio, calibration, images, labels, mean,
                 std, invokes=200) -> TierExport:
   """`model`'s export for a tier of `keep_ratio`, scored on raw `images`.
@@ -58,21 +73,27 @@ def export_tier(model, label, keep_ratio, calibration, images, labels, mean,
   ratio (and, for a prefix policy, its batch-norm statistics) are changed.
   """
   gated = gated_conv.gated_layers(model)
+  accuracy = lambda: float(np.mean(
+      tflite.keras_logits(model, images, mean, std).argmax(-1) == labels))
+  static_bn = math.nan
   if gated:
     model_state.set_keep_ratio(model, keep_ratio)
     if gated[0].gate.prefix:
       evaluation.calibrate_batch_norm(model, calibration)
+    else:
+      static_bn = _static_bn_accuracy(model, calibration, accuracy)
   channels = _channels(model, keep_ratio, calibration)
   content = tflite.convert(tflite.inference_function(
       model, mean, std, channels=channels))
   dense = tflite.convert(tflite.inference_function(model, mean, std,
                                                    dense=True))
-  keras = tflite.keras_logits(model, images, mean, std).argmax(-1)
+  keras = accuracy()
   exported = tflite.run(content, images, runtime='litert').argmax(-1)
   image = images[:1]
   return TierExport(
-      label=label, keep_ratio=float(keep_ratio),
-      keras_accuracy=float(np.mean(keras == labels)),
+      label=label, keep_ratio=float(keep_ratio), keras_accuracy=keras,
+      static_bn_accuracy=keras if gated and gated[0].gate.prefix else (
+          static_bn),
       export_accuracy=float(np.mean(exported == labels)),
       latency_ms=tflite.median_latency_ms(content, image, invokes=invokes),
       dense_latency_ms=tflite.median_latency_ms(dense, image, invokes=invokes),

@@ -38,7 +38,7 @@ def calibrate_batch_norm(model: tf.keras.Model, images) -> None:
   leaves out are untouched). Client-local counters move too; they are not
   model weights.
   """
-  layers = [l for l in _conv_layers(model)]
+  layers = conv_layers(model)
   momenta = [l.momentum for l in layers]
   try:
     for layer in layers:
@@ -49,7 +49,8 @@ def calibrate_batch_norm(model: tf.keras.Model, images) -> None:
       layer.momentum = momentum
 
 
-def _conv_layers(model):
+def conv_layers(model) -> list:
+  """Every `GatedConv2D` of `model`, gated or not, nested ones included."""
   found = []
 
   def visit(layer):

@@ -1,0 +1,172 @@
+"""The report of a heterogeneous federation: each method at each device tier.
+
+docs/design.md, section 1.4. A method is a channel policy of a gated model
+(feddp, heterofl, fjord) or a dense baseline (every client training the
+full model, or only the clients of full-width tiers). Per method and tier,
+over seeds: the last-5 test accuracy at the tier's keep ratio (a dense
+model is the same model on every tier), the static export's accuracy and
+LiteRT latency (`tier_exports.json`, when exported), and the tier's training
+FLOPs over a dense client's (`clients.csv`). Per method: total upload,
+simulated time to a target accuracy of the full-width model, and the paired
+difference of FedDP's accuracy to each sub-model method with its 95%
+interval (paired seeds).
+"""
+
+import collections
+import csv
+import json
+import math
+import os
+
+import numpy as np
+from scipy import stats  # Installed with scikit-learn.
+
+from tff_fedprune.simulation import evaluation
+from tff_fedprune.simulation import reporting
+
+LAST = 5  # Evaluations averaged at the end of a run.
+TIER_EXPORTS = 'tier_exports.json'
+
+
+def method_of(config: dict) -> str:
+  if config['dynamic_pruning']:
+    return config['channel_policy']
+  return 'dense_full_tier' if config['tier_min_keep_ratio'] >= 1 else 'dense'
+
+
+def _last(values: np.ndarray) -> float:
+  values = values[~np.isnan(values)]
+  return float(values[-LAST:].mean()) if values.size else math.nan
+
+
+def tier_accuracy(run: reporting.Run, label: str) -> float:
+  """Last-5 test accuracy at tier `label` (a dense model: its only one)."""
+  column = (evaluation.tier_column(label) if run.config['dynamic_pruning']
+            else 'test_accuracy')
+  return _last(run.column(column))
+
+
+def time_to_target(run: reporting.Run, target: float) -> float:
+  """Simulated seconds until the full-width accuracy first reaches `target`."""
+  reached = np.nonzero(run.column('test_accuracy') >= target)[0]
+  if not reached.size:
+    return math.nan
+  return float(run.column('simulated_seconds')[reached[0]])
+
+
+def _client_rows(run: reporting.Run) -> list:
+  with open(os.path.join(run.path, 'clients.csv'), newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def train_flops_ratio(run: reporting.Run, label: str) -> float:
+  """The tier's training FLOPs over a dense client's on the same data."""
+  rows = [r for r in _client_rows(run) if r['tier'] == label]
+  dense = sum(float(r['dense_train_flops']) for r in rows)
+  return sum(float(r['train_flops']) for r in rows) / dense if dense else (
+      math.nan)
+
+
+def _exports(run: reporting.Run) -> dict:
+  path = os.path.join(run.path, TIER_EXPORTS)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return {e['label']: e for e in json.load(f)}
+
+
+def _spread(values) -> tuple:
+  values = [v for v in values if not math.isnan(v)]
+  if not values:
+    return math.nan, math.nan
+  return float(np.mean(values)), float(np.std(values))
+
+
+def paired_interval(differences) -> tuple:
+  """(mean, 95% t-interval half-width) of paired per-seed differences."""
+  d = np.asarray(differences, np.float64)
+  if len(d) < 2:
+    return float(d.mean()) if len(d) else math.nan, math.nan
+  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+  return float(d.mean()), float(half)
+
+
+def summarize(runs: list, target: float) -> dict:
+  """Per method: seeds, per-tier figures and the method's totals."""
+  by_method = collections.defaultdict(list)
+  for run in runs:
+    by_method[method_of(run.config)].append(run)
+  labels = [t.label for t in _tiers(runs[0])]
+  table = {}
+  for method, members in by_method.items():
+    members.sort(key=lambda r: r.config['seed'])
+    tiers = {}
+    for label in labels:
+      exports = [_exports(r).get(label, {}) for r in members]
+      tiers[label] = dict(
+          accuracy=_spread([tier_accuracy(r, label) for r in members]),
+          export_accuracy=_spread(
+              [e.get('export_accuracy', math.nan) for e in exports]),
+          latency_ms=_spread([e.get('latency_ms', math.nan) for e in exports]),
+          train_flops=_spread([train_flops_ratio(r, label) for r in members]),
+      )
+    table[method] = dict(
+        seeds=[r.config['seed'] for r in members], tiers=tiers,
+        upload_mb=_spread([r.column('upload_bytes').sum() / 1e6
+                           for r in members]),
+        time_to_target=_spread([time_to_target(r, target) for r in members]),
+        per_seed={label: {r.config['seed']: tier_accuracy(r, label)
+                          for r in members} for label in labels},
+    )
+  return table
+
+
+def _tiers(run: reporting.Run):
+  from tff_fedprune.simulation import devices  # pylint: disable=g-import-not-at-top
+  return devices.parse_tiers(run.config['device_tiers'])
+
+
+def _pm(pair, scale=1.0, fmt='.1f') -> str:
+  mean, std = pair
+  if math.isnan(mean):
+    return '-'
+  return f'{mean * scale:{fmt}} ± {std * scale:{fmt}}'
+
+
+METHOD_ORDER = ('feddp', 'heterofl', 'fjord', 'dense', 'dense_full_tier')
+
+
+def markdown(table: dict, target: float) -> str:
+  """The report: one row per method and tier, then the paired differences."""
+  methods = [m for m in METHOD_ORDER if m in table]
+  lines = [
+      '| method | seeds | tier | accuracy % (last 5) | static export % |'
+      ' export ms (LiteRT) | train FLOPs vs dense | upload MB |'
+      f' simulated s to {target:.0%} |',
+      '|' + ' --- |' * 9,
+  ]
+  for method in methods:
+    row = table[method]
+    for label, tier in row['tiers'].items():
+      lines.append(
+          f'| {method} | {len(row["seeds"])} | {label} |'
+          f' {_pm(tier["accuracy"], 100)} | {_pm(tier["export_accuracy"], 100)}'
+          f' | {_pm(tier["latency_ms"], 1, ".3f")} |'
+          f' {_pm(tier["train_flops"], 1, ".2f")} |'
+          f' {_pm(row["upload_mb"], 1, ".1f")} |'
+          f' {_pm(row["time_to_target"], 1, ".0f")} |')
+  if 'feddp' in table:
+    lines += ['', '| FedDP minus | tier | paired seeds | difference, points'
+              ' (95% interval) |', '| --- | --- | --- | --- |']
+    for other in ('heterofl', 'fjord', 'dense'):
+      if other not in table:
+        continue
+      for label in table['feddp']['per_seed']:
+        mine = table['feddp']['per_seed'][label]
+        theirs = table[other]['per_seed'][label]
+        seeds = sorted(set(mine) & set(theirs))
+        mean, half = paired_interval([mine[s] - theirs[s] for s in seeds])
+        interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
+        lines.append(f'| {other} | {label} | {len(seeds)} |'
+                     f' {100 * mean:+.1f}{interval} |')
+  return '\n'.join(lines) + '\n'

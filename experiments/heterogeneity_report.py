@@ -16,10 +16,14 @@ from absl import flags
 
 from tff_fedprune import cli  # Before TensorFlow: it quiets its start-up.
 
+# The full-width accuracy the committed reports time (dense reaches it by
+# round 10 of the Fashion-MNIST grid).
+TARGET_ACCURACY = 0.6
+
 _GRID_DIR = flags.DEFINE_string('grid_dir', None, 'The grid directory.',
                                 required=True)
 _TARGET = flags.DEFINE_float(
-    'target_accuracy', 0.6, 'Full-width test accuracy whose simulated time'
+    'target_accuracy', TARGET_ACCURACY, 'Full-width test accuracy whose simulated time'
     ' to reach is reported.')
 
 

@@ -1,0 +1,94 @@
+"""Tests of the heterogeneous-federation report."""
+
+import csv
+import json
+import os
+
+from absl.testing import absltest
+import numpy as np
+
+from tests import testing
+from tff_fedprune.simulation import reporting
+from tff_fedprune.simulation import tier_report
+
+TIERS = '0.5:1:1,1.0:4:10'
+COMMITTED = os.path.join(testing.ROOT, 'results', 'heterogeneity',
+                         'fmnist_cnn')
+
+
+def write_run(directory, seed, policy, tier_accuracy, dynamic=True):
+  """A 6-round run whose tier accuracies are `tier_accuracy` + round / 100."""
+  os.makedirs(directory)
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump({'seed': seed, 'dynamic_pruning': dynamic,
+               'channel_policy': policy, 'device_tiers': TIERS}, f)
+  with open(os.path.join(directory, 'metrics.csv'), 'w') as f:
+    writer = csv.writer(f)
+    writer.writerow(['round', 'test_accuracy', 'test_accuracy_tier_0.5',
+                     'test_accuracy_tier_1.0', 'upload_bytes',
+                     'simulated_seconds'])
+    for r in range(1, 7):
+      writer.writerow([r, tier_accuracy[1] + r / 100,
+                       tier_accuracy[0] + r / 100, tier_accuracy[1] + r / 100,
+                       1e6, 10.0 * r])
+  with open(os.path.join(directory, 'clients.csv'), 'w') as f:
+    writer = csv.writer(f)
+    writer.writerow(['round', 'client', 'tier', 'train_flops',
+                     'dense_train_flops'])
+    writer.writerow([1, 0, '0.5', 30.0, 100.0])
+    writer.writerow([1, 1, '1.0', 100.0, 100.0])
+
+
+class TierReportTest(absltest.TestCase):
+
+  def runs(self):
+    root = self.create_tempdir().full_path
+    paths = []
+    for seed, (feddp, heterofl) in enumerate(((0.5, 0.4), (0.6, 0.45),
+                                              (0.55, 0.5))):
+      for policy, low in (('feddp', feddp), ('heterofl', heterofl)):
+        paths.append(os.path.join(root, f'{policy}_{seed}'))
+        write_run(paths[-1], seed, policy, (low, 0.7))
+    return [reporting.load_run(p) for p in paths]
+
+  def test_tier_figures_and_paired_differences(self):
+    table = tier_report.summarize(self.runs(), target=0.73)
+    feddp = table['feddp']
+    # Last 5 of rounds 1..6: base + 0.04 on average.
+    self.assertAlmostEqual(feddp['tiers']['0.5']['accuracy'][0],
+                           np.mean([0.5, 0.6, 0.55]) + 0.04)
+    self.assertAlmostEqual(feddp['tiers']['0.5']['train_flops'][0], 0.3)
+    self.assertAlmostEqual(feddp['upload_mb'][0], 6.0)
+    self.assertAlmostEqual(feddp['time_to_target'][0], 30.0)  # 0.7 + 0.03.
+    differences = [0.1, 0.15, 0.05]
+    mean, half = tier_report.paired_interval(differences)
+    self.assertAlmostEqual(mean, 0.1)
+    # t(0.975, 2 df) = 4.303; std (ddof 1) = 0.05.
+    self.assertAlmostEqual(half, 4.3027 * 0.05 / np.sqrt(3), places=4)
+    markdown = tier_report.markdown(table, 0.73)
+    self.assertIn('| heterofl | 0.5 | 3 | +10.0 ± 12.4 |', markdown)
+    self.assertIn('| feddp | 3 | 0.5 | 59.0 ± 4.1 |', markdown)
+
+  def test_a_dense_run_is_one_model_on_every_tier(self):
+    root = self.create_tempdir().full_path
+    write_run(os.path.join(root, 'dense'), 0, 'feddp', (0.2, 0.7),
+              dynamic=False)
+    run = reporting.load_run(os.path.join(root, 'dense'))
+    self.assertEqual(tier_report.method_of(run.config), 'dense')
+    self.assertEqual(tier_report.tier_accuracy(run, '0.5'),
+                     tier_report.tier_accuracy(run, '1.0'))
+
+  def test_committed_report_is_recomputed_from_its_csv_files(self):
+    if not os.path.isdir(COMMITTED):
+      self.skipTest('no committed heterogeneity results')
+    from experiments import heterogeneity_report  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(COMMITTED, 'report.md')) as f:
+      committed = f.read()
+    self.assertEqual(committed, heterogeneity_report.report(
+        COMMITTED, heterogeneity_report.TARGET_ACCURACY))
+    with open(os.path.join(testing.ROOT, 'docs', 'results.md')) as f:
+      self.assertIn(committed, f.read())
+
+
+if __name__ == '__main__':
+  absltest.main()

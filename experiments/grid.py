@@ -35,7 +35,9 @@ _PRUNING = flags.DEFINE_list(
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the grid.')
 # A heterogeneous federation's methods: the flags each sets.
 METHODS = {
-    'feddp': dict(dynamic_pruning=True, channel_policy='feddp'),
+    'feddp': dict(dynamic_pruning=True, channel_policy='feddp',
+                  static_batch_norm=True),
+    'feddp_trained_bn': dict(dynamic_pruning=True, channel_policy='feddp'),
     'heterofl': dict(dynamic_pruning=True, channel_policy='heterofl'),
     'fjord': dict(dynamic_pruning=True, channel_policy='fjord'),
     'dense': dict(dynamic_pruning=False, channel_policy='feddp'),
@@ -44,8 +46,10 @@ METHODS = {
 }
 _METHODS = flags.DEFINE_list(
     'methods', [], f'Methods of the grid in place of --pruning: {list(METHODS)}'
-    ' (dense: every client trains the full model; dense_full_tier: only the'
-    ' clients of tiers with keep ratio 1.0 take part).')
+    ' (feddp is evaluated with static batch norm, as heterofl and fjord are;'
+    ' feddp_trained_bn with its averaged statistics; dense: every client'
+    ' trains the full model; dense_full_tier: only the clients of tiers with'
+    ' keep ratio 1.0 take part).')
 
 
 def cells(base) -> list:

@@ -21,7 +21,8 @@ def write_run(directory, seed, policy, tier_accuracy, dynamic=True):
   os.makedirs(directory)
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump({'seed': seed, 'dynamic_pruning': dynamic,
-               'channel_policy': policy, 'device_tiers': TIERS}, f)
+               'channel_policy': policy, 'device_tiers': TIERS,
+               'static_batch_norm': True}, f)
   with open(os.path.join(directory, 'metrics.csv'), 'w') as f:
     writer = csv.writer(f)
     writer.writerow(['round', 'test_accuracy', 'test_accuracy_tier_0.5',

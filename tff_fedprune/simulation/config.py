@@ -167,6 +167,12 @@ class ModelSection:
       f' {gated_conv.FJORD_WIDTHS} up to the keep ratio, static batch norm).',
       gated_conv.CHANNEL_POLICIES,
   )
+  static_batch_norm: bool = fields.field(
+      False, 'Evaluate and save the global model with its batch-norm'
+      ' statistics recomputed at the evaluated keep ratio on 2048 pooled'
+      ' training images (HeteroFL\'s static BN; always on for heterofl and'
+      ' fjord): averaged statistics mix clients of every width.'
+  )
   keep_ratio: float = fields.field(
       0.7, 'Share of output channels each gated layer keeps, in training'
       ' (unless --client_keep_ratios or --device_tiers is set) and by default'

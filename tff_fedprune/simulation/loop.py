@@ -213,9 +213,14 @@ class ProgramParts:
 CALIBRATION_IMAGES = 2048
 
 
-def static_batch_norm(config: ExperimentConfig) -> bool:
-  """Whether the model is evaluated with static batch norm (sub-models)."""
+def prefix_policy(config: ExperimentConfig) -> bool:
+  """Whether devices train fixed channel prefixes (HeteroFL, FjORD)."""
   return config.dynamic_pruning and config.channel_policy != 'feddp'
+
+
+def static_batch_norm(config: ExperimentConfig) -> bool:
+  """Whether the model is evaluated with static batch norm."""
+  return config.static_batch_norm or prefix_policy(config)
 
 
 def sub_model_bytes(model: tf.keras.Model, keep_ratio: float) -> int:
@@ -234,7 +239,7 @@ def build_federation(config: ExperimentConfig, model: tf.keras.Model,
   if client_tiers is None:
     return None
   tiers = tuple(config.tiers())
-  prefix = static_batch_norm(config)
+  prefix = prefix_policy(config)
   return devices.Federation(
       tiers=tiers, client_tiers=client_tiers,
       download_bytes=tuple(

@@ -29,7 +29,10 @@ TIER_EXPORTS = 'tier_exports.json'
 
 
 def method_of(config: dict) -> str:
+  """The `experiments.grid.METHODS` name of a run's configuration."""
   if config['dynamic_pruning']:
+    if config['channel_policy'] == 'feddp' and not config['static_batch_norm']:
+      return 'feddp_trained_bn'
     return config['channel_policy']
   return 'dense_full_tier' if config['tier_min_keep_ratio'] >= 1 else 'dense'
 
@@ -133,7 +136,8 @@ def _pm(pair, scale=1.0, fmt='.1f') -> str:
   return f'{mean * scale:{fmt}} ± {std * scale:{fmt}}'
 
 
-METHOD_ORDER = ('feddp', 'heterofl', 'fjord', 'dense', 'dense_full_tier')
+METHOD_ORDER = ('feddp', 'feddp_trained_bn', 'heterofl', 'fjord', 'dense',
+                'dense_full_tier')
 
 
 def markdown(table: dict, target: float) -> str:
@@ -158,7 +162,7 @@ def markdown(table: dict, target: float) -> str:
   if 'feddp' in table:
     lines += ['', '| FedDP minus | tier | paired seeds | difference, points'
               ' (95% interval) |', '| --- | --- | --- | --- |']
-    for other in ('heterofl', 'fjord', 'dense'):
+    for other in ('heterofl', 'fjord', 'dense', 'feddp_trained_bn'):
       if other not in table:
         continue
       for label in table['feddp']['per_seed']:

@@ -104,18 +104,16 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     @tff.tensorflow.computation(value_type, weight_type)
     def encode(value, weight):
       seed = value['rounding_seed'] if self._bits < 32 else None
-      if self._deadline_s is None:
-        message, sizes = uplink.message(value['update'], value['mask'], seed,
-                                        weight)
-        return message, _with_slot(sizes, value)
       message, sizes = uplink.message(value['update'], value['mask'], seed,
                                       weight)
-      before_upload, per_byte = tf.unstack(value[client_work_lib.DEVICE_TIME])
-      late = before_upload + tf.cast(sizes['upload_bytes'],
-                                     tf.float64) * per_byte > self._deadline_s
-      message['weight'] = tf.where(late, tf.zeros_like(weight), weight)
       sizes = _with_slot(sizes, value)
-      sizes['clients_late'] = tf.cast(late, tf.int32)
+      if self._deadline_s is not None:
+        before_upload, per_byte = tf.unstack(
+            value[client_work_lib.DEVICE_TIME])
+        late = before_upload + tf.cast(sizes['upload_bytes'],
+                                       tf.float64) * per_byte > self._deadline_s
+        message['weight'] = tf.where(late, tf.zeros_like(weight), weight)
+        sizes['clients_late'] = tf.cast(late, tf.int32)
       return message, sizes
 
     def zeros():

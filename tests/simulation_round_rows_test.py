@@ -30,7 +30,8 @@ class RoundRowsCsvTest(absltest.TestCase):
     with open(path) as f:
       self.assertEqual(f.readline().strip(),
                        'round,client,keep_ratio,train_flops,'
-                       'dense_train_flops,upload_bytes')
+                       'dense_train_flops,upload_bytes,download_bytes,tier,'
+                       'simulated_seconds')
 
   def test_release_of_an_earlier_round_drops_the_later_ones(self):
     path = os.path.join(self.create_tempdir().full_path, 'layers.csv')

@@ -111,6 +111,9 @@ def summarize(runs: list, target: float) -> dict:
           export_accuracy=_spread(
               [e.get('export_accuracy', math.nan) for e in exports]),
           latency_ms=_spread([e.get('latency_ms', math.nan) for e in exports]),
+          latency_vs_dense=_spread(
+              [e.get('latency_ms', math.nan) / e['dense_latency_ms']
+               if e else math.nan for e in exports]),
           train_flops=_spread([train_flops_ratio(r, label) for r in members]),
       )
     table[method] = dict(
@@ -145,9 +148,9 @@ def markdown(table: dict, target: float) -> str:
   methods = [m for m in METHOD_ORDER if m in table]
   lines = [
       '| method | seeds | tier | accuracy % (last 5) | static export % |'
-      ' export ms (LiteRT) | train FLOPs vs dense | upload MB |'
-      f' simulated s to {target:.0%} |',
-      '|' + ' --- |' * 9,
+      ' export ms (LiteRT) | vs dense export | train FLOPs vs dense |'
+      f' upload MB | simulated s to {target:.0%} |',
+      '|' + ' --- |' * 10,
   ]
   for method in methods:
     row = table[method]
@@ -156,6 +159,7 @@ def markdown(table: dict, target: float) -> str:
           f'| {method} | {len(row["seeds"])} | {label} |'
           f' {_pm(tier["accuracy"], 100)} | {_pm(tier["export_accuracy"], 100)}'
           f' | {_pm(tier["latency_ms"], 1, ".3f")} |'
+          f' {_pm(tier["latency_vs_dense"], 1, ".2f")} |'
           f' {_pm(tier["train_flops"], 1, ".2f")} |'
           f' {_pm(row["upload_mb"], 1, ".1f")} |'
           f' {_pm(row["time_to_target"], 1, ".0f")} |')

@@ -11,6 +11,7 @@ export of the same weights. Writes RUN_DIR/tier_exports.json.
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -66,8 +67,10 @@ def main(argv):
     result = tier_exports.export_tier(
         model, tier.label, tier.keep_ratio, calibration, test.images,
         test.labels, fed_data.mean, fed_data.std, invokes=_INVOKES.value)
-    print(json.dumps(dataclasses.asdict(result)), flush=True)
-    results.append(dataclasses.asdict(result))
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v
+           for k, v in dataclasses.asdict(result).items()}  # Strict JSON.
+    print(json.dumps(row), flush=True)
+    results.append(row)
   files.write_atomically(os.path.join(run_dir, OUTPUT),
                          json.dumps(results, indent=1).encode())
   return 0

@@ -147,7 +147,7 @@ def markdown(table: dict, target: float) -> str:
   """The report: one row per method and tier, then the paired differences."""
   methods = [m for m in METHOD_ORDER if m in table]
   lines = [
-      '| method | seeds | tier | accuracy % (last 5) | static export % |'
+      '| method | seeds | tier | accuracy % (last 5) | final static export % |'
       ' export ms (LiteRT) | vs dense export | train FLOPs vs dense |'
       f' upload MB | simulated s to {target:.0%} |',
       '|' + ' --- |' * 10,

@@ -173,6 +173,8 @@ def markdown(table: dict, target: float) -> str:
         mine = table['feddp']['per_seed'][label]
         theirs = table[other]['per_seed'][label]
         seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+          continue
         mean, half = paired_interval([mine[s] - theirs[s] for s in seeds])
         interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
         lines.append(f'| {other} | {label} | {len(seeds)} |'

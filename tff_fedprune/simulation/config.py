@@ -11,6 +11,7 @@ runs had before that field existed (`with_defaults`).
 """
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Optional
@@ -379,14 +380,8 @@ class ExperimentConfig(WorkerSection, UploadSection, AlgorithmSection,
 
   def client_tiers(self) -> Optional[np.ndarray]:
     """Each client's index in `tiers()`, or None without tiers."""
-    tiers = self.tiers()
-    if not tiers:
-      return None
-    try:
-      shares = devices.parse_shares(self.tier_shares, len(tiers))
-    except devices.TierSpecError as e:
-      raise ConfigError(str(e)) from e
-    return devices.assign_tiers(self.num_clients, shares, self.seed)
+    return _client_tiers(self.device_tiers, self.tier_shares,
+                         self.num_clients, self.seed)
 
   def keep_ratio_of(self, client_id: int) -> float:
     """Client `client_id`'s keep ratio in training: its tier's, if any."""
@@ -394,6 +389,21 @@ class ExperimentConfig(WorkerSection, UploadSection, AlgorithmSection,
     if tiers is None:
       return super().keep_ratio_of(client_id)
     return self.tiers()[tiers[client_id]].keep_ratio
+
+
+@functools.lru_cache(maxsize=16)
+def _client_tiers(device_tiers, tier_shares, num_clients, seed):
+  """`ExperimentConfig.client_tiers`, computed once per configuration."""
+  try:
+    tiers = devices.parse_tiers(device_tiers)
+    if not tiers:
+      return None
+    shares = devices.parse_shares(tier_shares, len(tiers))
+  except devices.TierSpecError as e:
+    raise ConfigError(str(e)) from e
+  assigned = devices.assign_tiers(num_clients, shares, seed)
+  assigned.setflags(write=False)  # Shared between calls.
+  return assigned
 
 
 def with_defaults(saved: dict) -> dict:

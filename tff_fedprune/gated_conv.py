@@ -430,19 +430,23 @@ class GatedConv2D(tf.keras.layers.Layer):
     return cls(gate=GateSpec.from_flags(**flags) if gated else None, **config)
 
 
-def gated_layers(model: tf.keras.Model) -> list[GatedConv2D]:
-  """The model's gated `GatedConv2D` layers, in topological order."""
+def conv_layers(model: tf.keras.Model) -> list[GatedConv2D]:
+  """Every `GatedConv2D` of `model`, gated or not, nested ones included."""
   found = []
 
   def visit(layer):
     if isinstance(layer, GatedConv2D):
-      if layer.gated:
-        found.append(layer)
+      found.append(layer)
     for sub in getattr(layer, 'layers', []):
       visit(sub)
 
   visit(model)
   return found
+
+
+def gated_layers(model: tf.keras.Model) -> list[GatedConv2D]:
+  """The model's gated `GatedConv2D` layers, in topological order."""
+  return [l for l in conv_layers(model) if l.gated]
 
 
 # Layers that act on each channel alone and keep zero channels zero.

@@ -55,11 +55,11 @@ def _channels(model, keep_ratio, calibration):
 
 def _moving_statistics(model) -> list:
   return [(l.moving_mean.numpy(), l.moving_variance.numpy())
-          for l in evaluation.conv_layers(model)]
+          for l in gated_conv.conv_layers(model)]
 
 
 def _restore(model, statistics) -> None:
-  for layer, (mean, variance) in zip(evaluation.conv_layers(model),
+  for layer, (mean, variance) in zip(gated_conv.conv_layers(model),
                                      statistics):
     layer.moving_mean.assign(mean)
     layer.moving_variance.assign(variance)
@@ -69,7 +69,7 @@ def _calibrate_static(model, channels, calibration) -> None:
   """Static BN of the sub-model keeping `channels`, into `model`."""
   reference = channel_maps.reference_model(model, channels)
   evaluation.calibrate_batch_norm(reference, calibration)
-  for layer in evaluation.conv_layers(reference):
+  for layer in gated_conv.conv_layers(reference):
     target = model.get_layer(layer.name)
     target.moving_mean.assign(layer.moving_mean)
     target.moving_variance.assign(layer.moving_variance)

@@ -38,7 +38,7 @@ def calibrate_batch_norm(model: tf.keras.Model, images) -> None:
   leaves out are untouched). Client-local counters move too; they are not
   model weights.
   """
-  layers = conv_layers(model)
+  layers = gated_conv.conv_layers(model)
   momenta = [l.momentum for l in layers]
   try:
     for layer in layers:
@@ -47,20 +47,6 @@ def calibrate_batch_norm(model: tf.keras.Model, images) -> None:
   finally:
     for layer, momentum in zip(layers, momenta):
       layer.momentum = momentum
-
-
-def conv_layers(model) -> list:
-  """Every `GatedConv2D` of `model`, gated or not, nested ones included."""
-  found = []
-
-  def visit(layer):
-    if isinstance(layer, gated_conv.GatedConv2D):
-      found.append(layer)
-    for sub in getattr(layer, 'layers', []):
-      visit(sub)
-
-  visit(model)
-  return found
 
 
 class Evaluator:

@@ -21,6 +21,7 @@ import os
 import numpy as np
 from scipy import stats  # Installed with scikit-learn.
 
+from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import evaluation
 from tff_fedprune.simulation import reporting
 
@@ -57,17 +58,15 @@ def time_to_target(run: reporting.Run, target: float) -> float:
   return float(run.column('simulated_seconds')[reached[0]])
 
 
-def _client_rows(run: reporting.Run) -> list:
+def train_flops_ratios(run: reporting.Run) -> dict:
+  """Per tier label: its training FLOPs over a dense client's on its data."""
+  flops = collections.defaultdict(lambda: [0.0, 0.0])
   with open(os.path.join(run.path, 'clients.csv'), newline='') as f:
-    return list(csv.DictReader(f))
-
-
-def train_flops_ratio(run: reporting.Run, label: str) -> float:
-  """The tier's training FLOPs over a dense client's on the same data."""
-  rows = [r for r in _client_rows(run) if r['tier'] == label]
-  dense = sum(float(r['dense_train_flops']) for r in rows)
-  return sum(float(r['train_flops']) for r in rows) / dense if dense else (
-      math.nan)
+    for row in csv.DictReader(f):
+      flops[row['tier']][0] += float(row['train_flops'])
+      flops[row['tier']][1] += float(row['dense_train_flops'])
+  return {label: trained / dense for label, (trained, dense) in flops.items()
+          if dense}
 
 
 def _exports(run: reporting.Run) -> dict:
@@ -103,6 +102,7 @@ def summarize(runs: list, target: float) -> dict:
   table = {}
   for method, members in by_method.items():
     members.sort(key=lambda r: r.config['seed'])
+    ratios = [train_flops_ratios(r) for r in members]
     tiers = {}
     for label in labels:
       exports = [_exports(r).get(label, {}) for r in members]
@@ -114,7 +114,7 @@ def summarize(runs: list, target: float) -> dict:
           latency_vs_dense=_spread(
               [e.get('latency_ms', math.nan) / e['dense_latency_ms']
                if e else math.nan for e in exports]),
-          train_flops=_spread([train_flops_ratio(r, label) for r in members]),
+          train_flops=_spread([r.get(label, math.nan) for r in ratios]),
       )
     table[method] = dict(
         seeds=[r.config['seed'] for r in members], tiers=tiers,
@@ -128,7 +128,6 @@ def summarize(runs: list, target: float) -> dict:
 
 
 def _tiers(run: reporting.Run):
-  from tff_fedprune.simulation import devices  # pylint: disable=g-import-not-at-top
   return devices.parse_tiers(run.config['device_tiers'])
 
 

@@ -69,6 +69,22 @@ class ValidateTest(parameterized.TestCase):
                      [0.5, 0.7, 1.0, 0.5, 0.7])
     self.assertEqual(testing.small_config('/tmp/unused').keep_ratio_of(3), 0.5)
 
+  def test_keep_ratio_warmup_starts_dense_and_reaches_the_tier(self):
+    config = testing.small_config(
+        '/tmp/unused', num_clients=4, device_tiers='0.5:1:1,1.0:4:10',
+        keep_ratio=1.0, keep_ratio_warmup_rounds=4)
+    narrow = [c for c in range(4) if config.keep_ratio_of(c) == 0.5][0]
+    self.assertEqual([config.training_keep_ratio(narrow, r) for r in range(
+        1, 7)], [1.0, 0.875, 0.75, 0.625, 0.5, 0.5])
+    self.assertEqual(dataclasses.replace(
+        config, keep_ratio_warmup_rounds=0).training_keep_ratio(narrow, 1), 0.5)
+    config_lib.validate(config)
+    for overrides in ({'channel_policy': 'heterofl'},
+                      {'dynamic_pruning': False}):
+      with self.assertRaisesRegex(config_lib.ConfigError,
+                                  '--keep_ratio_warmup_rounds serves'):
+        config_lib.validate(dataclasses.replace(config, **overrides))
+
   def test_local_socket_workers_need_no_certificates(self):
     config_lib.validate(testing.small_config(
         '/tmp/unused', workers='unix:/tmp/a.sock,unix:/tmp/b.sock'))

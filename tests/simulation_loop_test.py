@@ -131,6 +131,24 @@ class RunExperimentTest(parameterized.TestCase):
     narrow, wide = tiers['0.5']['download_bytes'], tiers['1.0']['download_bytes']
     self.assertEqual(narrow < wide, policy == 'heterofl')
 
+  def test_keep_ratio_warmup_trains_the_scheduled_widths(self):
+    config = testing.small_config(
+        self.create_tempdir().full_path, total_rounds=3, num_clients=4,
+        clients_per_round=4, device_tiers='0.5:1:1,1.0:4:10', keep_ratio=1.0,
+        keep_ratio_warmup_rounds=2)
+    run(config)
+    narrow = [c for c in read_rows(config.run_dir, loop.CLIENTS_CSV)
+              if c['tier'] == '0.5']
+    by_round = {}
+    for c in narrow:
+      by_round.setdefault(int(c['round']), []).append(c)
+    self.assertEqual([{float(c['keep_ratio']) for c in by_round[r]}
+                      for r in (1, 2, 3)], [{1.0}, {0.75}, {0.5}])
+    flops = [sum(float(c['train_flops']) / float(c['dense_train_flops'])
+                 for c in by_round[r]) for r in (1, 2, 3)]
+    self.assertGreater(flops[0], flops[1])
+    self.assertGreater(flops[1], flops[2])
+
   def test_round_deadline_leaves_late_clients_out(self):
     root = self.create_tempdir().full_path
     tiered = dict(total_rounds=1, num_clients=4, clients_per_round=4,

@@ -249,6 +249,13 @@ class DeviceSection:
       ' (clients_late). Default: none.',
       constraint=fields.Range(0, low_open=True),
   )
+  keep_ratio_warmup_rounds: int = fields.field(
+      0, 'Rounds over which every client\'s training keep ratio falls'
+      ' linearly from 1.0 (dense, round 1) to its own (reached in round'
+      ' N + 1): a schedule that starts dense, costed at what each client'
+      ' computes. 0: no schedule.',
+      constraint=fields.Range(0),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +397,16 @@ class ExperimentConfig(WorkerSection, UploadSection, AlgorithmSection,
       return super().keep_ratio_of(client_id)
     return self.tiers()[tiers[client_id]].keep_ratio
 
+  def training_keep_ratio(self, client_id: int, round_num: int) -> float:
+    """The keep ratio client `client_id` trains at in round `round_num`
+    (1-based): its own, or on --keep_ratio_warmup_rounds' way to it."""
+    own = self.keep_ratio_of(client_id)
+    if not self.keep_ratio_warmup_rounds:
+      return own
+    warmup = self.keep_ratio_warmup_rounds
+    dense_share = max(0.0, 1.0 - (round_num - 1) / warmup)
+    return own + (1.0 - own) * dense_share
+
 
 @functools.lru_cache(maxsize=16)
 def _client_tiers(device_tiers, tier_shares, num_clients, seed):
@@ -527,6 +544,13 @@ def _device_rules(config: ExperimentConfig):
           config.gate_selection == 'saliency' and not config.gate_balance),
       f'--channel_policy={config.channel_policy} keeps a fixed prefix:'
       ' --gate_selection=saliency and --gate_balance=0 only',
+  )
+  yield (
+      not config.keep_ratio_warmup_rounds or (
+          config.dynamic_pruning and config.channel_policy == 'feddp'),
+      '--keep_ratio_warmup_rounds serves gated models with'
+      ' --channel_policy=feddp (a prefix device downloads its tier\'s'
+      ' sub-model)',
   )
   yield (
       config.round_deadline_s is None or config.algorithm in (

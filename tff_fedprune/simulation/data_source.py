@@ -104,7 +104,7 @@ class ClientDataSource:
                 c, config.batch_size, config.local_epochs, config.seed,
                 round_num,
             ),
-            keep_ratio=config.keep_ratio_of(c),
+            keep_ratio=config.training_keep_ratio(c, round_num),
             rounding_seed=client_work.rounding_seed(config.seed, round_num, c),
             device=self.federation.device_vector(c) if (
                 self.federation and config.round_deadline_s is not None)

@@ -25,6 +25,7 @@ from absl import flags
 
 from experiments import cifar
 from tff_fedprune import cli
+from tff_fedprune.simulation.methods import METHODS
 
 _ALGORITHMS = flags.DEFINE_list(
     'algorithms', ['fedavg', 'fedprox', 'fednova', 'scaffold'],
@@ -33,23 +34,13 @@ _PRUNING = flags.DEFINE_list(
     'pruning', ['on', 'off'],
     'on (gated, --dynamic_pruning) and/or off (dense).')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the grid.')
-# A heterogeneous federation's methods: the flags each sets.
-METHODS = {
-    'feddp': dict(dynamic_pruning=True, channel_policy='feddp',
-                  static_batch_norm=True),
-    'feddp_trained_bn': dict(dynamic_pruning=True, channel_policy='feddp'),
-    'heterofl': dict(dynamic_pruning=True, channel_policy='heterofl'),
-    'fjord': dict(dynamic_pruning=True, channel_policy='fjord'),
-    'dense': dict(dynamic_pruning=False, channel_policy='feddp'),
-    'dense_full_tier': dict(dynamic_pruning=False, channel_policy='feddp',
-                            tier_min_keep_ratio=1.0),
-}
 _METHODS = flags.DEFINE_list(
     'methods', [], f'Methods of the grid in place of --pruning: {list(METHODS)}'
     ' (feddp is evaluated with static batch norm, as heterofl and fjord are;'
     ' feddp_trained_bn with its averaged statistics; dense: every client'
     ' trains the full model; dense_full_tier: only the clients of tiers with'
-    ' keep ratio 1.0 take part).')
+    ' keep ratio 1.0 take part; feddp_identity, feddp_balance, feddp_warmup:'
+    ' FedDP with a remedy, simulation.methods.REMEDIES).')
 
 
 def cells(base) -> list:

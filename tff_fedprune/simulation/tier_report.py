@@ -23,19 +23,11 @@ from scipy import stats  # Installed with scikit-learn.
 
 from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import evaluation
+from tff_fedprune.simulation import methods
 from tff_fedprune.simulation import reporting
 
 LAST = 5  # Evaluations averaged at the end of a run.
 TIER_EXPORTS = 'tier_exports.json'
-
-
-def method_of(config: dict) -> str:
-  """The `experiments.grid.METHODS` name of a run's configuration."""
-  if config['dynamic_pruning']:
-    if config['channel_policy'] == 'feddp' and not config['static_batch_norm']:
-      return 'feddp_trained_bn'
-    return config['channel_policy']
-  return 'dense_full_tier' if config['tier_min_keep_ratio'] >= 1 else 'dense'
 
 
 def _last(values: np.ndarray) -> float:
@@ -97,7 +89,7 @@ def summarize(runs: list, target: float) -> dict:
   """Per method: seeds, per-tier figures and the method's totals."""
   by_method = collections.defaultdict(list)
   for run in runs:
-    by_method[method_of(run.config)].append(run)
+    by_method[methods.method_of(run.config)].append(run)
   labels = [t.label for t in _tiers(runs[0])]
   table = {}
   for method, members in by_method.items():

@@ -39,8 +39,8 @@ _METHODS = flags.DEFINE_list(
     ' (feddp is evaluated with static batch norm, as heterofl and fjord are;'
     ' feddp_trained_bn with its averaged statistics; dense: every client'
     ' trains the full model; dense_full_tier: only the clients of tiers with'
-    ' keep ratio 1.0 take part; feddp_identity, feddp_balance, feddp_warmup:'
-    ' FedDP with a remedy, simulation.methods.REMEDIES).')
+    ' keep ratio 1.0 take part; feddp_identity, feddp_balance, feddp_warmup,'
+    ' feddp_distill: FedDP with a remedy, simulation.methods.REMEDIES).')
 
 
 def cells(base) -> list:

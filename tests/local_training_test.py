@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import keras_models
+from tff_fedprune import compact_training
 from tff_fedprune import gated_conv
 from tff_fedprune import local_training
 from tff_fedprune import model_state
@@ -121,6 +122,74 @@ class LocalTrainingTest(parameterized.TestCase):
         model, tff.learning.optimizers.build_sgdm(0.1), weight_decay=1e-3)
     mask = train(initial, batches(), keep(0.3)).mask
     self.assertTrue(all(np.all(m.numpy() == 1) for m in tf.nest.flatten(mask)))
+
+
+class SelfDistillationTest(parameterized.TestCase):
+  """A narrow client distils the model's own full-width output."""
+
+  def one_step(self, ratio, weight, mode='off'):
+    tf.keras.utils.set_random_seed(0)
+    model = keras_models.build_model('cnn', (8, 8, 1), 10,
+                                     gate=gated_conv.GateSpec())
+    initial = tf.nest.map_structure(lambda v: v.numpy(),
+                                    model_state.global_weights(model))
+    train = local_training.build_local_training(
+        model, tff.learning.optimizers.build_sgdm(0.1), compact_training=mode,
+        self_distillation=weight)
+    return model, initial, train(initial, batches(batch=8), keep(ratio))
+
+  def test_a_step_follows_the_distilled_objective(self):
+    model, initial, local = self.one_step(0.5, 2.0)
+    x, y = next(iter(batches(batch=8)))
+    tf.nest.map_structure(lambda v, t: v.assign(t),
+                          model_state.global_weights(model), initial)
+    model_state.set_keep_ratio(model, 1.0)
+    target = tf.nn.softmax(model(x, training=True))
+    model_state.set_keep_ratio(model, 0.5)
+    with tf.GradientTape() as tape:
+      logits = model(x, training=True)
+      ce = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+          y, logits)
+      kl = tf.reduce_mean(tf.reduce_sum(target * (
+          tf.math.log(target) - tf.nn.log_softmax(logits)), -1))
+      objective = ce + 2.0 * kl
+    grads = tape.gradient(objective, model_state.global_weights(
+        model).trainable)
+    for d, g in zip(local.delta.trainable, grads):
+      np.testing.assert_allclose(d, 0.1 * tf.convert_to_tensor(g).numpy(),
+                                 rtol=1e-4, atol=1e-7)
+
+  @parameterized.parameters('off', 'step')
+  def test_the_teacher_counts_its_flops_and_nothing_else(self, mode):
+    model, _, plain = self.one_step(0.5, 0.0, mode)
+    _, _, distilled = self.one_step(0.5, 1.0, mode)
+    teacher_flops = 8 * compact_training.forward_flops(model, gates=True)
+    self.assertAlmostEqual(
+        float(distilled.cost.train_flops),
+        float(plain.cost.train_flops) + teacher_flops, delta=1.0)
+    # Its pass neither counts kept channels nor moves batch-norm moments.
+    for a, b in zip(tf.nest.flatten(plain.mask),
+                    tf.nest.flatten(distilled.mask)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(plain.delta.non_trainable,
+                    distilled.delta.non_trainable):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  def test_full_width_clients_train_as_without_it(self):
+    _, _, plain = self.one_step(1.0, 0.0)
+    _, _, distilled = self.one_step(1.0, 1.0)
+    self.assertEqual(float(plain.cost.train_flops),
+                     float(distilled.cost.train_flops))
+    for a, b in zip(tf.nest.flatten(plain.delta),
+                    tf.nest.flatten(distilled.delta)):
+      np.testing.assert_array_equal(a, b)
+
+  def test_a_dense_model_has_nothing_to_distil(self):
+    model = keras_models.build_model('cnn', (8, 8, 1), 10)
+    with self.assertRaisesRegex(ValueError, 'needs a gated model'):
+      local_training.build_local_training(
+          model, tff.learning.optimizers.build_sgdm(0.1),
+          self_distillation=1.0)
 
 
 if __name__ == '__main__':

@@ -30,6 +30,8 @@ class ValidateTest(parameterized.TestCase):
       ({'salience_threshold': 1.0}, 'salience_threshold'),
       ({'prox_mu': -1.0}, 'prox_mu'),
       ({'gate_balance': -0.1}, '--gate_balance must be >= 0'),
+      ({'self_distillation': 1.0, 'dynamic_pruning': False},
+       '--self_distillation needs --dynamic_pruning'),
       ({'client_failure_rate': 1.0}, 'client_failure_rate'),
       ({'workers': 'localhost'}, 'not host:port'),
       ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),

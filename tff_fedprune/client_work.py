@@ -130,6 +130,7 @@ def build_client_work(
     clients_per_round: int = 0,
     measure_local_accuracy: bool = False,
     compact_training: str = 'off',
+    self_distillation: float = 0.0,
     with_device: bool = False,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Builds the client work.
@@ -150,6 +151,8 @@ def build_client_work(
       accuracy on its own batches; their unweighted mean over the clients
       with a finite update is the `local_train_accuracy` measurement.
     compact_training: `compact_training.MODES` (`local_training`).
+    self_distillation: weight of a narrow client's divergence from the
+      model's full-width output (`local_training`; 0: off).
     with_device: client data has a `device` (`DEVICE_FIELDS`), and the
       result its `DEVICE_TIME`, for an aggregator with a round deadline.
 
@@ -189,6 +192,7 @@ def build_client_work(
         salience_threshold=salience_threshold,
         measure_accuracy=measure_local_accuracy,
         compact_training=compact_training,
+        self_distillation=self_distillation,
     )
     client_state = _first(data['client_state'], client_spec) if (
         client_spec) else None

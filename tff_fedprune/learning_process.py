@@ -75,6 +75,7 @@ def build_learning_process(
     error_feedback: bool = False,
     measure_local_accuracy: bool = False,
     compact_training: str = 'off',
+    self_distillation: float = 0.0,
     num_clients: int = 0,
     clients_per_round: int = 0,
     round_deadline_s: Optional[float] = None,
@@ -105,6 +106,8 @@ def build_learning_process(
       its own batches (`local_train_accuracy` in the client work's metrics).
     compact_training: `compact_training.MODES`: compute only the channels
       each batch ('step') or the client's round ('round') keeps.
+    self_distillation: weight of a narrow client's divergence from the
+      model's full-width output in local training (0: off).
     num_clients: federation size (SCAFFOLD's 1 / N in the update of c).
     clients_per_round: most clients per round: the rows of the per-slot
       tables (SCAFFOLD's returned control-variate changes, each client's
@@ -154,6 +157,7 @@ def build_learning_process(
       clients_per_round=clients_per_round,
       measure_local_accuracy=measure_local_accuracy,
       compact_training=compact_training,
+      self_distillation=self_distillation,
       with_device=round_deadline_s is not None,
   )
   aggregator = hooks.aggregator(

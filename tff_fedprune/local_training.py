@@ -11,8 +11,9 @@ act only on weights whose channels have been kept at least once this round,
 so with momentum they never move a coordinate outside the mask: with
 `salience_threshold=0` the masked update equals the true update. The
 objective adds the model's own losses (the gated layers' load-balancing
-loss, `gate_ops.usage_balance`) to the cross-entropy; the reported loss is
-the cross-entropy.
+loss, `gate_ops.usage_balance`) to the cross-entropy, and with
+`self_distillation` the divergence from the model's own full-width output
+(`_Teacher`); the reported loss is the cross-entropy.
 """
 
 from collections.abc import Callable
@@ -38,6 +39,7 @@ def build_local_training(
     salience_threshold: float = 0.0,
     measure_accuracy: bool = False,
     compact_training: str = 'off',
+    self_distillation: float = 0.0,
 ):
   """A function training `model` on one client's data.
 
@@ -54,6 +56,13 @@ def build_local_training(
   channels some sample of each batch keeps, 'round' those of a pre-pass
   over the client's data (`compact_training.CompactModel`). Models without
   gated layers with masked batch statistics train as 'off'.
+
+  `self_distillation` (weight, 0: off): a client below full width adds
+  that weight times KL(full-width output || its output) to each step's
+  objective, the full-width output computed by the same model, without
+  gradient (`_Teacher`): the widest tier taught to the narrow ones, as
+  FjORD distils its widest width into the sampled ones. Its forward pass
+  counts in the training FLOPs.
   """
   if compact_training not in compact_training_lib.MODES:
     raise ValueError(f'compact_training must be one of'
@@ -63,6 +72,7 @@ def build_local_training(
   trainable = weights.trainable
   structure = salience.ChannelStructure(model)
   forward = _Forward(model, compact_training)
+  teacher = _Teacher(model) if self_distillation else None
 
   def local_terms(initial_trainable, correction):
     """Decay, proximal and correction gradients on kept channels only."""
@@ -101,6 +111,9 @@ def build_local_training(
       with tf.GradientTape() as tape:
         logits, losses, cost = forward(images, round_sets, cost)
         loss = loss_fn(labels, logits)
+        if teacher is not None:
+          distilled, cost = teacher(images, logits, cost)
+          losses = list(losses) + [self_distillation * distilled]
         objective = tf.add_n([loss] + losses) if losses else loss
       grads = tuple(tf.convert_to_tensor(g) for g in tape.gradient(
           objective, trainable))
@@ -199,6 +212,55 @@ class _Forward:
         flops + out.flops, dense, computed,
         outside + tf.cast(out.outside, tf.float64),
         gated + tf.cast(out.gated_pairs, tf.float64))
+
+
+class _Teacher:
+  """The model's own full-width output on a batch, the target of a narrow
+  client's self-distillation.
+
+  A training-mode pass (batch statistics: the averaged moving statistics of
+  mixed widths are what static batch norm replaces) whose side effects on
+  the model's non-trainable variables (moving moments, channel counts, the
+  keep ratio) are undone: it neither trains nor counts as kept.
+  """
+
+  def __init__(self, model):
+    if not gated_conv.gated_layers(model):
+      raise ValueError('self-distillation needs a gated model (a width to'
+                       ' distil into)')
+    self.model = model
+    self.width = gated_conv.gated_layers(model)[0].keep_ratio
+    self.flops = compact_training_lib.forward_flops(model, gates=True)
+
+  @tf.autograph.experimental.do_not_convert
+  def __call__(self, images, logits, cost):
+    """(KL(full-width output || `logits`), `cost` plus the pass's FLOPs):
+    0, and nothing computed, when the model already runs at full width."""
+    variables = self.model.non_trainable_variables
+
+    def full_width():
+      state = [v.read_value() for v in variables]
+      with tf.control_dependencies(state):
+        model_state.set_keep_ratio(self.model, 1.0)
+      target = tf.stop_gradient(self.model(images, training=True))
+      with tf.control_dependencies([target]):
+        for v, value in zip(variables, state):
+          v.assign(value)
+      n = tf.cast(tf.shape(images)[0], tf.float64)
+      return _divergence(target, logits), self.flops * n
+
+    def nothing():
+      return tf.constant(0.0), tf.constant(0.0, tf.float64)
+
+    distilled, flops = tf.cond(self.width < 1.0, full_width, nothing)
+    return distilled, (cost[0] + flops,) + tuple(cost[1:])
+
+
+def _divergence(target_logits, logits):
+  """Mean over the batch of KL(softmax(target) || softmax(logits))."""
+  target = tf.nn.softmax(target_logits)
+  return tf.reduce_mean(tf.reduce_sum(target * (
+      tf.nn.log_softmax(target_logits) - tf.nn.log_softmax(logits)), -1))
 
 
 def _accuracy(model, batches, num_examples):

@@ -294,6 +294,13 @@ class AlgorithmSection:
       5e-4, 'Client L2 weight decay.',
       constraint=fields.Range(0),
   )
+  self_distillation: float = fields.field(
+      0.0, 'Weight of a gated client\'s KL divergence from the model\'s own'
+      ' full-width output in local training, when it trains narrower (the'
+      ' widest tier taught to the narrow ones, as FjORD distils; its'
+      ' full-width forward pass counts in the training FLOPs). 0: off.',
+      constraint=fields.Range(0),
+  )
   local_epochs: int = fields.field(1, 'Local epochs per round.', constraint=fields.Range(1))
   batch_size: int = fields.field(32, 'Client batch size.', constraint=fields.Range(1))
   compact_training: str = fields.field(
@@ -544,6 +551,10 @@ def _device_rules(config: ExperimentConfig):
           config.gate_selection == 'saliency' and not config.gate_balance),
       f'--channel_policy={config.channel_policy} keeps a fixed prefix:'
       ' --gate_selection=saliency and --gate_balance=0 only',
+  )
+  yield (
+      not config.self_distillation or config.dynamic_pruning,
+      '--self_distillation needs --dynamic_pruning (a width to distil into)',
   )
   yield (
       not config.keep_ratio_warmup_rounds or (

@@ -19,16 +19,19 @@ METHODS = {
                             tier_min_keep_ratio=1.0),
 }
 # FedDP's remedies: the authors' gate input (the identity of the channel
-# means, their ResNet's), a load-balancing loss, a schedule that starts dense.
+# means, their ResNet's), a load-balancing loss, a schedule that starts
+# dense, self-distillation from the full width.
 REMEDIES = {
     'feddp_identity': dict(gate_input='identity'),
     'feddp_balance': dict(gate_balance=0.1),
     'feddp_warmup': dict(keep_ratio_warmup_rounds=10),
+    'feddp_distill': dict(self_distillation=1.0),
 }
 METHODS.update({name: dict(METHODS['feddp'], **flags)
                 for name, flags in REMEDIES.items()})
 DEFAULTS = dict(static_batch_norm=False, gate_input='sigmoid', gate_balance=0.0,
-                keep_ratio_warmup_rounds=0, tier_min_keep_ratio=0.0)
+                keep_ratio_warmup_rounds=0, self_distillation=0.0,
+                tier_min_keep_ratio=0.0)
 
 
 def method_of(config: dict) -> Optional[str]:

@@ -1,10 +1,12 @@
 """The report of a heterogeneous-federation grid (`simulation.tier_report`).
 
   python -m experiments.heterogeneity_report --grid_dir=GRID \\
-      [--target_accuracy=0.6]
+      [--remedies_dir=REMEDIES] [--target_accuracy=0.6]
 
 GRID holds the run directories of experiments.grid --methods=... (and, if
-experiments.tier_exports ran on them, their tier_exports.json). Writes
+experiments.tier_exports ran on them, their tier_exports.json); REMEDIES
+those of FedDP's remedies (--methods=feddp_identity,...), compared with
+GRID's FedDP runs of the same seed over the same rounds. Writes
 GRID/report.md and prints it.
 """
 
@@ -22,22 +24,39 @@ TARGET_ACCURACY = 0.6
 
 _GRID_DIR = flags.DEFINE_string('grid_dir', None, 'The grid directory.',
                                 required=True)
+_REMEDIES_DIR = flags.DEFINE_string(
+    'remedies_dir', None, 'A grid directory of FedDP remedy runs.')
 _TARGET = flags.DEFINE_float(
     'target_accuracy', TARGET_ACCURACY, 'Full-width test accuracy whose simulated time'
     ' to reach is reported.')
 
 
-def report(grid_dir: str, target: float) -> str:
-  """The markdown report of the finished runs under `grid_dir`."""
+def finished_runs(grid_dir: str) -> list:
+  """The runs under `grid_dir` that wrote their summary."""
   from tff_fedprune.simulation import reporting  # pylint: disable=g-import-not-at-top
-  from tff_fedprune.simulation import tier_report  # pylint: disable=g-import-not-at-top
 
   runs = [reporting.load_run(os.path.join(grid_dir, d))
           for d in sorted(os.listdir(grid_dir))
           if os.path.exists(os.path.join(grid_dir, d, 'summary.json'))]
   if not runs:
     raise ValueError(f'{grid_dir} holds no finished run')
-  return tier_report.markdown(tier_report.summarize(runs, target), target)
+  return runs
+
+
+def report(grid_dir: str, target: float, remedies_dir=None) -> str:
+  """The markdown report of the finished runs under `grid_dir` (and of
+  the remedies under `remedies_dir`)."""
+  from tff_fedprune.simulation import methods  # pylint: disable=g-import-not-at-top
+  from tff_fedprune.simulation import tier_report  # pylint: disable=g-import-not-at-top
+
+  runs = finished_runs(grid_dir)
+  remedies = ()
+  if remedies_dir:
+    feddp = [r for r in runs if methods.method_of(r.config) == 'feddp']
+    remedies = tier_report.summarize_remedies(
+        finished_runs(remedies_dir), feddp, target)
+  return tier_report.markdown(tier_report.summarize(runs, target), target,
+                              remedies)
 
 
 def main(argv):
@@ -46,7 +65,7 @@ def main(argv):
   from tff_fedprune import files  # pylint: disable=g-import-not-at-top
 
   try:
-    table = report(_GRID_DIR.value, _TARGET.value)
+    table = report(_GRID_DIR.value, _TARGET.value, _REMEDIES_DIR.value)
   except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -39,10 +39,13 @@ def method_of(config: dict) -> Optional[str]:
 
   A method's flags, with those of `DEFAULTS` it does not set at their
   defaults, must all be the run's: a FedDP run with a balance loss is
-  feddp_balance, not feddp.
+  feddp_balance, not feddp. A prefix policy always evaluates with static
+  batch norm, so that flag does not tell its runs apart.
   """
   def matches(flags):
     wanted = dict(DEFAULTS, **flags)
+    if config.get('channel_policy', 'feddp') != 'feddp':
+      wanted.pop('static_batch_norm')
     return all(config.get(k, DEFAULTS.get(k)) == v for k, v in wanted.items())
   for name, flags in METHODS.items():
     if matches(flags):

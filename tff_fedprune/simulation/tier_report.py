@@ -9,11 +9,14 @@ LiteRT latency (`tier_exports.json`, when exported), and the tier's training
 FLOPs over a dense client's (`clients.csv`). Per method: total upload,
 simulated time to a target accuracy of the full-width model, and the paired
 difference of FedDP's accuracy to each sub-model method with its 95%
-interval (paired seeds).
+interval (paired seeds). Then each sub-model method's accuracy at FedDP's
+training FLOPs per tier (a keep ratio is not a compute level), and FedDP's
+remedies (`methods.REMEDIES`) against FedDP on the same seed and rounds.
 """
 
 import collections
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +43,13 @@ def tier_accuracy(run: reporting.Run, label: str) -> float:
   column = (evaluation.tier_column(label) if run.config['dynamic_pruning']
             else 'test_accuracy')
   return _last(run.column(column))
+
+
+def truncated(run: reporting.Run, rounds: int) -> reporting.Run:
+  """`run` as it stood after round `rounds` (training does not depend on
+  the total: a shorter run's rounds are a longer one's first ones)."""
+  return dataclasses.replace(
+      run, rows=[r for r in run.rows if int(r['round']) <= rounds])
 
 
 def time_to_target(run: reporting.Run, target: float) -> float:
@@ -134,8 +144,86 @@ METHOD_ORDER = ('feddp', 'feddp_trained_bn', 'heterofl', 'fjord', 'dense',
                 'dense_full_tier')
 
 
-def markdown(table: dict, target: float) -> str:
-  """The report: one row per method and tier, then the paired differences."""
+def at_flops(tiers: dict, flops: float) -> tuple:
+  """(accuracy, FLOPs it costs) a device with a training budget of `flops`
+  gets from a method whose `tiers` (summarize's) cost what they cost: the
+  best accuracy of the tiers costing at most that, linearly interpolated
+  between tiers; the most costly tier's if all cost less, nan if all cost
+  more."""
+  points = sorted((t['train_flops'][0], t['accuracy'][0])
+                  for t in tiers.values()
+                  if not math.isnan(t['train_flops'][0] + t['accuracy'][0]))
+  if not points or flops < points[0][0]:
+    return math.nan, math.nan
+  costs = [c for c, _ in points]
+  best = np.maximum.accumulate([a for _, a in points])
+  if flops >= costs[-1]:
+    return float(best[-1]), costs[-1]
+  return float(np.interp(flops, costs, best)), flops
+
+
+def summarize_remedies(remedies: list, feddp: list, target: float) -> list:
+  """Per remedy run and tier: its last-5 accuracy, FedDP's on the same
+  seed over the same rounds, the tier's training FLOPs and the simulated
+  time to `target`."""
+  rows = []
+  baseline = {r.config['seed']: r for r in feddp}
+  for run in sorted(remedies, key=lambda r: methods.method_of(r.config)):
+    seed, rounds = run.config['seed'], int(run.rows[-1]['round'])
+    if seed not in baseline:
+      continue
+    same = truncated(baseline[seed], rounds)
+    ratios = train_flops_ratios(run)
+    for tier in _tiers(run):
+      rows.append(dict(
+          remedy=methods.method_of(run.config), seed=seed, rounds=rounds,
+          tier=tier.label, accuracy=tier_accuracy(run, tier.label),
+          feddp_accuracy=tier_accuracy(same, tier.label),
+          train_flops=ratios.get(tier.label, math.nan),
+          time_to_target=time_to_target(run, target),
+          feddp_time_to_target=time_to_target(same, target)))
+  return rows
+
+
+def _matched_flops_lines(table: dict) -> list:
+  lines = ['', '| FedDP tier | FedDP train FLOPs vs dense | FedDP % |'
+           ' heterofl % at those FLOPs | fjord % at those FLOPs |',
+           '|' + ' --- |' * 5]
+  for label, tier in table['feddp']['tiers'].items():
+    flops = tier['train_flops'][0]
+    cells = []
+    for other in ('heterofl', 'fjord'):
+      accuracy, cost = (at_flops(table[other]['tiers'], flops)
+                        if other in table else (math.nan, math.nan))
+      cell = '-' if math.isnan(accuracy) else f'{100 * accuracy:.1f}'
+      if not math.isnan(cost) and cost < flops:
+        cell += f' (at {cost:.2f})'
+      cells.append(cell)
+    lines.append(f'| {label} | {flops:.2f} | {100 * tier["accuracy"][0]:.1f} |'
+                 f' {cells[0]} | {cells[1]} |')
+  return lines
+
+
+def _remedy_lines(rows: list, target: float) -> list:
+  lines = ['', '| remedy | seed | rounds | tier | accuracy % (last 5) |'
+           ' FedDP %, same seed and rounds | difference, points |'
+           f' train FLOPs vs dense | simulated s to {target:.0%} (FedDP) |',
+           '|' + ' --- |' * 9]
+  seconds = lambda s: '-' if math.isnan(s) else f'{s:.0f}'
+  for row in rows:
+    lines.append(
+        f'| {row["remedy"]} | {row["seed"]} | {row["rounds"]} | {row["tier"]} |'
+        f' {100 * row["accuracy"]:.1f} | {100 * row["feddp_accuracy"]:.1f} |'
+        f' {100 * (row["accuracy"] - row["feddp_accuracy"]):+.1f} |'
+        f' {row["train_flops"]:.2f} | {seconds(row["time_to_target"])}'
+        f' ({seconds(row["feddp_time_to_target"])}) |')
+  return lines
+
+
+def markdown(table: dict, target: float, remedies: tuple = ()) -> str:
+  """The report: one row per method and tier, the paired differences, the
+  accuracy at matched training FLOPs and, given `summarize_remedies` rows,
+  FedDP's remedies."""
   methods = [m for m in METHOD_ORDER if m in table]
   lines = [
       '| method | seeds | tier | accuracy % (last 5) | final static export % |'
@@ -170,4 +258,7 @@ def markdown(table: dict, target: float) -> str:
         interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
         lines.append(f'| {other} | {label} | {len(seeds)} |'
                      f' {100 * mean:+.1f}{interval} |')
+    lines += _matched_flops_lines(table)
+  if remedies:
+    lines += _remedy_lines(remedies, target)
   return '\n'.join(lines) + '\n'

@@ -69,7 +69,7 @@ class TierReportTest(absltest.TestCase):
     # t(0.975, 2 df) = 4.303; std (ddof 1) = 0.05.
     self.assertAlmostEqual(half, 4.3027 * 0.05 / np.sqrt(3), places=4)
     markdown = tier_report.markdown(table, 0.73)
-    self.assertIn('| heterofl | 0.5 | 3 | +10.0 ± 12.4 |', markdown)
+    self.assertIn('| heterofl | 0.5 | 3 | +10.0 ± 12.4 | - |', markdown)
     self.assertIn('| feddp | 3 | 0.5 | 59.0 ± 4.1 |', markdown)
 
   def test_a_dense_run_is_one_model_on_every_tier(self):
@@ -125,7 +125,8 @@ class TierReportTest(absltest.TestCase):
     with open(os.path.join(COMMITTED, 'report.md')) as f:
       committed = f.read()
     self.assertEqual(committed, heterogeneity_report.report(
-        COMMITTED, heterogeneity_report.TARGET_ACCURACY))
+        COMMITTED, heterogeneity_report.TARGET_ACCURACY,
+        COMMITTED + '_remedies'))
     with open(os.path.join(testing.ROOT, 'docs', 'results.md')) as f:
       self.assertIn(committed, f.read())
 

@@ -125,6 +125,9 @@ def summarize(runs: list, target: float) -> dict:
         time_to_target=_spread([time_to_target(r, target) for r in members]),
         per_seed={label: {r.config['seed']: tier_accuracy(r, label)
                           for r in members} for label in labels},
+        per_seed_export={label: {
+            r.config['seed']: _exports(r)[label]['export_accuracy']
+            for r in members if label in _exports(r)} for label in labels},
     )
   return table
 
@@ -183,6 +186,18 @@ def summarize_remedies(remedies: list, feddp: list, target: float) -> list:
           time_to_target=time_to_target(run, target),
           feddp_time_to_target=time_to_target(same, target)))
   return rows
+
+
+def _paired(table: dict, other: str, key: str, label: str) -> tuple:
+  """(paired seeds, 'mean ± 95% half-width' in points) of FedDP minus
+  `other` in `table[...][key][label]`."""
+  mine, theirs = table['feddp'][key][label], table[other][key][label]
+  seeds = sorted(set(mine) & set(theirs))
+  if not seeds:
+    return 0, '-'
+  mean, half = paired_interval([mine[s] - theirs[s] for s in seeds])
+  interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
+  return len(seeds), f'{100 * mean:+.1f}{interval}'
 
 
 def _matched_flops_lines(table: dict) -> list:
@@ -244,20 +259,17 @@ def markdown(table: dict, target: float, remedies: tuple = ()) -> str:
           f' {_pm(row["time_to_target"], 1, ".0f")} |')
   if 'feddp' in table:
     lines += ['', '| FedDP minus | tier | paired seeds | difference, points'
-              ' (95% interval) |', '| --- | --- | --- | --- |']
+              ' (95% interval) | final static exports, same |',
+              '| --- | --- | --- | --- | --- |']
     for other in ('heterofl', 'fjord', 'dense', 'feddp_trained_bn'):
       if other not in table:
         continue
       for label in table['feddp']['per_seed']:
-        mine = table['feddp']['per_seed'][label]
-        theirs = table[other]['per_seed'][label]
-        seeds = sorted(set(mine) & set(theirs))
-        if not seeds:
-          continue
-        mean, half = paired_interval([mine[s] - theirs[s] for s in seeds])
-        interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
-        lines.append(f'| {other} | {label} | {len(seeds)} |'
-                     f' {100 * mean:+.1f}{interval} |')
+        seeds, dynamic = _paired(table, other, 'per_seed', label)
+        if seeds:
+          exported = _paired(table, other, 'per_seed_export', label)[1]
+          lines.append(f'| {other} | {label} | {seeds} | {dynamic} |'
+                       f' {exported} |')
     lines += _matched_flops_lines(table)
   if remedies:
     lines += _remedy_lines(remedies, target)

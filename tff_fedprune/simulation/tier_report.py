@@ -105,9 +105,10 @@ def summarize(runs: list, target: float) -> dict:
   for method, members in by_method.items():
     members.sort(key=lambda r: r.config['seed'])
     ratios = [train_flops_ratios(r) for r in members]
+    exported = [_exports(r) for r in members]
     tiers = {}
     for label in labels:
-      exports = [_exports(r).get(label, {}) for r in members]
+      exports = [e.get(label, {}) for e in exported]
       tiers[label] = dict(
           accuracy=_spread([tier_accuracy(r, label) for r in members]),
           export_accuracy=_spread(
@@ -126,8 +127,9 @@ def summarize(runs: list, target: float) -> dict:
         per_seed={label: {r.config['seed']: tier_accuracy(r, label)
                           for r in members} for label in labels},
         per_seed_export={label: {
-            r.config['seed']: _exports(r)[label]['export_accuracy']
-            for r in members if label in _exports(r)} for label in labels},
+            r.config['seed']: e[label]['export_accuracy']
+            for r, e in zip(members, exported) if label in e}
+                         for label in labels},
     )
   return table
 

@@ -225,11 +225,12 @@ class _Teacher:
   """
 
   def __init__(self, model):
-    if not gated_conv.gated_layers(model):
+    gated = gated_conv.gated_layers(model)
+    if not gated:
       raise ValueError('self-distillation needs a gated model (a width to'
                        ' distil into)')
     self.model = model
-    self.width = gated_conv.gated_layers(model)[0].keep_ratio
+    self.width = gated[0].keep_ratio
     self.flops = compact_training_lib.forward_flops(model, gates=True)
 
   @tf.autograph.experimental.do_not_convert

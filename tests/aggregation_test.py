@@ -70,7 +70,8 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
       clients = testing.masked_updates(seed=1)
       for k, c in enumerate(clients):
         c['rounding_seed'] = np.array([5, k], np.int64)
-      process = aggregation.MaskedMeanFactory(upload_bits=bits).create(
+      process = aggregation.MaskedMeanFactory(
+          values=encoding.ValueFormat(bits)).create(
           testing.update_value_type(seed_type), tff.TensorType(np.float32))
       output = process.next(process.initialize(), clients, [1.0, 1.0, 1.0])
       expected_bytes = 0
@@ -79,7 +80,8 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
         for spec, u, m, seed in zip(
             specs, tf.nest.flatten(c['update']), tf.nest.flatten(c['mask']),
             encoding.tensor_seeds(c['rounding_seed'], len(specs))):
-          encoded = encoding.TensorCodec(spec.shape, bits).encode(u, m, seed)
+          encoded = encoding.TensorCodec(
+              spec.shape, encoding.ValueFormat(bits)).encode(u, m, seed)
           expected_bytes += sum(t.numpy().nbytes for t in encoded.values())
       kept = sum(float(np.sum(m)) for c in clients
                  for m in tf.nest.flatten(c['mask']))
@@ -93,7 +95,7 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
       c['rounding_seed'] = np.array([9, k], np.int64)
     value_type = testing.update_value_type(
         [('rounding_seed', tff.TensorType(np.int64, [2]))])
-    process = aggregation.MaskedMeanFactory(upload_bits=16).create(
+    process = aggregation.MaskedMeanFactory(values=encoding.ValueFormat(16)).create(
         value_type, tff.TensorType(np.float32))
     exact = self.process.next(
         self.process.initialize(),
@@ -104,10 +106,10 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),
         quantised.result, exact.result)
     with self.assertRaisesRegex(ValueError, 'rounding_seed'):
-      aggregation.MaskedMeanFactory(upload_bits=8).create(
+      aggregation.MaskedMeanFactory(values=encoding.ValueFormat(8)).create(
           testing.update_value_type(), tff.TensorType(np.float32))
     with self.assertRaisesRegex(ValueError, 'upload_bits'):
-      aggregation.MaskedMeanFactory(upload_bits=7)
+      encoding.ValueFormat(7)
 
   def test_zero_weight_client_contributes_nothing(self):
     clients = testing.masked_updates(seed=2)
@@ -148,7 +150,7 @@ class SumFactoryTest(testing.LocalRuntimeTestCase):
                            expected.measurements['kept_coordinates'])
     with self.assertRaisesRegex(ValueError, 'upload_bits must be 32'):
       aggregation.MaskedMeanFactory(
-          upload_bits=8, sum_factory=tff.aggregators.SumFactory())
+          values=encoding.ValueFormat(8), sum_factory=tff.aggregators.SumFactory())
 
 
 if __name__ == '__main__':

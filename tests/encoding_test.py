@@ -45,10 +45,11 @@ def channel_mask(shape, density, rng):
   return np.ones(shape, np.float32) * rows[:, None] * cols[None, :]
 
 
-def encode_decode(shape, mask, bits=32, seed=(3, 4), value_seed=0):
+def encode_decode(shape, mask, bits=32, seed=(3, 4), value_seed=0, **form):
+  """`form`: the other `encoding.ValueFormat` fields."""
   rng = np.random.default_rng(value_seed)
   update = rng.normal(size=shape).astype(np.float32) * mask
-  codec = encoding.TensorCodec(shape, bits)
+  codec = encoding.TensorCodec(shape, encoding.ValueFormat(bits, **form))
   encoded = codec.encode(
       tf.constant(update), tf.constant(mask), tf.constant(seed, tf.int64)
   )
@@ -112,7 +113,7 @@ class EncodingTest(parameterized.TestCase):
     self.assertLessEqual(error.max(), step * (1 + 1e-4))
     self.assertEqual(np.abs(dec_update[mask == 0]).max(), 0.0)
 
-  @parameterized.parameters(8, 4)
+  @parameterized.parameters(8, 4, 2, 1)
   def test_stochastic_rounding_is_unbiased(self, bits):
     shape, draws = (200,), 400
     mask = np.ones(shape, np.float32)
@@ -136,14 +137,14 @@ class EncodingTest(parameterized.TestCase):
     self.assertFalse(np.array_equal(first['quantized'], other['quantized']))
 
   def test_quantised_values_need_a_seed(self):
-    codec = encoding.TensorCodec((4,), 8)
+    codec = encoding.TensorCodec((4,), encoding.ValueFormat(8))
     with self.assertRaisesRegex(ValueError, 'rounding seed'):
       codec.encode(tf.ones([4]), tf.ones([4]))
 
   @parameterized.parameters(0, 7, 3, 64)
   def test_bad_bits_are_refused(self, bits):
     with self.assertRaisesRegex(ValueError, 'upload_bits'):
-      encoding.TensorCodec((4,), bits)
+      encoding.ValueFormat(bits)
 
   @parameterized.parameters(1, 4, 8, 17, 30, 31)
   def test_packing_into_31_bits_round_trips(self, bits):

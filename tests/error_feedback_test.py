@@ -18,18 +18,34 @@ from tff_fedprune.simulation import client_states
 # Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
 pytestmark = pytest.mark.slow
 
-LR, THRESHOLD, BITS, SEED = 0.1, 0.5, 8, 7
+LR, THRESHOLD, SEED = 0.1, 0.5, 7
+
+
+def level_gap(kept, values):
+  """Most a value can move between neighbouring levels of `values`."""
+  if not kept.size:
+    return 0.0
+  if values.rounding == encoding.DETERMINISTIC:
+    return 2 * np.abs(kept).max()
+  return np.ptp(kept) / (2**values.bits - 1)
 
 
 class ErrorFeedbackTest(testing.LocalRuntimeTestCase):
 
   def test_residual_is_what_the_upload_dropped(self):
+    # Stochastic 8-bit rounding, and 1-bit scaled signs (deterministic).
+    for values in (encoding.ValueFormat(8),
+                   encoding.ValueFormat(1, encoding.DETERMINISTIC)):
+      with self.subTest(values):
+        self._check_residuals(values)
+
+  def _check_residuals(self, values):
     fn = testing.model_fn(gated=True)
     weights = testing.initial_weights(fn)
     datasets = testing.client_datasets(num_clients=3)
     process = learning_process.build_learning_process(
         fn, datasets[0].element_spec, client_learning_rate=LR,
-        salience_threshold=THRESHOLD, upload_bits=BITS, error_feedback=True,
+        salience_threshold=THRESHOLD, upload_values=values, error_feedback=True,
         clients_per_round=2, initial_weights=weights)
     data_type = process.next.type_signature.parameter[1].member
     table = client_states.ClientStateTable(
@@ -62,17 +78,16 @@ class ErrorFeedbackTest(testing.LocalRuntimeTestCase):
         for d, m, e, seed in zip(delta.trainable, mask.trainable,
                                  residual[i], seeds):
           corrected = d.numpy() + e
-          codec = encoding.TensorCodec(corrected.shape, BITS)
+          codec = encoding.TensorCodec(corrected.shape, values)
           sent, _ = codec.decode(codec.encode(corrected * m, m, seed))
           new.append(corrected - sent.numpy())
-          kept = corrected[m.numpy() > 0]
-          steps[(i, len(new) - 1)] = (
-              np.ptp(kept) / (2**BITS - 1) if kept.size else 0.0)
+          steps[(i, len(new) - 1)] = level_gap(corrected[m.numpy() > 0],
+                                               values)
         residual[i] = new
-      # Masking at tau 0.5 and 8-bit rounding both leave something behind.
+      # Masking at tau 0.5 and rounding both leave something behind.
       self.assertTrue(any(np.abs(r).max() > 0 for r in residual[ids[0]]))
       # The reference trains eagerly: a value on a rounding boundary may round
-      # the other way, by one quantisation step.
+      # the other way, to the next level.
       for i in range(3):
         for j, expected in enumerate(residual[i]):
           got = table.get(i)['residual'][j]

@@ -14,9 +14,9 @@ The plain weighted mean of the authors' code (`aggregation='fedavg'`),
 counts a client that did not send coordinate i as a zero change, shrinking
 the coordinate by the share of clients that did not send it; it is kept for
 ablations. Clients encode their update with `uplink.Uplink`
-(the mask travels with it; with `upload_bits` < 32 the kept values are
-stochastically rounded, seeded by the value's `rounding_seed`, which stays on
-the client); the server decodes inside `federated_aggregate`,
+(the mask travels with it; with quantised `values` the rounding and any
+rotation are seeded by the value's `rounding_seed`, derived from (run seed,
+round, client)); the server decodes inside `federated_aggregate`,
 so the measured upload is what crossed the wire. A client whose weight is 0
 (a non-finite update, zeroed by the client work) contributes nothing.
 """
@@ -53,7 +53,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
   def __init__(
       self,
       aggregation: str = 'count_aware',
-      upload_bits: int = 32,
+      values: encoding.ValueFormat = encoding.ValueFormat(),
       sum_factory: Optional[
           tff.aggregators.UnweightedAggregationFactory] = None,
       clients_per_round: int = 0,
@@ -71,12 +71,12 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       raise ValueError(
           f'unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}'
       )
-    encoding.check_upload_bits(upload_bits)
-    if sum_factory is not None and upload_bits != 32:
+    if sum_factory is not None and values.quantized:
       raise ValueError('a sum_factory aggregates dense float32 values:'
                        ' upload_bits must be 32')
     self._count_aware = aggregation == 'count_aware'
-    self._bits = upload_bits
+    self._values = values
+    self._bits = values.bits
     self._sum_factory = sum_factory
     self._rows = int(clients_per_round)
     if deadline_s is not None and sum_factory is not None:
@@ -94,7 +94,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
                              value_type, weight_type, self._rows)
     specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
     spec_list = tf.nest.flatten(specs)
-    uplink = uplink_lib.Uplink(specs, self._bits)
+    uplink = uplink_lib.Uplink(specs, self._values)
     if (self._bits < 32
         and 'rounding_seed' not in tff.structure.name_list(value_type)):
       raise ValueError(

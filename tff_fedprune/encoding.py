@@ -14,12 +14,26 @@ Positions, in the smallest form that describes the mask exactly:
   channel kept) x (output channel salient), so a 3x3x64x64 kernel's positions
   cost 134 bits instead of 36,864.
 
-Values: float32 (`bits=32`), or quantised to `bits` in {16, 8, 4} between the
-tensor's smallest and largest kept value (both sent as float32) with
-stochastic rounding, so the decoded value is an unbiased estimate of the
-sent one. The rounding draws from a stateless generator seeded by the
-caller (the learning process uses (run seed, round, client)), so a rerun
-reproduces every bit.
+Values (`ValueFormat`): float32 (`bits=32`), or quantised to `bits` in
+{16, 8, 4, 2, 1}:
+
+* stochastic (the default): between the tensor's smallest and largest kept
+  value (both sent as float32) with stochastic rounding, so the decoded
+  value is an unbiased estimate of the sent one. The rounding draws from a
+  stateless generator seeded by the caller (the learning process uses (run
+  seed, round, client)), so a rerun reproduces every bit.
+* deterministic (1 and 2 bits, for error feedback; `SignLevelsEncodingStage`):
+  the sign, scaled by the tensor's mean magnitude (1 bit), or the sign and
+  whether the magnitude is above that mean, each group scaled by its own
+  mean magnitude (2 bits). Both are contractions (the error's norm is below
+  the input's), which error feedback needs; unbiased 1-bit rounding is not.
+* rotated (`rotation='hadamard'`): before quantisation, the kept values are
+  cut into blocks of `rotation_block` (the last one zero-padded: the padding
+  is sent and counted) and each block is multiplied by a randomised
+  Hadamard matrix (tfmot's `HadamardEncodingStage`), which spreads a
+  block's energy evenly over its coordinates and so narrows the range the
+  levels must cover. The rotation's signs are seeded by an int32 sent with
+  the tensor (4 bytes), derived from the rounding seed.
 
 Built on tensorflow-model-optimization's tensor_encoding library (the one
 behind `tff.aggregators.EncodedSumFactory`): `UniformQuantizationEncodingStage`
@@ -32,16 +46,22 @@ size of what `encode` emits: 4 bytes per float32 or int32 element.
 """
 
 import collections
+import dataclasses
 import math
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+from tensorflow_model_optimization.python.core.internal.tensor_encoding.core import encoding_stage
 from tensorflow_model_optimization.python.core.internal.tensor_encoding.stages import stages_impl
 from tensorflow_model_optimization.python.core.internal.tensor_encoding.stages.research import misc
 from tensorflow_model_optimization.python.core.internal.tensor_encoding.utils import tf_utils
 
-UPLOAD_BITS = (32, 16, 8, 4)
+UPLOAD_BITS = (32, 16, 8, 4, 2, 1)
+SIGN_LEVEL_BITS = (1, 2)
+STOCHASTIC, DETERMINISTIC = 'stochastic', 'deterministic'
+ROUNDINGS = (STOCHASTIC, DETERMINISTIC)
+ROTATIONS = ('none', 'hadamard')
 NONE, BITMAP, GAPS, CHANNELS = 'none', 'bitmap', 'gaps', 'channels'
 WORD_BITS = 31  # pack_into_int round-trips at 31 bits; 32 would overflow.
 
@@ -54,6 +74,204 @@ def gap_bits(size: int) -> int:
 def check_upload_bits(bits: int) -> None:
   if bits not in UPLOAD_BITS:
     raise ValueError(f'upload_bits must be one of {UPLOAD_BITS}, got {bits}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueFormat:
+  """How the kept values of an upload cross the wire.
+
+  `bits` per value (32: float32); below 32, `rounding` stochastic (unbiased)
+  or deterministic (`SignLevelsEncodingStage`, 1 or 2 bits), optionally
+  after a blockwise randomised Hadamard `rotation` of `rotation_block`
+  coordinates (a power of two).
+  """
+
+  bits: int = 32
+  rounding: str = STOCHASTIC
+  rotation: str = 'none'
+  rotation_block: int = 256
+
+  def __post_init__(self):
+    check_upload_bits(self.bits)
+    if self.rounding not in ROUNDINGS:
+      raise ValueError(f'unknown rounding {self.rounding!r}; choose from'
+                       f' {ROUNDINGS}')
+    if self.rotation not in ROTATIONS:
+      raise ValueError(f'unknown rotation {self.rotation!r}; choose from'
+                       f' {ROTATIONS}')
+    if self.rounding == DETERMINISTIC and self.bits not in SIGN_LEVEL_BITS:
+      raise ValueError('deterministic rounding takes 1 or 2 bits, got'
+                       f' {self.bits}')
+    if self.rotation != 'none' and self.bits == 32:
+      raise ValueError('a rotation needs quantised values: upload_bits'
+                       ' below 32')
+    block = self.rotation_block
+    if block < 2 or block & (block - 1):
+      raise ValueError('rotation_block must be a power of two >= 2, got'
+                       f' {block}')
+
+  @classmethod
+  def for_upload(cls, bits: int = 32, rotation: str = 'none',
+                 error_feedback: bool = False, rotation_block: int = 256):
+    """The format a client uses: with error feedback, 1 and 2 bits round
+    deterministically (unbiased 1-bit rounding is not a contraction)."""
+    rounding = (DETERMINISTIC if error_feedback and bits in SIGN_LEVEL_BITS
+                else STOCHASTIC)
+    return cls(bits, rounding, rotation, rotation_block)
+
+  @property
+  def quantized(self) -> bool:
+    return self.bits < 32
+
+
+class SignLevelsEncodingStage(encoding_stage.EncodingStageInterface):
+  """Deterministic 1- or 2-bit levels: signs scaled by mean magnitudes.
+
+  1 bit: x -> sign(x) * mean|x|. 2 bits: the sign and whether |x| exceeds
+  mean|x|; each of the two groups decodes to its own mean magnitude. Each
+  group's decoded magnitude is the one closest to its members in L2, so the
+  error's norm is below the input's (a contraction, as error feedback needs).
+  The scales travel as float32.
+  """
+
+  ENCODED_VALUES_KEY = 'levels'
+  SCALES_KEY = 'scales'
+
+  def __init__(self, bits: int = 1):
+    if bits not in SIGN_LEVEL_BITS:
+      raise ValueError(f'sign levels take 1 or 2 bits, got {bits}')
+    self._bits = bits
+
+  name = property(lambda self: 'sign_levels')
+  compressible_tensors_keys = property(
+      lambda self: [self.ENCODED_VALUES_KEY])
+  commutes_with_sum = property(lambda self: False)
+  decode_needs_input_shape = property(lambda self: False)
+
+  def get_params(self):
+    return collections.OrderedDict(), collections.OrderedDict()
+
+  def encode(self, x, encode_params):
+    del encode_params  # Unused.
+    magnitude = tf.abs(x)
+    positive = tf.cast(x >= 0, tf.int32)
+    mean = tf.reduce_mean(magnitude)
+    if self._bits == 1:
+      return collections.OrderedDict(
+          [(self.ENCODED_VALUES_KEY, positive),
+           (self.SCALES_KEY, tf.reshape(mean, [1]))])
+    high = magnitude > mean
+    scales = tf.stack([
+        tf.math.divide_no_nan(
+            tf.reduce_sum(tf.where(group, magnitude, 0.)),
+            tf.reduce_sum(tf.cast(group, x.dtype)))
+        for group in (tf.logical_not(high), high)
+    ])
+    return collections.OrderedDict(
+        [(self.ENCODED_VALUES_KEY, 2 * tf.cast(high, tf.int32) + positive),
+         (self.SCALES_KEY, scales)])
+
+  def decode(self, encoded_tensors, decode_params, num_summands=None,
+             shape=None):
+    del decode_params, num_summands, shape  # Unused.
+    levels = encoded_tensors[self.ENCODED_VALUES_KEY]
+    scales = encoded_tensors[self.SCALES_KEY]
+    sign = tf.cast(2 * (levels % 2) - 1, scales.dtype)
+    return sign * tf.gather(scales, levels // 2)
+
+
+class _DitheredUniform:
+  """tfmot's uniform quantisation between min and max, stochastically rounded.
+
+  Deterministic rounding of the input plus a uniform dither of one step is
+  exactly stochastic rounding; the dither is drawn from the caller's seed.
+  """
+
+  def __init__(self, bits: int):
+    self.bits = bits
+    self._stage = stages_impl.UniformQuantizationEncodingStage(
+        bits=bits, stochastic=False)
+
+  def quantize(self, values, seed):
+    low, high = tf.reduce_min(values), tf.reduce_max(values)
+    params = self._params(tf.stack([low, high]))
+    step = (high - low) / (2**self.bits - 1)
+    noise = tf_utils.random_floats(tf.size(values), seed) - 0.5
+    quantized = self._stage.encode(values + noise * step, params)[
+        self._stage.ENCODED_VALUES_KEY
+    ]
+    return tf.cast(quantized, tf.int32), tf.stack([low, high])
+
+  def dequantize(self, levels, scales):
+    return self._stage.decode(
+        {self._stage.ENCODED_VALUES_KEY: tf.cast(levels, tf.float32)},
+        self._params(scales),
+    )
+
+  def _params(self, value_range):
+    params, _ = self._stage.get_params()
+    params = collections.OrderedDict(params)
+    params[self._stage.MIN_MAX_VALUES_KEY] = value_range
+    return params
+
+
+class _SignLevels:
+  """`SignLevelsEncodingStage` behind the quantizer interface (no seed)."""
+
+  def __init__(self, bits: int):
+    self.bits = bits
+    self._stage = SignLevelsEncodingStage(bits)
+
+  def quantize(self, values, seed):
+    del seed  # Deterministic.
+    encoded = self._stage.encode(values, {})
+    return (encoded[self._stage.ENCODED_VALUES_KEY],
+            encoded[self._stage.SCALES_KEY])
+
+  def dequantize(self, levels, scales):
+    return self._stage.decode({self._stage.ENCODED_VALUES_KEY: levels,
+                               self._stage.SCALES_KEY: scales}, {})
+
+
+class BlockRotation:
+  """tfmot's `HadamardEncodingStage` on fixed-size blocks of a 1-D tensor.
+
+  The stage needs a static length; the kept values' count is dynamic, so
+  they are zero-padded to whole blocks of `block` (at most the tensor's
+  size rounded up to a power of two) and the blocks are rotated as a batch.
+  """
+
+  def __init__(self, size: int, block: int):
+    self.block = min(block, 2**math.ceil(math.log2(max(size, 2))))
+    self._stage = stages_impl.HadamardEncodingStage()
+
+  def padded(self, count):
+    return (count + self.block - 1) // self.block * self.block
+
+  def _params(self, seed):
+    return {self._stage.SEED_PARAMS_KEY: tf.stack(
+        [tf.constant(0, tf.int64), tf.cast(seed[0], tf.int64)])}
+
+  def rotate(self, values, seed):
+    blocks = tf.reshape(
+        tf.pad(values, [[0, self.padded(tf.size(values)) - tf.size(values)]]),
+        [-1, self.block])
+    rotated = self._stage.encode(blocks, self._params(seed))
+    return tf.reshape(rotated[self._stage.ENCODED_VALUES_KEY], [-1])
+
+  def unrotate(self, rotated, seed, count):
+    blocks = tf.reshape(rotated, [-1, self.block])
+    unrotated = self._stage.decode(
+        {self._stage.ENCODED_VALUES_KEY: blocks}, self._params(seed),
+        shape=tf.constant([1, self.block]))
+    return tf.reshape(unrotated, [-1])[:count]
+
+
+def rotation_seed(seed):
+  """The int32 [1] a tensor's rotation is seeded by (sent with it)."""
+  return tf.random.stateless_uniform(
+      [1], tf.random.experimental.stateless_fold_in(seed, 1), minval=0,
+      maxval=tf.int32.max, dtype=tf.int32)
 
 
 def pack(values, bits: int):
@@ -87,23 +305,26 @@ def _words(num_bits):
 class TensorCodec:
   """Encodes and decodes one tensor shape (as graph code for TFF)."""
 
-  def __init__(self, shape, bits: int = 32):
-    check_upload_bits(bits)
+  def __init__(self, shape, values: ValueFormat = ValueFormat()):
     self.shape = tf.TensorShape(shape)
     self.dims = self.shape.as_list()
     self.size = int(np.prod(self.dims))
-    self.bits = bits
+    self.values = values
+    self.bits = values.bits
     self._gap_bits = gap_bits(self.size)
     self._delta = misc.DifferenceBetweenIntegersEncodingStage()
-    if bits < 32:
-      self._quantizer = stages_impl.UniformQuantizationEncodingStage(
-          bits=bits, stochastic=False
-      )
+    if values.quantized:
+      self._quantizer = (_SignLevels(self.bits)
+                         if values.rounding == DETERMINISTIC
+                         else _DitheredUniform(self.bits))
+    self._rotation = (BlockRotation(self.size, values.rotation_block)
+                      if values.rotation != 'none' else None)
 
   def encode(self, update, mask, seed=None) -> collections.OrderedDict:
     """`update` restricted to `mask` (0/1 floats), in its smallest form.
 
-    `seed` (int [2]) seeds the stochastic rounding; needed when bits < 32.
+    `seed` (int [2]) seeds the stochastic rounding and the rotation; needed
+    when bits < 32.
     """
     flat = tf.reshape(update, [-1])
     kept = tf.reshape(mask, [-1]) > 0.5
@@ -113,14 +334,14 @@ class TensorCodec:
     values = tf.gather(flat, positions)
     if self.bits == 32:
       encoded['values'] = values
-    else:
-      if seed is None:
-        raise ValueError(f'{self.bits}-bit values need a rounding seed')
-      encoded['quantized'], encoded['value_range'] = tf.cond(
-          count > 0,
-          lambda: self._quantize(values, seed),
-          lambda: (tf.zeros([0], tf.int32), tf.zeros([0], tf.float32)),
-      )
+      return encoded
+    if seed is None:
+      raise ValueError(f'{self.bits}-bit values need a rounding seed')
+    empty = (tf.zeros([0], tf.int32), tf.zeros([0], tf.float32),
+             tf.zeros([0], tf.int32))
+    encoded['quantized'], encoded['scales'], encoded['rotation_seed'] = (
+        tf.cond(count > 0, lambda: self._quantize(values, seed),
+                lambda: empty))
     return encoded
 
   def _channel_indicators(self, kept):
@@ -160,20 +381,13 @@ class TensorCodec:
     return collections.OrderedDict(bitmap=bitmap, gaps=gaps, channels=channels)
 
   def _quantize(self, values, seed):
-    low, high = tf.reduce_min(values), tf.reduce_max(values)
-    params = self._quantizer_params(tf.stack([low, high]))
-    step = (high - low) / (2**self.bits - 1)
-    noise = tf_utils.random_floats(tf.size(values), seed) - 0.5
-    quantized = self._quantizer.encode(values + noise * step, params)[
-        self._quantizer.ENCODED_VALUES_KEY
-    ]
-    return pack(tf.cast(quantized, tf.int32), self.bits), tf.stack([low, high])
-
-  def _quantizer_params(self, value_range):
-    params, _ = self._quantizer.get_params()
-    params = collections.OrderedDict(params)
-    params[self._quantizer.MIN_MAX_VALUES_KEY] = value_range
-    return params
+    """(packed levels, scales, rotation seed: empty without a rotation)."""
+    rotation = tf.zeros([0], tf.int32)
+    if self._rotation is not None:
+      rotation = rotation_seed(seed)
+      values = self._rotation.rotate(values, rotation)
+    levels, scales = self._quantizer.quantize(values, seed)
+    return pack(levels, self.bits), scales, rotation
 
   def _decode_kept(self, encoded, any_values):
     """The flat boolean mask from the position fields."""
@@ -214,7 +428,7 @@ class TensorCodec:
     if self.bits == 32:
       any_values = tf.size(encoded['values']) > 0
     else:
-      any_values = tf.size(encoded['value_range']) > 0
+      any_values = tf.size(encoded['scales']) > 0
     kept = self._decode_kept(encoded, any_values)
     positions = tf.cast(tf.where(kept)[:, 0], tf.int32)
     if self.bits == 32:
@@ -230,12 +444,12 @@ class TensorCodec:
     return tf.reshape(update, self.shape), tf.reshape(mask, self.shape)
 
   def _dequantize(self, encoded, count):
-    quantized = tf.cast(unpack(encoded['quantized'], self.bits, count),
-                        tf.float32)
-    return self._quantizer.decode(
-        {self._quantizer.ENCODED_VALUES_KEY: quantized},
-        self._quantizer_params(encoded['value_range']),
-    )
+    sent = count if self._rotation is None else self._rotation.padded(count)
+    levels = unpack(encoded['quantized'], self.bits, sent)
+    values = self._quantizer.dequantize(levels, encoded['scales'])
+    if self._rotation is None:
+      return values
+    return self._rotation.unrotate(values, encoded['rotation_seed'], count)
 
 
 def position_form(encoded) -> str:

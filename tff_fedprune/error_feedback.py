@@ -40,15 +40,15 @@ class ErrorFeedback(algorithm_lib.Algorithm):
   the residual and the client's upload is corrected by it.
   """
 
-  def __init__(self, inner: algorithm_lib.Algorithm, upload_bits: int = 32):
+  def __init__(self, inner: algorithm_lib.Algorithm,
+               values: encoding.ValueFormat = encoding.ValueFormat()):
     if inner.name not in ALGORITHMS:
       raise ValueError(
           f'error feedback serves {" and ".join(ALGORITHMS)}, not'
           f' {inner.name}'
       )
     self.inner = inner
-    self._bits = upload_bits
-    encoding.check_upload_bits(upload_bits)
+    self._values = values
 
   name = property(lambda self: self.inner.name)
   prox_mu = property(lambda self: self.inner.prox_mu)
@@ -81,12 +81,13 @@ class ErrorFeedback(algorithm_lib.Algorithm):
     ))
     corrected = [d + e for d, e in zip(client.local.delta.trainable, residual)]
     uplink = uplink_lib.Uplink(
-        [tf.TensorSpec(c.shape, c.dtype) for c in corrected], self._bits
+        [tf.TensorSpec(c.shape, c.dtype) for c in corrected], self._values
     )
     masks = list(client.local.mask.trainable)
     to_send = [c * m for c, m in zip(corrected, masks)]
     sent = uplink.round_trip(
-        to_send, masks, client.rounding_seed if self._bits < 32 else None
+        to_send, masks,
+        client.rounding_seed if self._values.quantized else None
     )
     change = collections.OrderedDict(
         residual=tuple(c - s - e for c, s, e in zip(corrected, sent, residual))

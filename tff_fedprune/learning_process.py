@@ -17,6 +17,7 @@ import tensorflow_federated as tff
 from tff_fedprune import aggregation as aggregation_lib
 from tff_fedprune import algorithm as algorithm_lib
 from tff_fedprune import client_work as client_work_lib
+from tff_fedprune import encoding
 from tff_fedprune import error_feedback as error_feedback_lib
 from tff_fedprune import fednova
 from tff_fedprune import finalizer as finalizer_lib
@@ -38,12 +39,12 @@ def build_algorithm(
     learning_rate: float = 0.0,
     momentum: float = 0.0,
     error_feedback: bool = False,
-    upload_bits: int = 32,
+    upload_values: encoding.ValueFormat = encoding.ValueFormat(),
 ) -> algorithm_lib.Algorithm:
   """The client-work hooks of algorithm `name` (one of `ALGORITHMS`).
 
   With `error_feedback` they are wrapped in `error_feedback.ErrorFeedback`
-  for uploads of `upload_bits`.
+  for uploads whose values are in `upload_values`' format.
   """
   if name == 'fedavg':
     hooks = algorithm_lib.Algorithm()
@@ -56,7 +57,7 @@ def build_algorithm(
   else:
     raise ValueError(f'unknown algorithm {name!r}; choose from {ALGORITHMS}')
   if error_feedback:
-    return error_feedback_lib.ErrorFeedback(hooks, upload_bits)
+    return error_feedback_lib.ErrorFeedback(hooks, upload_values)
   return hooks
 
 
@@ -71,7 +72,7 @@ def build_learning_process(
     prox_mu: float = 0.0,
     salience_threshold: float = 0.0,
     aggregation: str = 'count_aware',
-    upload_bits: int = 32,
+    upload_values: encoding.ValueFormat = encoding.ValueFormat(),
     error_feedback: bool = False,
     measure_local_accuracy: bool = False,
     compact_training: str = 'off',
@@ -98,8 +99,9 @@ def build_learning_process(
     salience_threshold: tau of the salience mask (docs/design.md section 2).
     aggregation: one of `aggregation.AGGREGATIONS`: the count-aware mean or
       the authors' plain weighted mean.
-    upload_bits: bits per uploaded value (`encoding.UPLOAD_BITS`; below 32,
-      stochastically rounded, seeded by each client's `rounding_seed`).
+    upload_values: how uploaded values are coded (`encoding.ValueFormat`:
+      bits, rounding, rotation; below 32 bits, rounding and rotation are
+      seeded by each client's `rounding_seed`).
     error_feedback: clients keep what their uploads dropped and add it to
       their next update (`error_feedback`; FedAvg and FedProx only).
     measure_local_accuracy: measure each trained client model's accuracy on
@@ -128,7 +130,7 @@ def build_learning_process(
       build_algorithm(
           algorithm, prox_mu=prox_mu, num_clients=num_clients,
           learning_rate=client_learning_rate, momentum=client_momentum,
-          error_feedback=error_feedback, upload_bits=upload_bits,
+          error_feedback=error_feedback, upload_values=upload_values,
       )
   )
   if initial_weights is None:
@@ -162,7 +164,7 @@ def build_learning_process(
   )
   aggregator = hooks.aggregator(
       aggregation_lib.MaskedMeanFactory(
-          aggregation, upload_bits, clients_per_round=clients_per_round,
+          aggregation, upload_values, clients_per_round=clients_per_round,
           deadline_s=round_deadline_s)
   ).create(
       client_work.next.type_signature.result.result.member.update,

@@ -2,7 +2,7 @@
 
 docs/design.md, section 3. `Uplink` is the one place where a client's
 values are encoded (`encoding.TensorCodec` per tensor: sparse positions,
-float32 or stochastically rounded values) and where their bytes are counted.
+values in an `encoding.ValueFormat`) and where their bytes are counted.
 The aggregator encodes each client's update with it and decodes inside
 `federated_aggregate`; error feedback asks it what the server will decode
 (`round_trip`); SCAFFOLD counts its control-variate upload with it. Tensor i
@@ -22,14 +22,14 @@ SCALAR_BYTES = 4
 
 
 class Uplink:
-  """Encodes structures of tensors shaped like `specs` with `bits` per value."""
+  """Encodes structures of tensors shaped like `specs` in `values`' format."""
 
-  def __init__(self, specs, bits: int = 32):
-    encoding.check_upload_bits(bits)
-    self.bits = bits
+  def __init__(self, specs,
+               values: encoding.ValueFormat = encoding.ValueFormat()):
+    self.bits = values.bits
     self._specs = specs
     self._codecs = [
-        encoding.TensorCodec(s.shape, bits) for s in tf.nest.flatten(specs)
+        encoding.TensorCodec(s.shape, values) for s in tf.nest.flatten(specs)
     ]
 
   @property

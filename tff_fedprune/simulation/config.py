@@ -324,10 +324,23 @@ class UploadSection:
       constraint=fields.Range(0, 1, high_open=True),
   )
   upload_bits: int = fields.field(
-      32, 'Bits per uploaded value: 32 (float32), or 16, 8 or 4 (stochastic'
-      " rounding between each tensor's smallest and largest kept value,"
-      ' seeded by --seed, the round and the client).',
+      32, 'Bits per uploaded value: 32 (float32), or 16, 8, 4, 2 or 1'
+      " (stochastic rounding between each tensor's smallest and largest kept"
+      ' value, seeded by --seed, the round and the client; with'
+      ' --error_feedback, 2 and 1 bits are deterministic sign levels scaled'
+      ' by mean magnitudes).',
       constraint=fields.OneOf(encoding.UPLOAD_BITS),
+  )
+  upload_rotation: str = fields.field(
+      'none', 'Rotate the kept values before quantising them: hadamard'
+      " (tfmot's randomised Hadamard transform in blocks of"
+      ' --upload_rotation_block, padding and seed sent and counted).',
+      encoding.ROTATIONS,
+  )
+  upload_rotation_block: int = fields.field(
+      256, 'Coordinates per rotated block (a power of two; smaller blocks'
+      ' pad less, larger ones spread more).',
+      constraint=fields.Range(2, 1 << 20),
   )
   error_feedback: bool = fields.field(
       False, 'Clients keep what masking and quantisation dropped from their'
@@ -486,6 +499,23 @@ def _field_problem(field: dataclasses.Field, value, model_names) -> str:
   return ''
 
 
+def _upload_rules(config: ExperimentConfig):
+  """The value format's rules (`encoding.ValueFormat`), as flag errors."""
+  yield (
+      config.upload_rotation == 'none' or config.upload_bits < 32,
+      f'--upload_rotation={config.upload_rotation} rotates quantised values:'
+      ' give --upload_bits below 32',
+  )
+  block = config.upload_rotation_block
+  yield (block & (block - 1) == 0,
+         f'--upload_rotation_block must be a power of two, got {block}')
+  yield (
+      config.upload_bits > 2 or config.algorithm != 'scaffold',
+      f'--upload_bits={config.upload_bits} quantises the model update only:'
+      " scaffold's control variates are not quantised and would outweigh it",
+  )
+
+
 def _rules(config: ExperimentConfig):
   """(holds, message) of each rule between fields, in order."""
   yield (
@@ -494,6 +524,7 @@ def _rules(config: ExperimentConfig):
       f'--error_feedback serves {" and ".join(error_feedback.ALGORITHMS)},'
       f' not {config.algorithm}',
   )
+  yield from _upload_rules(config)
   keep_ratio = _field_of('keep_ratio').metadata['constraint']
   for ratio in parse_ratios(config.client_keep_ratios):
     yield (keep_ratio.allows(ratio),

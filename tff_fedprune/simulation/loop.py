@@ -26,6 +26,7 @@ import tensorflow_model_optimization as tfmot
 
 from tff_fedprune import algorithm as algorithm_lib
 from tff_fedprune import data as data_lib
+from tff_fedprune import encoding
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune import model_state
@@ -95,6 +96,13 @@ class BuiltProcess:
     return _process_key(config) == self.built_for
 
 
+def upload_values(config: ExperimentConfig) -> encoding.ValueFormat:
+  """How `config`'s clients code their uploaded values."""
+  return encoding.ValueFormat.for_upload(
+      config.upload_bits, config.upload_rotation, config.error_feedback,
+      config.upload_rotation_block)
+
+
 def build_process(config: ExperimentConfig, build_model: ModelBuilder,
                   fed_data: data_lib.FederatedData) -> BuiltProcess:
   """The learning process of `config`, its initial weights seeded by it.
@@ -104,11 +112,12 @@ def build_process(config: ExperimentConfig, build_model: ModelBuilder,
   """
   model_fn = model_fn_of(config, build_model, fed_data.source)
   tf.keras.utils.set_random_seed(config.seed)
+  values = upload_values(config)
   hooks = learning_process.build_algorithm(
       config.algorithm, prox_mu=config.prox_mu, num_clients=config.num_clients,
       learning_rate=config.client_learning_rate,
       momentum=config.client_momentum, error_feedback=config.error_feedback,
-      upload_bits=config.upload_bits,
+      upload_values=values,
   )
   process = learning_process.build_learning_process(
       model_fn,
@@ -119,7 +128,7 @@ def build_process(config: ExperimentConfig, build_model: ModelBuilder,
       algorithm=hooks,
       salience_threshold=config.salience_threshold,
       aggregation=config.aggregation,
-      upload_bits=config.upload_bits,
+      upload_values=values,
       measure_local_accuracy=config.measure_overfitting,
       compact_training=config.compact_training,
       self_distillation=config.self_distillation,
@@ -421,6 +430,9 @@ def _summary(config, fed_data, history) -> dict:
       ),
       'total_upload_bytes': sum(h['upload_bytes'] for h in history),
       'total_dense_upload_bytes': sum(h['dense_upload_bytes'] for h in history),
+      'bits_per_parameter': program.bits_per_parameter(
+          sum(h['upload_bytes'] for h in history),
+          sum(h['dense_upload_bytes'] for h in history)),
       'total_download_bytes': sum(h['download_bytes'] for h in history),
       'total_round_seconds': sum(h['round_seconds'] for h in history),
       'simulated_seconds': final.get('simulated_seconds'),

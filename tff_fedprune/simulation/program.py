@@ -50,6 +50,7 @@ class RoundMetrics:
   train_loss: float
   upload_bytes: int
   dense_upload_bytes: int
+  bits_per_parameter: float  # 32 * upload_bytes / dense_upload_bytes.
   download_bytes: int
   update_density: float
   flops_ratio: float
@@ -77,6 +78,13 @@ class RoundMetrics:
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(RoundMetrics)
                 if f.name != 'tier_test_accuracy')
+
+
+def bits_per_parameter(upload_bytes: int, dense_upload_bytes: int) -> float:
+  """Uploaded bits per dense parameter and client: a float32 upload is 32."""
+  if not dense_upload_bytes:
+    return math.nan
+  return 32 * upload_bytes / dense_upload_bytes
 
 
 class NonFiniteModelError(RuntimeError):
@@ -188,6 +196,8 @@ class RoundRunner:
     upload = output.metrics['aggregator']
     completed = len(clients.completing)
     dense_bytes = completed * self.traffic.per_client
+    upload_bytes = int(upload['upload_bytes']) + _client_upload_bytes(
+        client_metrics)
     costs = round_costs(round_num, inputs, client_metrics, upload,
                         self.gated_layers, self.federation,
                         self.traffic.per_client)
@@ -199,9 +209,9 @@ class RoundRunner:
             client_metrics.get('local_train_accuracy', math.nan)
         ),
         train_loss=float(client_metrics['train_loss']),
-        upload_bytes=int(upload['upload_bytes']) + _client_upload_bytes(
-            client_metrics),
+        upload_bytes=upload_bytes,
         dense_upload_bytes=dense_bytes,
+        bits_per_parameter=bits_per_parameter(upload_bytes, dense_bytes),
         download_bytes=sum(c.download_bytes for c in costs.clients),
         update_density=int(upload['kept_coordinates'])
         / (completed * int(upload['coordinates_per_client'])),

@@ -71,6 +71,10 @@ class Run:
         'dense_upload_mb': float(
             self.column('dense_upload_bytes').sum() / 1e6
         ),
+        'bits_per_parameter': float(
+            32 * self.column('upload_bytes').sum()
+            / self.column('dense_upload_bytes').sum()
+        ),
         'flops_ratio': float(flops[-1]) if flops.size else math.nan,
         'wall_seconds': float(self.column('round_seconds').sum()),
         'train_test_gap': self._last_gap('train_accuracy', evaluated),
@@ -301,10 +305,10 @@ def markdown_table(table: list[dict]) -> str:
   lines = [
       '| run | seeds | final acc % | last-5 acc % | best acc %'
       ' | client acc % (mean) | client acc % (worst 10%) | upload MB'
-      ' | upload vs dense | MB to target | to target vs dense'
-      ' | reached target | FLOPs ratio | wall s |',
+      ' | upload vs dense | bits per parameter | MB to target'
+      ' | to target vs dense | reached target | FLOPs ratio | wall s |',
       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |'
-      ' --- | --- | --- |',
+      ' --- | --- | --- | --- |',
   ]
   overfitting = any(not math.isnan(r['train_test_gap']) for r in table)
   if overfitting:
@@ -321,7 +325,8 @@ def markdown_table(table: list[dict]) -> str:
         f" | {pm(r, 'last5_accuracy', 100)}"
         f" | {pm(r, 'best_accuracy', 100)} | {pm(r, 'personal_mean', 100)}"
         f" | {pm(r, 'personal_worst10', 100)} | {pm(r, 'upload_mb')}"
-        f" | {r['upload_vs_dense']:.3f} | {to_target}"
+        f" | {r['upload_vs_dense']:.3f}"
+        f" | {r['bits_per_parameter']:.2f} | {to_target}"
         f" | {r['upload_to_target_vs_dense']:.3f}"
         f" | {reached}"
         f" | {pm(r, 'flops_ratio', fmt='.3f')}"

@@ -10,6 +10,7 @@ import tensorflow_federated as tff
 from tests import testing
 from tff_fedprune import aggregation
 from tff_fedprune import encoding
+from tff_fedprune import uplink
 
 # Starts TFF worker processes (`uv run pytest -m "not slow"` skips).
 pytestmark = pytest.mark.slow
@@ -75,13 +76,19 @@ class CountAwareMeanTest(testing.LocalRuntimeTestCase):
           testing.update_value_type(seed_type), tff.TensorType(np.float32))
       output = process.next(process.initialize(), clients, [1.0, 1.0, 1.0])
       expected_bytes = 0
+      # The statistic (non-trainable) travels at 8 bits under 1 and 2.
+      formats = [encoding.ValueFormat(bits)] * 2 + [
+          encoding.ValueFormat(max(bits, 8) if bits <= 2 else bits)]
+      self.assertEqual(formats, uplink.Uplink.update_formats(
+          tff.types.tensorflow_to_type(testing.UPDATE_SPECS),
+          encoding.ValueFormat(bits)))
       for c in clients:
         specs = tf.nest.flatten(testing.UPDATE_SPECS)
-        for spec, u, m, seed in zip(
-            specs, tf.nest.flatten(c['update']), tf.nest.flatten(c['mask']),
+        for spec, form, u, m, seed in zip(
+            specs, formats, tf.nest.flatten(c['update']),
+            tf.nest.flatten(c['mask']),
             encoding.tensor_seeds(c['rounding_seed'], len(specs))):
-          encoded = encoding.TensorCodec(
-              spec.shape, encoding.ValueFormat(bits)).encode(u, m, seed)
+          encoded = encoding.TensorCodec(spec.shape, form).encode(u, m, seed)
           expected_bytes += sum(t.numpy().nbytes for t in encoded.values())
       kept = sum(float(np.sum(m)) for c in clients
                  for m in tf.nest.flatten(c['mask']))

@@ -128,6 +128,92 @@ class EncodingTest(parameterized.TestCase):
     np.testing.assert_array_less(np.abs(decoded.mean(0) - update), bound)
     self.assertGreater(np.abs(decoded[0] - decoded[1]).max(), 0)
 
+  @parameterized.parameters(2, 1)
+  def test_rotated_stochastic_rounding_is_unbiased(self, bits):
+    shape, draws = (200,), 400
+    mask = np.ones(shape, np.float32)
+    runs = [encode_decode(shape, mask, bits, seed=(7, s), rotation='hadamard',
+                          rotation_block=64) for s in range(draws)]
+    update = runs[0][0]
+    # Each rotated coordinate errs by at most one step of its tensor; the
+    # inverse rotation is orthonormal, so a decoded one's variance is at
+    # most the largest step^2 / 4.
+    step = max(np.ptp(e['scales']) for _, e, _, _ in runs) / (2**bits - 1)
+    bound = 5 * step / (2 * math.sqrt(draws))
+    mean = np.mean([decoded for _, _, decoded, _ in runs], axis=0)
+    np.testing.assert_array_less(np.abs(mean - update), bound)
+
+  @parameterized.parameters(1, 2)
+  def test_sign_levels_are_deterministic_contractions(self, bits):
+    shape = (3, 3, 16, 32)
+    mask = random_mask(shape, 0.5)
+    update, encoded, decoded, _ = encode_decode(
+        shape, mask, bits, rounding=encoding.DETERMINISTIC)
+    again = encode_decode(shape, mask, bits, seed=(8, 9),
+                          rounding=encoding.DETERMINISTIC)[2]
+    np.testing.assert_array_equal(decoded, again)
+    self.assertLen(encoded['scales'], bits)
+    kept = update[mask > 0]
+    self.assertLess(np.linalg.norm(decoded - update), np.linalg.norm(kept))
+    np.testing.assert_array_equal(np.sign(decoded[mask > 0]), np.sign(kept))
+    if bits == 1:
+      np.testing.assert_allclose(
+          decoded[mask > 0], np.sign(kept) * np.abs(kept).mean(), rtol=1e-6)
+    else:
+      self.assertLen(np.unique(np.abs(decoded[mask > 0])), 2)
+
+  @parameterized.parameters(1, 255, 256, 257, 1000)
+  def test_block_rotation_round_trips(self, count):
+    rotation = encoding.BlockRotation(4096, 256)
+    values = np.random.default_rng(count).normal(size=count).astype(np.float32)
+    seed = tf.constant([12345])
+    rotated = rotation.rotate(tf.constant(values), seed)
+    self.assertEqual(rotated.shape[0], rotation.padded(count))
+    self.assertEqual(rotation.padded(count) % 256, 0)
+    np.testing.assert_allclose(np.linalg.norm(rotated),
+                               np.linalg.norm(values), rtol=1e-5)
+    np.testing.assert_allclose(rotation.unrotate(rotated, seed, count), values,
+                               atol=1e-5)
+    # A small tensor's block is its size rounded up to a power of two.
+    self.assertEqual(encoding.BlockRotation(20, 256).block, 32)
+
+  @parameterized.parameters(
+      (1, encoding.STOCHASTIC), (2, encoding.STOCHASTIC),
+      (1, encoding.DETERMINISTIC), (2, encoding.DETERMINISTIC))
+  def test_rotated_bytes_count_padding_scales_and_seed(self, bits, rounding):
+    shape, block = (3, 3, 16, 32), 64
+    mask = channel_mask(shape, 0.6, np.random.default_rng(4))
+    _, encoded, decoded, decoded_mask = encode_decode(
+        shape, mask, bits, rounding=rounding, rotation='hadamard',
+        rotation_block=block)
+    np.testing.assert_array_equal(decoded_mask, mask)
+    kept = int(mask.sum())
+    padded = -(-kept // block) * block
+    scales = 2 if rounding == encoding.STOCHASTIC else bits
+    expected = 4 * (words(sum(shape)) + words(padded * bits) + scales + 1)
+    nbytes = sum(t.numpy().nbytes for t in encoded.values())
+    self.assertEqual(int(encoding.encoded_bytes(encoded)), nbytes)
+    self.assertEqual(nbytes, expected)
+    self.assertEqual(np.abs(decoded[mask == 0]).max(), 0.0)
+
+  def test_value_formats_refuse_bad_combinations(self):
+    for kwargs, message in (
+        (dict(bits=32, rotation='hadamard'), 'a rotation needs quantised'),
+        (dict(bits=4, rounding=encoding.DETERMINISTIC),
+         'deterministic rounding takes 1 or 2 bits'),
+        (dict(bits=1, rotation='hadamard', rotation_block=48),
+         'rotation_block must be a power of two'),
+        (dict(bits=1, rotation='kashin'), 'unknown rotation'),
+    ):
+      with self.assertRaisesRegex(ValueError, message):
+        encoding.ValueFormat(**kwargs)
+    self.assertEqual(
+        encoding.ValueFormat.for_upload(1, error_feedback=True).rounding,
+        encoding.DETERMINISTIC)
+    self.assertEqual(
+        encoding.ValueFormat.for_upload(4, error_feedback=True).rounding,
+        encoding.STOCHASTIC)
+
   def test_rounding_is_a_function_of_the_seed(self):
     mask = random_mask((64, 8), 0.7)
     first = encode_decode((64, 8), mask, 4, seed=(1, 2))[1]

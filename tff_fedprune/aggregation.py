@@ -94,7 +94,8 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
                              value_type, weight_type, self._rows)
     specs = tff.types.type_to_tf_tensor_specs(value_type['update'])
     spec_list = tf.nest.flatten(specs)
-    uplink = uplink_lib.Uplink(specs, self._values)
+    uplink = uplink_lib.Uplink(specs, uplink_lib.Uplink.update_formats(
+        value_type['update'], self._values))
     if (self._bits < 32
         and 'rounding_seed' not in tff.structure.name_list(value_type)):
       raise ValueError(

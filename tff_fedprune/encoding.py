@@ -123,6 +123,18 @@ class ValueFormat:
   def quantized(self) -> bool:
     return self.bits < 32
 
+  def for_statistics(self) -> 'ValueFormat':
+    """The format of moving statistics (BN means and variances) beside it.
+
+    At 1 or 2 bits they travel at 8, stochastically rounded and unrotated:
+    a 1-bit error (or a sign scaled by the mean magnitude) can push a
+    moving variance below zero, which breaks its layer, and they are too
+    few (a few hundred values) to matter for the upload.
+    """
+    if self.bits in SIGN_LEVEL_BITS:
+      return ValueFormat(8)
+    return self
+
 
 class SignLevelsEncodingStage(encoding_stage.EncodingStageInterface):
   """Deterministic 1- or 2-bit levels: signs scaled by mean magnitudes.

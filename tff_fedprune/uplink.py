@@ -14,6 +14,7 @@ import collections
 from typing import Optional
 
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from tff_fedprune import encoding
 
@@ -22,14 +23,23 @@ SCALAR_BYTES = 4
 
 
 class Uplink:
-  """Encodes structures of tensors shaped like `specs` in `values`' format."""
+  """Encodes structures of tensors shaped like `specs`.
 
-  def __init__(self, specs,
-               values: encoding.ValueFormat = encoding.ValueFormat()):
-    self.bits = values.bits
+  `values`: the `encoding.ValueFormat` of every tensor, or a list of one per
+  tensor of `tf.nest.flatten(specs)` (`update_formats`).
+  """
+
+  def __init__(self, specs, values=encoding.ValueFormat()):
+    flat_specs = tf.nest.flatten(specs)
+    formats = (values if isinstance(values, (list, tuple))
+               else [values] * len(flat_specs))
+    if len(formats) != len(flat_specs):
+      raise ValueError(f'{len(formats)} value formats for'
+                       f' {len(flat_specs)} tensors')
+    self.quantized = any(f.quantized for f in formats)
     self._specs = specs
     self._codecs = [
-        encoding.TensorCodec(s.shape, values) for s in tf.nest.flatten(specs)
+        encoding.TensorCodec(s.shape, f) for s, f in zip(flat_specs, formats)
     ]
 
   @property
@@ -38,10 +48,10 @@ class Uplink:
     return sum(c.size for c in self._codecs)
 
   def _seeds(self, rounding_seed: Optional[tf.Tensor]) -> list:
-    if self.bits < 32 and rounding_seed is None:
-      raise ValueError(f'{self.bits}-bit uploads need a rounding seed')
+    if self.quantized and rounding_seed is None:
+      raise ValueError('quantised uploads need a rounding seed')
     return encoding.tensor_seeds(
-        rounding_seed if self.bits < 32 else None, len(self._codecs)
+        rounding_seed if self.quantized else None, len(self._codecs)
     )
 
   def encode(self, values, masks, rounding_seed=None) -> list:
@@ -72,6 +82,23 @@ class Uplink:
   def upload_bytes(self, values, masks, rounding_seed=None) -> tf.Tensor:
     """Bytes that sending `values` on `masks` costs."""
     return self.encoded_bytes(self.encode(values, masks, rounding_seed))
+
+  @staticmethod
+  def update_formats(update_type: tff.types.StructType,
+                     values: encoding.ValueFormat) -> list:
+    """One format per tensor of a model update (`ModelWeights`-typed).
+
+    The trainable weights travel in `values`; the moving statistics (the
+    non-trainable part) in `values.for_statistics()`.
+    """
+    names = tff.structure.name_list(update_type)
+    if names != ['trainable', 'non_trainable']:
+      raise ValueError(f'a model update has trainable and non_trainable'
+                       f' parts, got {names}')
+    count = lambda part: len(tf.nest.flatten(
+        tff.types.type_to_tf_tensor_specs(update_type[part])))
+    return ([values] * count('trainable')
+            + [values.for_statistics()] * count('non_trainable'))
 
   def message(self, values, masks, rounding_seed, weight):
     """(message, sizes) of a weighted upload, for `federated_aggregate`."""

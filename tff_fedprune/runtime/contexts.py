@@ -92,13 +92,17 @@ def call_watched(
     addresses: Sequence[str],
     poll_s: float = 1.0,
     credentials: Optional[grpc.ChannelCredentials] = None,
+    probe_timeout_s: float = 10.0,
 ):
   """Calls `fn()` while checking that every worker in `addresses` answers.
 
   TFF's remote executor retries a worker that stopped answering forever, so a
   dead worker would hang the call. `fn` runs in a daemon thread; if a worker
   stops answering first, a `WorkerError` naming it is raised here and the
-  abandoned call is left to die with the process.
+  abandoned call is left to die with the process. A worker is dead when it
+  does not answer a probe within `probe_timeout_s`: a worker busy training
+  on a loaded machine can take seconds to answer (1 s once failed a healthy
+  run with two runs on two cores).
   """
   outcome = {}
   context_stack = tff.framework.get_context_stack()
@@ -118,7 +122,7 @@ def call_watched(
     if not thread.is_alive():
       break
     dead = [a for a in addresses
-            if not worker_process.is_serving(a, credentials=credentials)]
+            if not worker_process.is_serving(a, probe_timeout_s, credentials)]
     if dead and thread.is_alive():
       raise worker_process.WorkerError(
           f'TFF worker at {", ".join(dead)} stopped answering'

@@ -42,21 +42,24 @@ def run(config, built=None):
 class RunExperimentTest(parameterized.TestCase):
 
   # SCAFFOLD resumes its driver-held control variates from the checkpoint;
-  # 8-bit uploads round with seeds of (seed, round, client), not hidden state.
-  @parameterized.parameters(('fedavg', 32), ('scaffold', 8))
-  def test_outputs_and_resume_reproduce_an_uninterrupted_run(self, algorithm,
-                                                            upload_bits):
+  # 8-bit uploads round with seeds of (seed, round, client), not hidden state;
+  # so do 1-bit rotated ones, whose error-feedback residuals are checkpointed.
+  @parameterized.parameters(
+      ('fedavg', 32, {}), ('scaffold', 8, {}),
+      ('fedavg', 1, {'error_feedback': True, 'upload_rotation': 'hadamard'}))
+  def test_outputs_and_resume_reproduce_an_uninterrupted_run(
+      self, algorithm, upload_bits, values):
     root = self.create_tempdir().full_path
     straight = testing.small_config(os.path.join(root, 'a'),
                                     algorithm=algorithm,
-                                    upload_bits=upload_bits)
+                                    upload_bits=upload_bits, **values)
     # One process serves all three runs (they differ in resumable fields).
     built = loop.build_process(straight, keras_models.BUILDERS['cnn'],
                                data_source.load_data(straight))
     run(straight, built)
     interrupted = testing.small_config(os.path.join(root, 'b'), total_rounds=2,
                                        algorithm=algorithm,
-                                       upload_bits=upload_bits)
+                                       upload_bits=upload_bits, **values)
     run(interrupted, built)
     self.assertLen(read_rows(interrupted.run_dir), 2)
     summary = run(dataclasses.replace(interrupted, total_rounds=3), built)
@@ -74,6 +77,13 @@ class RunExperimentTest(parameterized.TestCase):
                        read_rows(interrupted.run_dir, name))
     self.assertEqual(summary['rounds_completed'], 3)
     self.assertEqual(summary['final']['round'], 3)
+    for row in b:
+      self.assertAlmostEqual(
+          float(row['bits_per_parameter']),
+          32 * int(row['upload_bytes']) / int(row['dense_upload_bytes']))
+    self.assertAlmostEqual(
+        summary['bits_per_parameter'],
+        32 * summary['total_upload_bytes'] / summary['total_dense_upload_bytes'])
     with open(os.path.join(interrupted.run_dir, 'summary.json')) as f:
       self.assertEqual(json.load(f)['config']['total_rounds'], 3)
     for name in ('tensorboard', 'checkpoints', 'model/model.keras',

@@ -7,6 +7,7 @@ import os
 from absl.testing import absltest
 import numpy as np
 
+from experiments import upload_report
 from tests import testing
 from tff_fedprune.simulation import reporting
 
@@ -25,11 +26,14 @@ def read_rows(run_dir):
     return list(csv.DictReader(f))
 
 
-def write_run(directory, seed, accuracies, uploads, dynamic_pruning=True):
+def write_run(directory, seed, accuracies, uploads, dynamic_pruning=True,
+              **config):
+  """A run directory with these per-round figures; returns its path."""
   os.makedirs(directory)
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump({'seed': seed, 'algorithm': 'fedavg', 'dataset': 'digits',
-               'dynamic_pruning': dynamic_pruning, 'keep_ratio': 0.7}, f)
+               'dynamic_pruning': dynamic_pruning, 'keep_ratio': 0.7,
+               **config}, f)
   with open(os.path.join(directory, 'metrics.csv'), 'w') as f:
     writer = csv.writer(f)
     writer.writerow(['round', 'test_accuracy', 'upload_bytes',
@@ -37,6 +41,7 @@ def write_run(directory, seed, accuracies, uploads, dynamic_pruning=True):
                      'update_density'])
     for i, (a, u) in enumerate(zip(accuracies, uploads), 1):
       writer.writerow([i, a, u, 1000, 0.5, 2.0, 0.6])
+  return directory
 
 
 class ReportingTest(absltest.TestCase):
@@ -97,20 +102,40 @@ class ReportingTest(absltest.TestCase):
           row['upload_mb'] / rows_by_cell[dense_name]['upload_mb'])
 
   def test_committed_upload_comparison_is_recomputed_from_its_csv_files(self):
-    paths = [p for p in committed_runs(GRID)
-             if os.path.basename(p).split('_')[0] in ('fedavg', 'scaffold')]
-    for grid in ('fmnist_grid_8bit', 'fmnist_grid_8bit_ef',
-                 'fmnist_grid_4bit'):
-      paths += committed_runs(os.path.join(ROOT, 'results', grid))
-    table = reporting.summarize([reporting.load_run(p) for p in paths])
-    with open(os.path.join(ROOT, 'results', 'upload_comparison.md')) as f:
+    results = os.path.join(ROOT, 'results')
+    runs = [reporting.load_run(p)
+            for p in upload_report.run_dirs(results)]
+    with open(os.path.join(results, 'upload_comparison.md')) as f:
       report = f.read()
-    self.assertEqual(report, reporting.markdown_table(table))
+    self.assertEqual(report, upload_report.report(runs))
     with open(os.path.join(ROOT, 'docs', 'results.md')) as f:
       self.assertIn(report, f.read())
-    labels = {r['label'] for r in table}
+    labels = {r['label'] for r in reporting.summarize(runs)}
     self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit', labels)
     self.assertIn('fedavg gated keep 0.7 tau 0.5 8-bit EF', labels)
+    # Bits per parameter: 32 * upload / the run's own dense upload.
+    for run in runs:
+      self.assertAlmostEqual(
+          run.figures()['bits_per_parameter'],
+          32 * run.figures()['upload_mb'] / run.figures()['dense_upload_mb'])
+
+  def test_paired_against_pairs_seeds_with_the_reference(self):
+    root = self.create_tempdir().full_path
+    reference = [write_run(os.path.join(root, f'ref{s}'), s, [0.5, 0.6],
+                           [10, 10]) for s in (0, 1, 2)]
+    variant = [write_run(os.path.join(root, f'var{s}'), s, [0.5, 0.6 + d],
+                         [1, 1], upload_bits=1)
+               for s, d in ((0, 0.01), (1, 0.03))]
+    runs = [reporting.load_run(p) for p in reference + variant]
+    rows = reporting.paired_against(runs, 'fedavg gated keep 0.7')
+    self.assertLen(rows, 1)
+    self.assertEqual(rows[0]['seeds'], 2)
+    # Last 5 of two rounds: the mean of both; differences 0.005 and 0.015.
+    self.assertAlmostEqual(rows[0]['difference'], 1.0)
+    self.assertAlmostEqual(rows[0]['half_width'],
+                           12.706 * np.std([0.5, 1.5], ddof=1) / np.sqrt(2),
+                           places=2)
+    self.assertIn('| 2 | +1.00 ± ', reporting.paired_markdown(rows, 'ref'))
 
   def test_committed_overfitting_and_gate_balance_reports_are_recomputed(
       self):

@@ -64,7 +64,7 @@ class TierReportTest(absltest.TestCase):
     self.assertAlmostEqual(feddp['upload_mb'][0], 6.0)
     self.assertAlmostEqual(feddp['time_to_target'][0], 30.0)  # 0.7 + 0.03.
     differences = [0.1, 0.15, 0.05]
-    mean, half = tier_report.paired_interval(differences)
+    mean, half = reporting.paired_interval(differences)
     self.assertAlmostEqual(mean, 0.1)
     # t(0.975, 2 df) = 4.303; std (ddof 1) = 0.05.
     self.assertAlmostEqual(half, 4.3027 * 0.05 / np.sqrt(3), places=4)

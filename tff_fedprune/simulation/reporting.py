@@ -24,6 +24,7 @@ import math
 import os
 
 import numpy as np
+from scipy import stats  # Installed with scikit-learn.
 
 from tff_fedprune.simulation import config as config_lib
 
@@ -175,6 +176,8 @@ def _label(config: dict) -> str:
     label += ' dense'
   if config.get('upload_bits', 32) != 32:
     label += f' {config["upload_bits"]}-bit'
+  if config.get('upload_rotation', 'none') != 'none':
+    label += f' {config["upload_rotation"]}'
   if config.get('error_feedback'):
     label += ' EF'
   return label
@@ -298,6 +301,69 @@ def _to_target(members: list[Run], runs: list[Run], target_accuracy) -> dict:
   }
 
 
+def paired_interval(differences) -> tuple:
+  """(mean, 95% t-interval half-width) of paired per-seed differences."""
+  d = np.asarray(differences, np.float64)
+  if len(d) < 2:
+    return float(d.mean()) if len(d) else math.nan, math.nan
+  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+  return float(d.mean()), float(half)
+
+
+def paired_against(runs: list[Run], reference_label: str) -> list[dict]:
+  """Each group of `runs` against the group labelled `reference_label`.
+
+  Per group of the reference's algorithm (the reference and dense groups
+  aside): the label, the paired seeds, its last-5 accuracy minus the
+  reference run's of the same seed (mean and 95% t half-width, points),
+  and `summarize`'s upload vs dense, bits per parameter, bytes to target vs
+  dense and seeds that reached the target.
+  """
+  last5 = {}
+  for run in runs:
+    last5.setdefault(_group_key(run.config), {})[run.config.get('seed')] = (
+        run.figures()['last5_accuracy'])
+  table = summarize(runs)
+  reference = [r for r in table if r['label'] == reference_label]
+  if not reference:
+    raise ValueError(f'no runs labelled {reference_label!r}')
+  theirs = last5[_group_key(reference[0]['config'])]
+  rows = []
+  for row in table:
+    config = row['config']
+    if (row is reference[0] or not config.get('dynamic_pruning')
+        or config.get('algorithm') != reference[0]['config'].get('algorithm')):
+      continue
+    mine = last5[_group_key(config)]
+    seeds = sorted(set(mine) & set(theirs))
+    mean, half = paired_interval([mine[s] - theirs[s] for s in seeds])
+    rows.append(dict(
+        label=row['label'], seeds=len(seeds), difference=100 * mean,
+        half_width=100 * half, upload_vs_dense=row['upload_vs_dense'],
+        bits_per_parameter=row['bits_per_parameter'],
+        to_target_vs_dense=row['upload_to_target_vs_dense'],
+        reached=f"{row['target_reached']}/{row['target_runs']}"))
+  return rows
+
+
+def paired_markdown(rows: list[dict], reference: str) -> str:
+  """`paired_against`'s rows as a markdown table."""
+  lines = [
+      f'| run | paired seeds | last-5 acc - {reference} (pt, 95%)'
+      ' | upload vs dense | bits per parameter | to target vs dense'
+      ' | reached target |',
+      '| --- | --- | --- | --- | --- | --- | --- |',
+  ]
+  for r in rows:
+    interval = ('' if math.isnan(r['half_width'])
+                else f" ± {r['half_width']:.2f}")
+    lines.append(
+        f"| {r['label']} | {r['seeds']} | {r['difference']:+.2f}{interval}"
+        f" | {r['upload_vs_dense']:.3f} | {r['bits_per_parameter']:.2f}"
+        f" | {r['to_target_vs_dense']:.3f} | {r['reached']} |")
+  return '\n'.join(lines) + '\n'
+
+
 def markdown_table(table: list[dict]) -> str:
   """The summary as a markdown table (mean ± std over seeds)."""
   pm = lambda r, k, scale=1.0, fmt='.2f': (
@@ -340,11 +406,13 @@ def markdown_table(table: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
+def plot_runs(runs: list[Run], out_dir: str,
+              colour_by: str = 'algorithm') -> list[str]:
   """Writes the comparison plots as PNG files; returns their paths.
 
-  One colour per algorithm; gated runs solid, dense runs dashed. Rounds
-  without a value (not evaluated, or dense FLOPs) are left out of a line.
+  One colour per algorithm (or per group label, `colour_by='label'`); gated
+  runs solid, dense runs dashed. Rounds without a value (not evaluated, or
+  dense FLOPs) are left out of a line.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
 
@@ -371,8 +439,10 @@ def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
        'round', 'mean pairwise Jaccard (mean over gated layers)',
        lambda r: (r.column('round'), r.column('gate_jaccard'))),
   ]
-  algorithms = sorted({r.config.get('algorithm', 'fedavg') for r in runs})
-  colors = plt.get_cmap('tab10')
+  key = ((lambda r: r.config.get('algorithm', 'fedavg'))
+         if colour_by == 'algorithm' else (lambda r: _label(r.config)))
+  keys = sorted({key(r) for r in runs})
+  colors = plt.get_cmap('tab10' if len(keys) <= 10 else 'tab20')
   paths = []
   for name, title, xlabel, ylabel, series in panels:
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -382,8 +452,7 @@ def plot_runs(runs: list[Run], out_dir: str) -> list[str]:
       label = f"{_label(run.config)} (seed {run.config.get('seed')})"
       ax.plot(
           x[evaluated], y[evaluated], label=label,
-          color=colors(algorithms.index(
-              run.config.get('algorithm', 'fedavg')) % 10),
+          color=colors(keys.index(key(run)) % colors.N),
           linestyle='-' if run.config.get('dynamic_pruning') else '--',
       )
     ax.set_title(title)

@@ -22,7 +22,6 @@ import math
 import os
 
 import numpy as np
-from scipy import stats  # Installed with scikit-learn.
 
 from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import evaluation
@@ -84,15 +83,6 @@ def _spread(values) -> tuple:
   if not values:
     return math.nan, math.nan
   return float(np.mean(values)), float(np.std(values))
-
-
-def paired_interval(differences) -> tuple:
-  """(mean, 95% t-interval half-width) of paired per-seed differences."""
-  d = np.asarray(differences, np.float64)
-  if len(d) < 2:
-    return float(d.mean()) if len(d) else math.nan, math.nan
-  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-  return float(d.mean()), float(half)
 
 
 def summarize(runs: list, target: float) -> dict:
@@ -197,7 +187,7 @@ def _paired(table: dict, other: str, key: str, label: str) -> tuple:
   seeds = sorted(set(mine) & set(theirs))
   if not seeds:
     return 0, '-'
-  mean, half = paired_interval([mine[s] - theirs[s] for s in seeds])
+  mean, half = reporting.paired_interval([mine[s] - theirs[s] for s in seeds])
   interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
   return len(seeds), f'{100 * mean:+.1f}{interval}'
 

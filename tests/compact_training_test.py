@@ -69,16 +69,20 @@ class CompactStepTest(parameterized.TestCase):
       dict(name='vgg11'), dict(name='vgg11', selection='centered'))
   def test_deep_model_gradients_equal_the_masked_full_path(self, name,
                                                            **gate):
-    self.check(name, **gate)
+    # Float32 sums in another order through 11-20 layers: on an AMD EPYC
+    # VGG-11's gradients differ by 1.3e-4 of their largest (a dropped or
+    # misplaced channel differs by order 1).
+    self.check(name, rtol=5e-4, **gate)
 
-  def check(self, name, **gate):
+  def check(self, name, rtol=1e-5, **gate):
     model = build(name, **gate)
     x, y = batch(name)
     full_logits, full_grads, full_state = step(model, x, y, compact=False)
     logits, grads, state = step(model, x, y, compact=True)
-    assert_close(self, [full_logits], [logits])
-    assert_close(self, full_grads, grads)
-    assert_close(self, full_state, state)  # BN moments, counts, moments of s.
+    assert_close(self, [full_logits], [logits], rtol)
+    assert_close(self, full_grads, grads, rtol)
+    # BN moments, counts, moments of s.
+    assert_close(self, full_state, state, rtol)
 
   def test_computes_fewer_channels_than_the_layer_has(self):
     model = build('vgg11')
@@ -199,16 +203,20 @@ def local_update(name, mode, keep_ratio=0.5, batch_size=8, **gate):
 
 class CompactLocalTrainingTest(parameterized.TestCase):
 
-  @parameterized.parameters(('cnn', 8), ('resnet20', 8), ('vgg11', 12))
-  def test_step_mode_update_equals_the_full_path(self, name, batch_size):
+  @parameterized.parameters(('cnn', 8, 1e-3), ('resnet20', 8, 5e-3),
+                            ('vgg11', 12, 2e-2))
+  def test_step_mode_update_equals_the_full_path(self, name, batch_size,
+                                                 rtol):
     # VGG-11 at 8x8 normalises its last blocks over 1x1 maps of a dozen
     # samples, which amplifies summation-order differences step by step.
+    # On an AMD EPYC ResNet-20's update differs by 1.3e-3 of its largest and
+    # VGG-11's by 5.7e-3; the masks, compared exactly, hold the structure.
     full = local_update(name, 'off', batch_size=batch_size)
     compact = local_update(name, 'step', batch_size=batch_size)
     for a, b in zip(tf.nest.flatten(full.mask), tf.nest.flatten(compact.mask)):
       np.testing.assert_array_equal(a, b)
     assert_close(self, tf.nest.flatten(full.delta),
-                 tf.nest.flatten(compact.delta), rtol=1e-3)
+                 tf.nest.flatten(compact.delta), rtol=rtol)
     self.assertLess(float(compact.cost.train_flops),
                     float(full.cost.train_flops))
     self.assertEqual(float(compact.cost.dense_train_flops),

@@ -107,7 +107,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
       seed = value['rounding_seed'] if self._bits < 32 else None
       message, sizes = uplink.message(value['update'], value['mask'], seed,
                                       weight)
-      sizes = _with_slot(sizes, value)
+      sizes = with_slot(sizes, value)
       if self._deadline_s is not None:
         before_upload, per_byte = tf.unstack(
             value[client_work_lib.DEVICE_TIME])
@@ -172,7 +172,7 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
     def next_fn(state, value, weight):
       message, sizes = tff.federated_map(encode, (value, weight))
       mean = tff.federated_aggregate(message, zero(), accumulate, merge, report)
-      measurements = tff.federated_zip(_size_measurements(
+      measurements = tff.federated_zip(size_measurements(
           sizes, uplink.coordinates, self._rows))
       return tff.templates.MeasuredProcessOutput(state, mean, measurements)
 
@@ -182,14 +182,14 @@ class MaskedMeanFactory(tff.aggregators.WeightedAggregationFactory):
 CLIENT_UPLOAD_BYTES = 'client_upload_bytes'
 
 
-def _with_slot(sizes, value) -> collections.OrderedDict:
+def with_slot(sizes, value) -> collections.OrderedDict:
   sizes = collections.OrderedDict(sizes)
   if 'slot' in value:
     sizes['slot'] = value['slot']
   return sizes
 
 
-def _size_measurements(sizes, coordinates: int, rows: int):
+def size_measurements(sizes, coordinates: int, rows: int):
   """Upload bytes and kept coordinates: summed, and per slot if `rows`."""
   measurements = collections.OrderedDict(
       upload_bytes=tff.federated_sum(sizes['upload_bytes']),
@@ -226,7 +226,7 @@ def _mean_over_sums(sum_factory, count_aware, value_type, weight_type, rows):
     nbytes = tf.constant(
         sum(4 * t.shape.num_elements() for t in tf.nest.flatten(pair)),
         tf.int64)
-    return pair, _with_slot(collections.OrderedDict(
+    return pair, with_slot(collections.OrderedDict(
         upload_bytes=nbytes, kept_coordinates=kept), value)
 
   inner = sum_factory.create(contribution.type_signature.result[0])
@@ -249,7 +249,7 @@ def _mean_over_sums(sum_factory, count_aware, value_type, weight_type, rows):
   def next_fn(state, value, weight):
     pair, sizes = tff.federated_map(contribution, (value, weight))
     output = inner.next(state, pair)
-    measurements = _size_measurements(sizes, total, rows)
+    measurements = size_measurements(sizes, total, rows)
     measurements['sum'] = output.measurements
     measurements = tff.federated_zip(measurements)
     return tff.templates.MeasuredProcessOutput(

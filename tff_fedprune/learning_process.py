@@ -83,6 +83,8 @@ def build_learning_process(
     server_optimizer: str = 'sgd',
     server_learning_rate: float = 1.0,
     initial_weights: Optional[tff.learning.models.ModelWeights] = None,
+    model_aggregator: Optional[
+        tff.aggregators.WeightedAggregationFactory] = None,
 ) -> tff.learning.templates.LearningProcess:
   """Builds the federated learning process.
 
@@ -122,6 +124,9 @@ def build_learning_process(
     initial_weights: the starting global model (numpy `ModelWeights`); by
       default the weights of one eager `model_fn()` call, so seeding TF before
       building makes the run reproducible.
+    model_aggregator: aggregates `OrderedDict(update, mask, ...)` client
+      results into the model update, in place of the count-aware sparse mean
+      (e.g. `server_support.ServerSupportFactory`, with DP or secure sums).
 
   Returns:
     A `tff.learning.templates.LearningProcess`.
@@ -163,7 +168,7 @@ def build_learning_process(
       with_device=round_deadline_s is not None,
   )
   aggregator = hooks.aggregator(
-      aggregation_lib.MaskedMeanFactory(
+      model_aggregator or aggregation_lib.MaskedMeanFactory(
           aggregation, upload_values, clients_per_round=clients_per_round,
           deadline_s=round_deadline_s)
   ).create(

@@ -50,6 +50,16 @@ class ChannelStructure:
     )
     self._shapes = tf.nest.map_structure(lambda v: v.shape, weights)
 
+  @property
+  def channels(self) -> list[int]:
+    """Output channels C of each gated layer, in order."""
+    return [l.filters for l in self._gated]
+
+  @property
+  def owners(self) -> list:
+    """(in_index, out_index) or None of each tensor of the flat weights."""
+    return list(self._owners.trainable) + list(self._owners.non_trainable)
+
   @_NOT_CONVERTED
   def masks(self, channel_masks) -> tff.learning.models.ModelWeights:
     """Weight masks from one (C_out,) 0/1 float vector per gated layer."""

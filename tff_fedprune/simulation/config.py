@@ -25,6 +25,8 @@ from tff_fedprune import encoding
 from tff_fedprune import error_feedback
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
+from tff_fedprune import privacy
+from tff_fedprune import server_support as server_support_lib
 from tff_fedprune.runtime import worker_process
 from tff_fedprune.simulation import devices
 from tff_fedprune.simulation import fields
@@ -349,6 +351,59 @@ class UploadSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacySection:
+  """Who picks the uploaded channels, and client-level DP (design section 8)."""
+
+  upload_support: str = fields.field(
+      'client', 'Which channels a gated client uploads: client (those its'
+      ' data made salient, positions sent) or server (k = round(rho * C) per'
+      ' gated layer the server chose from released kept rates, the same for'
+      ' every client, values only; needs --dynamic_pruning).',
+      server_support_lib.SUPPORTS,
+  )
+  dp_noise_multiplier: Optional[float] = fields.field(
+      None, 'Client-level DP: Gaussian noise of std z * --dp_clip on the sum'
+      ' of clipped client updates, a mean over the expected clients, clients'
+      ' Poisson-sampled with q = --clients_per_round / --num_clients, epsilon'
+      ' at delta = 1 / --num_clients in dp_epsilon (fedavg and fedprox; a'
+      ' gated model needs --upload_support=server). 0: clipping only.'
+      ' Default: no DP.',
+      constraint=fields.Range(0),
+  )
+  dp_clip: Optional[float] = fields.field(
+      None, 'L2 clip S of each client\'s upload under DP (the initial clip'
+      ' with --dp_adaptive_clip; the secure sum\'s bound with --upload_bits'
+      ' below 32).',
+      constraint=fields.Range(0, low_open=True),
+  )
+  dp_adaptive_clip: bool = fields.field(
+      False, 'Adapt the clip to the median update norm (TFF\'s'
+      ' gaussian_adaptive: part of the noise goes to the clipped count).'
+  )
+
+  def dp(self) -> Optional[privacy.DpConfig]:
+    """The run's DP (None without --dp_noise_multiplier)."""
+    if self.dp_noise_multiplier is None:
+      return None
+    return privacy.DpConfig(
+        noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip,
+        expected_clients=float(self.clients_per_round),
+        num_clients=self.num_clients, seed=self.seed,
+        adaptive_clip=self.dp_adaptive_clip)
+
+  @property
+  def cohort_rows(self) -> int:
+    """Most clients in a round: --clients_per_round, or under DP's Poisson
+    sampling its mean plus six standard deviations (beyond: truncated)."""
+    if self.dp_noise_multiplier is None:
+      return self.clients_per_round
+    mean = float(self.clients_per_round)
+    q = mean / self.num_clients
+    return min(self.num_clients,
+               math.ceil(mean + 6 * math.sqrt(mean * (1 - q))) + 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkerSection:
   """Where the clients run: TFF workers and the TLS that authenticates them."""
 
@@ -390,7 +445,8 @@ class WorkerSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig(WorkerSection, UploadSection, AlgorithmSection,
+class ExperimentConfig(WorkerSection, PrivacySection, UploadSection,
+                       AlgorithmSection,
                        DeviceSection, ModelSection, DataSection, RunSection):
   """Everything that defines a run (docs/design.md, section 5).
 
@@ -525,6 +581,7 @@ def _rules(config: ExperimentConfig):
       f' not {config.algorithm}',
   )
   yield from _upload_rules(config)
+  yield from _privacy_rules(config)
   keep_ratio = _field_of('keep_ratio').metadata['constraint']
   for ratio in parse_ratios(config.client_keep_ratios):
     yield (keep_ratio.allows(ratio),
@@ -548,6 +605,49 @@ def _rules(config: ExperimentConfig):
         not os.path.exists(path) or os.path.isdir(path),
         f'output path {path} exists and is not a directory',
     )
+
+
+def _privacy_rules(config: ExperimentConfig):
+  """Server supports and DP, as flag errors."""
+  dp = config.dp_noise_multiplier is not None
+  server = config.upload_support == 'server'
+  yield (not server or config.dynamic_pruning,
+         '--upload_support=server chooses gated channels: it needs'
+         ' --dynamic_pruning')
+  yield (not dp or config.dp_clip is not None,
+         '--dp_noise_multiplier needs --dp_clip (the L2 clip S)')
+  yield (dp or config.dp_clip is None and not config.dp_adaptive_clip,
+         '--dp_clip and --dp_adaptive_clip need --dp_noise_multiplier')
+  yield (not dp or not config.dynamic_pruning or server,
+         'DP needs every client to upload the same coordinates: a gated model'
+         ' needs --upload_support=server')
+  if not (dp or server):
+    return
+  what = 'DP' if dp else '--upload_support=server'
+  yield (config.algorithm in server_support_lib.ALGORITHMS,
+         f'{what} serves {" and ".join(server_support_lib.ALGORITHMS)}, not'
+         f' {config.algorithm} (its extra uploads are not clipped and noised'
+         ' with the update)' if dp else
+         f'{what} serves {" and ".join(server_support_lib.ALGORITHMS)}, not'
+         f' {config.algorithm}')
+  yield (not config.error_feedback,
+         f'{what} drops what a client trained off the support:'
+         ' --error_feedback is not supported with it')
+  yield (config.round_deadline_s is None,
+         f'{what} is not supported with --round_deadline_s')
+  yield (config.upload_rotation == 'none',
+         f'{what} sends values through a secure sum: --upload_rotation=none')
+  yield (config.upload_bits == 32 or (dp and not config.dp_adaptive_clip),
+         f'--upload_bits={config.upload_bits} with {what} goes through a'
+         ' secure sum bounded by the clip: it needs --dp_noise_multiplier'
+         ' and --dp_clip, without --dp_adaptive_clip')
+  yield (config.upload_bits == 32 or server or not config.dynamic_pruning,
+         f'--upload_bits={config.upload_bits} under DP needs a server support')
+  z = config.dp_noise_multiplier or 0.0
+  yield (not config.dp_adaptive_clip or z < 0.1 * config.clients_per_round,
+         f'--dp_adaptive_clip with --dp_noise_multiplier={z} needs'
+         f' --clients_per_round above {10 * z:g} (TFF noises the clipped'
+         ' count with std 0.05 per expected client)')
 
 
 def _device_rules(config: ExperimentConfig):

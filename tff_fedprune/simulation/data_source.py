@@ -11,6 +11,7 @@ state is not here: `stateful_process.ClientStateProcess` keeps it.
 import dataclasses
 from typing import Optional
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -57,22 +58,38 @@ def sample_clients(config: ExperimentConfig, round_num: int) -> RoundClients:
 
   `client_failure_rate` of the sampled clients (rounded, at least one
   client left) drop out, as devices lost mid-round. With
-  `tier_min_keep_ratio` only clients of tiers that wide are sampled.
+  `tier_min_keep_ratio` only clients of tiers that wide are sampled. Under
+  DP each client joins with probability q (`poisson_sample`).
   """
   rng = np.random.default_rng([config.seed, round_num])
-  if config.tier_min_keep_ratio:
+  if config.dp_noise_multiplier is not None:
+    chosen = poisson_sample(config, rng)
+  elif config.tier_min_keep_ratio:
     eligible = [c for c in range(config.num_clients)
                 if config.keep_ratio_of(c) >= config.tier_min_keep_ratio]
     chosen = rng.choice(eligible, min(config.clients_per_round, len(eligible)),
                         False)
   else:
     chosen = rng.choice(config.num_clients, config.clients_per_round, False)
-  num_dropped = min(
+  num_dropped = max(0, min(
       int(round(config.client_failure_rate * len(chosen))), len(chosen) - 1
-  )
+  ))
   dropped = rng.choice(chosen, num_dropped, replace=False)
   completing = [int(c) for c in chosen if c not in dropped]
   return RoundClients(sorted(completing), sorted(int(c) for c in dropped))
+
+
+def poisson_sample(config: ExperimentConfig, rng) -> np.ndarray:
+  """Each client with probability q = clients per round / clients, as DP's
+  accounting assumes; a cohort beyond `cohort_rows` (six standard deviations
+  above the mean) is truncated, with a warning."""
+  q = config.clients_per_round / config.num_clients
+  chosen = np.flatnonzero(rng.random(config.num_clients) < q)
+  if len(chosen) > config.cohort_rows:
+    logging.warning('Poisson cohort of %d truncated to %d clients',
+                    len(chosen), config.cohort_rows)
+    chosen = chosen[:config.cohort_rows]
+  return chosen
 
 
 class ClientDataSource:

@@ -13,6 +13,7 @@ with the same results.
 
 import collections
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -30,8 +31,11 @@ from tff_fedprune import encoding
 from tff_fedprune import gated_conv
 from tff_fedprune import learning_process
 from tff_fedprune import model_state
+from tff_fedprune import privacy
 from tff_fedprune import runtime
 from tff_fedprune import salience
+from tff_fedprune import secure_sum
+from tff_fedprune import server_support
 from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import data_source as data_source_lib
 from tff_fedprune.simulation import devices
@@ -103,6 +107,30 @@ def upload_values(config: ExperimentConfig) -> encoding.ValueFormat:
       config.upload_rotation_block)
 
 
+def model_aggregator(config: ExperimentConfig, model_fn):
+  """The server-support aggregator of `config` (DP, secure sums), or None
+  for the count-aware sparse mean."""
+  dp = config.dp()
+  if dp is None and config.upload_support == 'client':
+    return None
+  layout = server_support.SupportLayout.of_model(model_fn(), config.keep_ratio)
+  record_sum, value_bits = None, 32
+  if config.upload_bits < 32:
+    record_sum = secure_sum.QuantizedSecureSumFactory(config.upload_bits,
+                                                      dp.clip)
+    value_bits = secure_sum.secure_bits(config.upload_bits,
+                                        config.cohort_rows)
+  if dp is None:
+    mean = tff.aggregators.UnweightedMeanFactory()
+    rate_weight = 1.0
+  else:
+    mean = privacy.build_dp_factory(dp, record_sum)
+    rate_weight = privacy.rate_weight(dp, layout.channels)
+  return server_support.ServerSupportFactory(
+      layout, mean, rate_weight=rate_weight, value_bits=value_bits,
+      clients_per_round=config.cohort_rows)
+
+
 def build_process(config: ExperimentConfig, build_model: ModelBuilder,
                   fed_data: data_lib.FederatedData) -> BuiltProcess:
   """The learning process of `config`, its initial weights seeded by it.
@@ -111,6 +139,7 @@ def build_process(config: ExperimentConfig, build_model: ModelBuilder,
   model is built, so the initial weights are a function of the seed.
   """
   model_fn = model_fn_of(config, build_model, fed_data.source)
+  aggregator = model_aggregator(config, model_fn)
   tf.keras.utils.set_random_seed(config.seed)
   values = upload_values(config)
   hooks = learning_process.build_algorithm(
@@ -132,10 +161,11 @@ def build_process(config: ExperimentConfig, build_model: ModelBuilder,
       measure_local_accuracy=config.measure_overfitting,
       compact_training=config.compact_training,
       self_distillation=config.self_distillation,
-      clients_per_round=config.clients_per_round,
+      clients_per_round=config.cohort_rows,
       round_deadline_s=config.round_deadline_s,
       server_optimizer=config.server_optimizer,
       server_learning_rate=config.server_learning_rate,
+      model_aggregator=aggregator,
   )
   return BuiltProcess(process, hooks, _process_key(config))
 
@@ -337,6 +367,7 @@ def _train(config, build_model, fed_data, progress, built, worker_addresses,
           parts.evaluation.model)),
       federation=parts.federation,
       round_deadline_s=config.round_deadline_s,
+      dp=config.dp(),
   )
   weights = result.weights
   eval_model = parts.evaluation.evaluate.prepare(weights)
@@ -436,6 +467,9 @@ def _summary(config, fed_data, history) -> dict:
       'total_download_bytes': sum(h['download_bytes'] for h in history),
       'total_round_seconds': sum(h['round_seconds'] for h in history),
       'simulated_seconds': final.get('simulated_seconds'),
+      'dp_epsilon': final.get('dp_epsilon', math.nan),
+      'dp_delta': 1 / config.num_clients
+      if config.dp_noise_multiplier is not None else None,
       'total_non_finite_updates': sum(
           h.get('non_finite_updates', 0) for h in history
       ),

@@ -29,6 +29,7 @@ import tqdm
 
 from tff_fedprune import aggregation
 from tff_fedprune import client_work
+from tff_fedprune import privacy
 from tff_fedprune import runtime
 from tff_fedprune.simulation import data_source as data_source_lib
 from tff_fedprune.simulation import devices
@@ -65,6 +66,9 @@ class RoundMetrics:
   clients_dropped: int
   clients_late: int  # Missed --round_deadline_s: left out of the aggregate.
   non_finite_updates: int
+  # Epsilon spent so far at delta = 1 / clients (nan without DP; inf at
+  # noise 0).
+  dp_epsilon: float
   # Device tier label -> test accuracy (`evaluation.tier_column` columns).
   tier_test_accuracy: dict = dataclasses.field(default_factory=dict)
 
@@ -176,6 +180,7 @@ class RoundRunner:
   gated_layers: tuple = ()  # (name, output channels) of the gated layers.
   federation: Optional[devices.Federation] = None
   round_deadline_s: Optional[float] = None
+  dp: Optional[privacy.DpConfig] = None  # Accounts `dp_epsilon`.
 
   def __call__(self, state, round_num: int) -> 'RoundOutput':
     """The round's new state, global weights, metrics and evaluation."""
@@ -214,7 +219,7 @@ class RoundRunner:
         bits_per_parameter=bits_per_parameter(upload_bytes, dense_bytes),
         download_bytes=sum(c.download_bytes for c in costs.clients),
         update_density=int(upload['kept_coordinates'])
-        / (completed * int(upload['coordinates_per_client'])),
+        / max(1, completed * int(upload['coordinates_per_client'])),
         round_seconds=time.time() - start,
         simulated_round_seconds=simulated_round_seconds(
             costs.clients, self.round_deadline_s),
@@ -223,6 +228,8 @@ class RoundRunner:
         clients_dropped=len(clients.dropped),
         clients_late=int(upload.get('clients_late', 0)),
         non_finite_updates=int(client_metrics['non_finite_updates']),
+        dp_epsilon=privacy.epsilon(self.dp, round_num) if self.dp
+        else math.nan,
     )
     return RoundOutput(output.state, weights, metrics, result, costs)
 
@@ -284,6 +291,7 @@ def train_model(
     gated_layers: tuple = (),
     federation: Optional[devices.Federation] = None,
     round_deadline_s: Optional[float] = None,
+    dp: Optional[privacy.DpConfig] = None,
 ) -> TrainingResult:
   """Resumes from the latest intact saved state and trains to the last round.
 
@@ -292,11 +300,12 @@ def train_model(
   each round's `round_rows.ClientRow`s and `LayerRow`s (of `gated_layers`,
   (name, output channels) of the model's gated layers). With a
   `federation` each round's simulated seconds are measured
-  (`simulated_round_seconds`).
+  (`simulated_round_seconds`). With `dp` each round's `dp_epsilon` is
+  the privacy spent up to it.
   """
   run_round = RoundRunner(train_process, train_data_source, evaluation,
                           traffic, call, gated_layers, federation,
-                          round_deadline_s)
+                          round_deadline_s, dp)
   state, last_round = _resume(train_process, program_state_manager,
                               initial_state)
   history = read_history(metrics_csv, last_round)

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 
 from absl.testing import absltest
@@ -17,6 +18,7 @@ import tensorflow as tf
 import keras_models
 from tests import testing
 from tff_fedprune import gated_conv
+from tff_fedprune import privacy
 from tff_fedprune.simulation import config as config_lib
 from tff_fedprune.simulation import data_source
 from tff_fedprune.simulation import devices
@@ -46,7 +48,11 @@ class RunExperimentTest(parameterized.TestCase):
   # so do 1-bit rotated ones, whose error-feedback residuals are checkpointed.
   @parameterized.parameters(
       ('fedavg', 32, {}), ('scaffold', 8, {}),
-      ('fedavg', 1, {'error_feedback': True, 'upload_rotation': 'hadamard'}))
+      ('fedavg', 1, {'error_feedback': True, 'upload_rotation': 'hadamard'}),
+      # DP noise is drawn from a seed in the checkpointed aggregator state;
+      # the values go through the 8-bit secure sum.
+      ('fedavg', 8, {'upload_support': 'server', 'dp_noise_multiplier': 1.0,
+                     'dp_clip': 0.5}))
   def test_outputs_and_resume_reproduce_an_uninterrupted_run(
       self, algorithm, upload_bits, values):
     root = self.create_tempdir().full_path
@@ -77,6 +83,12 @@ class RunExperimentTest(parameterized.TestCase):
                        read_rows(interrupted.run_dir, name))
     self.assertEqual(summary['rounds_completed'], 3)
     self.assertEqual(summary['final']['round'], 3)
+    dp = straight.dp()
+    for row in b:
+      self.assertEqual(
+          row['dp_epsilon'],
+          str(privacy.epsilon(dp, int(row['round'])) if dp else math.nan))
+    self.assertEqual(str(summary['dp_epsilon']), b[-1]['dp_epsilon'])
     for row in b:
       self.assertAlmostEqual(
           float(row['bits_per_parameter']),
@@ -98,6 +110,17 @@ class RunExperimentTest(parameterized.TestCase):
     self.assertEqual(summary['upload_to_target'], {
         'target_accuracy': 1e-6, 'round': 1,
         'upload_bytes': int(b[0]['upload_bytes'])})
+
+  def test_huge_dp_noise_leaves_the_model_near_chance(self):
+    root = self.create_tempdir().full_path
+    config = testing.small_config(
+        root, dynamic_pruning=False, dp_noise_multiplier=1e4, dp_clip=1.0,
+        total_rounds=2, clients_per_round=4)
+    summary = run(config)
+    self.assertLess(summary['final']['test_accuracy'], 0.25)  # 10 classes.
+    self.assertEqual(summary['final']['dp_epsilon'],
+                     privacy.epsilon(config.dp(), 2))
+    self.assertEqual(summary['dp_delta'], 1 / config.num_clients)
 
   @parameterized.parameters('feddp', 'heterofl')
   def test_device_tiers_are_timed_evaluated_and_recorded(self, policy):

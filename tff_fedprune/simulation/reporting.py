@@ -80,6 +80,7 @@ class Run:
         'wall_seconds': float(self.column('round_seconds').sum()),
         'train_test_gap': self._last_gap('train_accuracy', evaluated),
         'client_test_gap': self._last_gap('local_train_accuracy', evaluated),
+        'dp_epsilon': float(self.column('dp_epsilon')[-1]),
     }
 
   def _last_gap(self, name: str, evaluated: np.ndarray) -> float:
@@ -174,6 +175,13 @@ def _label(config: dict) -> str:
       label += f' {config["aggregation"]} mean'
   else:
     label += ' dense'
+  if config.get('upload_support', 'client') != 'client':
+    label += f' {config["upload_support"]} support'
+  if config.get('dp_noise_multiplier') is not None:
+    label += (f' DP z {config["dp_noise_multiplier"]:g}'
+              f' clip {config["dp_clip"]:g}')
+    if config.get('dp_adaptive_clip'):
+      label += ' adaptive'
   if config.get('upload_bits', 32) != 32:
     label += f' {config["upload_bits"]}-bit'
   if config.get('upload_rotation', 'none') != 'none':
@@ -380,6 +388,10 @@ def markdown_table(table: list[dict]) -> str:
   if overfitting:
     lines[0] += ' train - test (pt) | client train - test (pt) |'
     lines[1] += ' --- | --- |'
+  private = any(not math.isnan(r['dp_epsilon']) for r in table)
+  if private:
+    lines[0] += ' epsilon (delta 1/clients) |'
+    lines[1] += ' --- |'
   for r in table:
     to_target = (
         pm(r, 'upload_to_target_mb') if r['target_reached'] else 'never'
@@ -403,6 +415,8 @@ def markdown_table(table: list[dict]) -> str:
           f" {pm(r, 'train_test_gap', 100)}"
           f" | {pm(r, 'client_test_gap', 100)} |"
       )
+    if private:
+      lines[-1] += f" {r['dp_epsilon']:.2f} |"
   return '\n'.join(lines) + '\n'
 
 

@@ -626,10 +626,11 @@ def _privacy_rules(config: ExperimentConfig):
   what = 'DP' if dp else '--upload_support=server'
   yield (config.algorithm in server_support_lib.ALGORITHMS,
          f'{what} serves {" and ".join(server_support_lib.ALGORITHMS)}, not'
-         f' {config.algorithm} (its extra uploads are not clipped and noised'
-         ' with the update)' if dp else
-         f'{what} serves {" and ".join(server_support_lib.ALGORITHMS)}, not'
-         f' {config.algorithm}')
+         f' {config.algorithm} (its uploads beyond the model update would'
+         ' bypass the support, the clip and the noise)')
+  yield (not dp or not config.tier_min_keep_ratio,
+         'DP samples every client with probability q: --tier_min_keep_ratio'
+         ' is not supported with it')
   yield (not config.error_feedback,
          f'{what} drops what a client trained off the support:'
          ' --error_feedback is not supported with it')
